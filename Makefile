@@ -1,0 +1,42 @@
+# Two entry points: `make run` starts the service, `make test` runs every test.
+# Both do all the set-up first (a project-local Python venv with the PyPI torch
+# wheel whose libtorch `tch` links against) and are quick the second time.
+
+SHELL := /bin/bash
+VENV := .venv
+REQUIREMENTS := models/requirements.txt
+STAMP := $(VENV)/.installed-$(shell sha256sum $(REQUIREMENTS) | cut -c1-16)
+
+# torch-sys finds libtorch through the venv's python (LIBTORCH_USE_PYTORCH).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+CARGO_FLAGS := --release --locked
+
+.PHONY: setup build run test lint clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): $(REQUIREMENTS)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(REQUIREMENTS)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+build: setup
+	cargo build $(CARGO_FLAGS)
+
+run: build
+	./target/release/lookalike serve
+
+test: build
+	cargo test $(CARGO_FLAGS)
+	@ldd target/release/lookalike | grep -q libtorch_cuda \
+		&& echo "ok: target/release/lookalike links libtorch_cuda" \
+		|| { echo "error: target/release/lookalike does not link libtorch_cuda"; exit 1; }
+
+lint: setup
+	cargo fmt --check
+	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+
+clean-venv:
+	rm -rf $(VENV)

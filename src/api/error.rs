@@ -1,0 +1,182 @@
+//! The one HTTP error type: every failure becomes a status and the stable body
+//! `{"error": {"code": "...", "message": "..."}}`. Details of 5xx errors are
+//! logged, never sent.
+
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::catalog::CatalogError;
+use crate::embed::EmbedError;
+use crate::gallery::GalleryError;
+use crate::index::IndexError;
+use crate::preprocess::PreprocessError;
+
+/// Seconds a client is asked to wait after a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed (bad multipart, bad query string, empty body, missing part).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// 404: no such route or item.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: the route exists but not with this method.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// 413: the body, or an image's dimensions, exceed a configured limit.
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
+    /// 415: the body's media type, or the image format, is not supported.
+    #[error("{message}")]
+    Unsupported { code: &'static str, message: String },
+    /// 422: well-formed but invalid: an undecodable image, an out-of-range parameter.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// 503: the embedding queue is full; retry shortly.
+    #[error("the service is overloaded, retry shortly")]
+    Overloaded,
+    /// 503: a part the request needs is not running.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a bug or a failing disk; logged with details, sent without.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest { code, message: message.into() }
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { code, message: message.into() }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
+            Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),
+            Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                "internal error; see the server log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut response = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(e: PreprocessError) -> Self {
+        image_error(None, e)
+    }
+}
+
+/// Names the offending image when a request carries several.
+fn image_error(position: Option<usize>, e: PreprocessError) -> ApiError {
+    let message = match position {
+        Some(p) => format!("image {p}: {e}"),
+        None => e.to_string(),
+    };
+    match e {
+        PreprocessError::Empty => ApiError::bad_request("empty_image", message),
+        PreprocessError::UnsupportedFormat => ApiError::Unsupported { code: "unsupported_image", message },
+        PreprocessError::Corrupt { .. } => ApiError::invalid("invalid_image", message),
+        PreprocessError::TooLarge { .. } => ApiError::TooLarge { code: "image_too_large", message },
+    }
+}
+
+impl From<EmbedError> for ApiError {
+    fn from(e: EmbedError) -> Self {
+        match e {
+            EmbedError::Overloaded => Self::Overloaded,
+            EmbedError::Stopped => Self::Unavailable("the embedding worker is not running".into()),
+            EmbedError::Device(_) | EmbedError::Load(_) | EmbedError::Forward(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<GalleryError> for ApiError {
+    fn from(e: GalleryError) -> Self {
+        match e {
+            GalleryError::Sqlite(_) | GalleryError::Schema(_) | GalleryError::Io(_) | GalleryError::Corrupt(_) => {
+                Self::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<IndexError> for ApiError {
+    fn from(e: IndexError) -> Self {
+        match e {
+            // Embeddings come from our own encoder: a bad one is our bug, not the client's.
+            IndexError::Dimension { .. } | IndexError::NotFinite => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::Image { position, source } => image_error(Some(position), source),
+            CatalogError::Embed(e) => e.into(),
+            CatalogError::Store(e) => e.into(),
+            CatalogError::Index(e) => e.into(),
+        }
+    }
+}
+
+impl From<MultipartRejection> for ApiError {
+    fn from(e: MultipartRejection) -> Self {
+        Self::bad_request("invalid_multipart", e.body_text())
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(e: MultipartError) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::TooLarge { code: "body_too_large", message: e.body_text() };
+        }
+        Self::bad_request("invalid_multipart", e.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::TooLarge { code: "body_too_large", message: e.body_text() };
+        }
+        Self::bad_request("invalid_body", e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::bad_request("invalid_query", e.body_text())
+    }
+}

@@ -1,0 +1,27 @@
+//! `/health`: liveness, with what the service runs on.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::AppState;
+
+#[derive(Serialize)]
+pub struct Health {
+    status: &'static str,
+    model: String,
+    device: String,
+    cuda_available: bool,
+    indexed_items: usize,
+}
+
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    let info = state.catalog.embedder.info();
+    Json(Health {
+        status: "ok",
+        model: info.model_key.clone(),
+        device: info.device.clone(),
+        cuda_available: info.cuda.available,
+        indexed_items: state.catalog.index.len(),
+    })
+}

@@ -1,0 +1,46 @@
+//! `/search`: the most similar gallery items to an uploaded image.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::upload::read_query_image;
+use super::AppState;
+use crate::catalog::{Neighbour, Timing};
+
+const DEFAULT_K: usize = 10;
+
+#[derive(Debug, Deserialize)]
+pub struct SearchParams {
+    /// How many neighbours to return.
+    k: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct SearchResponse {
+    model: String,
+    results: Vec<Neighbour>,
+    timing: Timing,
+}
+
+/// `POST /search?k=N` with an image as a multipart `image` part or a raw body.
+pub async fn search(
+    State(state): State<AppState>,
+    params: Result<Query<SearchParams>, QueryRejection>,
+    request: Request,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let Query(params) = params?;
+    let k = params.k.unwrap_or(DEFAULT_K);
+    if k == 0 || k > state.limits.max_k {
+        return Err(ApiError::invalid("invalid_k", format!("k must be between 1 and {}", state.limits.max_k)));
+    }
+    let image = read_query_image(request, &state).await?;
+    let outcome = state.catalog.search(image.to_vec(), k).await?;
+    Ok(Json(SearchResponse {
+        model: state.catalog.embedder.info().model_key.clone(),
+        results: outcome.results,
+        timing: outcome.timing,
+    }))
+}

@@ -1,0 +1,121 @@
+//! Reading images out of requests: multipart forms, or a raw `image/*` body.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header::CONTENT_TYPE;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// Longest label accepted, in characters.
+const MAX_LABEL_CHARS: usize = 200;
+
+/// A `POST /gallery` form: images plus a label and metadata applying to all of them.
+#[derive(Debug, Default)]
+pub struct GalleryForm {
+    pub images: Vec<Bytes>,
+    pub label: Option<String>,
+    pub metadata: Option<Value>,
+}
+
+/// Reads a gallery form: `image` parts (repeatable), optional `label` text and
+/// optional `metadata` (a JSON object).
+pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result<GalleryForm, ApiError> {
+    let mut out = GalleryForm::default();
+    while let Some(field) = form.next_field().await? {
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "image" => {
+                if out.images.len() == max_images {
+                    return Err(ApiError::TooLarge {
+                        code: "too_many_images",
+                        message: format!("at most {max_images} images per request"),
+                    });
+                }
+                out.images.push(field.bytes().await?);
+            }
+            "label" if out.label.is_some() => return Err(duplicate_field("label")),
+            "label" => out.label = Some(parse_label(&field.text().await?)?),
+            "metadata" if out.metadata.is_some() => return Err(duplicate_field("metadata")),
+            "metadata" => out.metadata = Some(parse_metadata(&field.text().await?)?),
+            other => return Err(unknown_field(other, "image, label, metadata")),
+        }
+    }
+    if out.images.is_empty() {
+        return Err(ApiError::bad_request("missing_image", "the form has no `image` part"));
+    }
+    Ok(out)
+}
+
+/// Reads the single query image of a request: a multipart form with one
+/// `image` part, or the raw body sent as `image/*` or `application/octet-stream`.
+pub async fn read_query_image(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase());
+    match content_type.as_deref() {
+        Some(ct) if ct.starts_with("multipart/form-data") => {
+            let form = Multipart::from_request(request, state).await?;
+            read_single_image_form(form).await
+        }
+        None => raw_body(request, state).await,
+        Some(ct) if ct.starts_with("image/") || ct.starts_with("application/octet-stream") => raw_body(request, state).await,
+        Some(other) => Err(ApiError::Unsupported {
+            code: "unsupported_media_type",
+            message: format!(
+                "content type '{other}' is not accepted: send multipart/form-data with an `image` part, \
+                 or the image itself with an image/* content type (curl: -H 'Content-Type: image/jpeg' --data-binary @file.jpg)"
+            ),
+        }),
+    }
+}
+
+async fn raw_body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    let body = Bytes::from_request(request, state).await?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("empty_body", "the request body is empty; send an image"));
+    }
+    Ok(body)
+}
+
+async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> {
+    let mut image = None;
+    while let Some(field) = form.next_field().await? {
+        match field.name().unwrap_or_default() {
+            "image" if image.is_some() => return Err(duplicate_field("image")),
+            "image" => image = Some(field.bytes().await?),
+            other => return Err(unknown_field(other, "image")),
+        }
+    }
+    image.ok_or_else(|| ApiError::bad_request("missing_image", "the form has no `image` part"))
+}
+
+fn parse_label(text: &str) -> Result<String, ApiError> {
+    let label = text.trim();
+    if label.is_empty() || label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "invalid_label",
+            format!("a label is 1 to {MAX_LABEL_CHARS} printable characters"),
+        ));
+    }
+    Ok(label.to_string())
+}
+
+fn parse_metadata(text: &str) -> Result<Value, ApiError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => Err(ApiError::invalid("invalid_metadata", "metadata must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request("invalid_metadata", format!("metadata is not valid JSON: {e}"))),
+    }
+}
+
+fn duplicate_field(name: &str) -> ApiError {
+    ApiError::bad_request("duplicate_field", format!("the form has more than one `{name}` part"))
+}
+
+fn unknown_field(name: &str, accepted: &str) -> ApiError {
+    ApiError::bad_request("unknown_field", format!("unknown form part `{name}`; accepted: {accepted}"))
+}

@@ -1,0 +1,76 @@
+//! Command line and environment configuration: one documented struct per subcommand.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default model folder: the bundled encoder, found relative to the crate so
+/// `make run` and the tests work from a fresh clone without configuration.
+pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
+
+#[derive(Debug, Parser)]
+#[command(name = "lookalike", version, about = "Self-hosted image similarity search")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the HTTP service.
+    Serve(ServeConfig),
+}
+
+/// Everything `lookalike serve` can be told. Every option has an environment
+/// variable so containers can be configured without a command line.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on. Use 0.0.0.0 to accept connections from other machines.
+    #[arg(long, env = "LOOKALIKE_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// TCP port to listen on; 0 picks a free port (the chosen one is logged).
+    #[arg(long, env = "LOOKALIKE_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// Folder holding the gallery store; created if missing.
+    #[arg(long, env = "LOOKALIKE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Model folder with `encoder.pt` (TorchScript) and `manifest.json`.
+    #[arg(long, env = "LOOKALIKE_MODEL", default_value = BUNDLED_MODEL_DIR)]
+    pub model: PathBuf,
+
+    /// Where to run the encoder: `auto` (CUDA when available, else CPU), `cpu` or `cuda:N`.
+    #[arg(long, env = "LOOKALIKE_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Largest number of images the embedding worker runs in one forward pass.
+    #[arg(long, env = "LOOKALIKE_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+
+    /// libtorch intra-op threads; 0 means one per CPU core.
+    #[arg(long, env = "LOOKALIKE_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: usize,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "LOOKALIKE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest accepted image width or height, in pixels (checked before decoding).
+    #[arg(long, env = "LOOKALIKE_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+
+    /// Largest memory a decoded image may take, in bytes (checked before decoding).
+    #[arg(long, env = "LOOKALIKE_MAX_DECODED_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_decoded_bytes: u64,
+
+    /// Most images one `POST /gallery` request may carry.
+    #[arg(long, env = "LOOKALIKE_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
+    pub max_images_per_request: usize,
+
+    /// Largest `k` a search may ask for.
+    #[arg(long, env = "LOOKALIKE_MAX_K", default_value_t = 100)]
+    pub max_k: usize,
+}

@@ -1,0 +1,116 @@
+//! Which device runs the encoder: CUDA when present, the CPU otherwise.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tch::{Cuda, Device};
+
+use super::EmbedError;
+
+/// What the operator asked for with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The first CUDA device when one is available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = EmbedError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || EmbedError::Device(format!("unknown device '{s}': expected auto, cpu or cuda:N"));
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// What libtorch reports about CUDA on this machine.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaInfo {
+    pub available: bool,
+    pub device_count: usize,
+}
+
+impl CudaInfo {
+    pub fn probe() -> Self {
+        let available = Cuda::is_available();
+        let device_count = if available { Cuda::device_count().max(0) as usize } else { 0 };
+        Self { available, device_count }
+    }
+}
+
+/// Resolves a choice against what exists; asking for a missing GPU is an error,
+/// not a silent fall-back, so a misconfigured GPU host fails loudly at start.
+pub fn resolve(choice: DeviceChoice, cuda: CudaInfo) -> Result<Device, EmbedError> {
+    match choice {
+        DeviceChoice::Auto if cuda.available && cuda.device_count > 0 => Ok(Device::Cuda(0)),
+        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) if n < cuda.device_count => Ok(Device::Cuda(n)),
+        DeviceChoice::Cuda(n) => Err(EmbedError::Device(format!(
+            "cuda:{n} was asked for but libtorch sees {} CUDA device(s)",
+            cuda.device_count
+        ))),
+    }
+}
+
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_GPU: CudaInfo = CudaInfo { available: false, device_count: 0 };
+    const TWO_GPUS: CudaInfo = CudaInfo { available: true, device_count: 2 };
+
+    #[test]
+    fn parses_choices() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(1));
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn auto_prefers_cuda_and_falls_back_to_cpu() {
+        assert_eq!(resolve(DeviceChoice::Auto, TWO_GPUS).unwrap(), Device::Cuda(0));
+        assert_eq!(resolve(DeviceChoice::Auto, NO_GPU).unwrap(), Device::Cpu);
+        assert_eq!(resolve(DeviceChoice::Cuda(1), TWO_GPUS).unwrap(), Device::Cuda(1));
+        assert!(resolve(DeviceChoice::Cuda(2), TWO_GPUS).is_err());
+        assert!(resolve(DeviceChoice::Cuda(0), NO_GPU).is_err());
+    }
+
+    #[test]
+    fn this_machine_resolves_auto() {
+        // Whatever the machine, `auto` must resolve; on a CPU-only CI it is the CPU.
+        let cuda = CudaInfo::probe();
+        let device = resolve(DeviceChoice::Auto, cuda).unwrap();
+        assert_eq!(device == Device::Cpu, !cuda.available);
+    }
+}

@@ -1,0 +1,235 @@
+//! The durable gallery: every image's original bytes, label, metadata and its
+//! embedding per model, in SQLite (WAL mode). It is the source of truth; the
+//! index is a view rebuilt from it.
+
+mod schema;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+const STORE_FILE: &str = "gallery.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GalleryError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store schema: {0}")]
+    Schema(String),
+    #[error("data directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An image to add, already embedded.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub image: Vec<u8>,
+    pub media_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub label: Option<String>,
+    pub metadata: serde_json::Value,
+    pub embedding: Vec<f32>,
+}
+
+/// What an insert reports for each item.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inserted {
+    pub id: i64,
+    pub content_hash: String,
+    /// An older item with byte-identical content, if any.
+    pub duplicate_of: Option<i64>,
+}
+
+/// An item without its image bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemSummary {
+    pub id: i64,
+    pub label: Option<String>,
+    pub metadata: serde_json::Value,
+    pub media_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub content_hash: String,
+    pub created_at: i64,
+}
+
+/// Cheap-clone handle. A std `Mutex` is right here: every call is short, runs
+/// on a blocking thread and never holds the lock across an `.await`.
+#[derive(Clone)]
+pub struct Gallery {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Gallery {
+    /// Opens (creating if needed) the store in `data_dir` and migrates it.
+    pub fn open(data_dir: &Path) -> Result<Self, GalleryError> {
+        std::fs::create_dir_all(data_dir)?;
+        let mut conn = Connection::open(data_dir.join(STORE_FILE))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed insert survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        schema::migrate(&mut conn)?;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` with the connection on a blocking thread.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, GalleryError> + Send + 'static,
+    ) -> Result<T, GalleryError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| GalleryError::Corrupt(format!("store task failed: {e}")))?
+    }
+
+    /// Adds items with their embeddings under `model` in one transaction:
+    /// when this returns, all of them are on disk, or none is.
+    pub async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(insert_one(&tx, item, &model)?);
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Summaries of the given ids that exist.
+    pub async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1",
+            )?;
+            let mut out = HashMap::with_capacity(ids.len());
+            for id in ids {
+                if let Some(item) = stmt.query_row([id], summary_from_row).optional()? {
+                    out.insert(id, item);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn count(&self) -> Result<u64, GalleryError> {
+        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
+    }
+
+    /// Every stored embedding of `model`, for rebuilding the index at start.
+    pub async fn embeddings(&self, model: String) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare("SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
+            let rows = stmt.query_map([model], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+            rows.map(|row| {
+                let (id, blob) = row?;
+                Ok((id, decode_vector(&blob)?))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
+    pub async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, image FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
+                 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![model, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// Stores embeddings computed later (e.g. for a new model), in one transaction.
+    pub async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            for (id, v) in vectors {
+                tx.execute(
+                    "INSERT OR REPLACE INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
+                    params![id, model, encode_vector(&v)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
+    let content_hash = hex::encode(Sha256::digest(&item.image));
+    let duplicate_of: Option<i64> = tx
+        .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [&content_hash], |r| r.get(0))
+        .optional()?
+        .flatten();
+    tx.execute(
+        "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            content_hash,
+            item.media_type,
+            item.label,
+            item.metadata.to_string(),
+            item.width,
+            item.height,
+            now_millis(),
+            item.image
+        ],
+    )?;
+    let id = tx.last_insert_rowid();
+    tx.execute(
+        "INSERT INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
+        params![id, model, encode_vector(&item.embedding)],
+    )?;
+    Ok(Inserted { id, content_hash, duplicate_of })
+}
+
+fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
+    let metadata: String = r.get(2)?;
+    Ok(ItemSummary {
+        id: r.get(0)?,
+        label: r.get(1)?,
+        // Written by us from a serde_json::Value, so it parses; fall back to null if not.
+        metadata: serde_json::from_str(&metadata).unwrap_or(serde_json::Value::Null),
+        media_type: r.get(3)?,
+        width: r.get(4)?,
+        height: r.get(5)?,
+        content_hash: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn encode_vector(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn decode_vector(blob: &[u8]) -> Result<Vec<f32>, GalleryError> {
+    if blob.len() % 4 != 0 {
+        return Err(GalleryError::Corrupt(format!("embedding blob of {} bytes", blob.len())));
+    }
+    Ok(blob.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}

@@ -1,0 +1,14 @@
+//! lookalike: self-hosted image similarity search. A ShuffleNet Siamese
+//! encoder (TorchScript through libtorch) embeds images; an HNSW index over a
+//! durable gallery answers nearest-neighbour queries over HTTP.
+
+pub mod api;
+pub mod catalog;
+pub mod config;
+pub mod embed;
+pub mod gallery;
+pub mod index;
+pub mod manifest;
+pub mod preprocess;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,17 @@
+use clap::Parser;
+
+use lookalike::config::{Cli, Command};
+use lookalike::startup::{shutdown_signal, Application};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    lookalike::telemetry::init("info");
+    match cli.command {
+        Command::Serve(config) => {
+            let app = Application::build(config).await?;
+            app.run_until_stopped(shutdown_signal()).await?;
+        }
+    }
+    Ok(())
+}

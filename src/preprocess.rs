@@ -1,0 +1,181 @@
+//! Image bytes to encoder input: decode under limits, apply EXIF orientation,
+//! convert to RGB, resize as the manifest says, normalise to CHW `f32`.
+
+use std::io::Cursor;
+
+use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+
+use crate::manifest::{InputSpec, ResizeFilter, ResizePolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("the body is empty")]
+    Empty,
+    #[error("not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF)")]
+    UnsupportedFormat,
+    #[error("the {format} image could not be decoded: {reason}")]
+    Corrupt { format: String, reason: String },
+    #[error("the image is too large: {0}")]
+    TooLarge(String),
+}
+
+/// Decoding limits, checked from the header before any pixel is allocated.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_side: u32,
+    pub max_decoded_bytes: u64,
+}
+
+/// A decoded, resized, normalised image ready for the encoder.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// `3 * size * size` values in CHW order.
+    pub pixels: Vec<f32>,
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Turns image bytes into encoder input for one model's manifest.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    spec: InputSpec,
+    limits: ImageLimits,
+}
+
+impl Preprocessor {
+    pub fn new(spec: InputSpec, limits: ImageLimits) -> Self {
+        Self { spec, limits }
+    }
+
+    /// Number of `f32` values in one prepared image.
+    pub fn input_len(&self) -> usize {
+        3 * (self.spec.size as usize).pow(2)
+    }
+
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {
+        let (image, format) = decode(bytes, self.limits)?;
+        let (width, height) = (image.width(), image.height());
+        let rgb = DynamicImage::ImageRgb8(image.into_rgb8());
+        let resized = self.resize(&rgb)?;
+        Ok(Prepared { pixels: self.normalise(resized.buffer()), format, width, height })
+    }
+
+    fn resize(&self, rgb: &DynamicImage) -> Result<Image<'static>, PreprocessError> {
+        let size = self.spec.size;
+        let mut dst = Image::new(size, size, PixelType::U8x3);
+        let mut options = ResizeOptions::new().resize_alg(resize_alg(self.spec.filter));
+        if self.spec.resize == ResizePolicy::CenterCrop {
+            options = options.fit_into_destination(Some((0.5, 0.5)));
+        }
+        Resizer::new().resize(rgb, &mut dst, &options).map_err(|e| PreprocessError::Corrupt {
+            format: "decoded".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(dst)
+    }
+
+    /// Interleaved RGB bytes to planar, normalised floats.
+    fn normalise(&self, rgb: &[u8]) -> Vec<f32> {
+        let plane = rgb.len() / 3;
+        let mut out = vec![0f32; rgb.len()];
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (px[c] as f32 / 255.0 - self.spec.mean[c]) / self.spec.std[c];
+            }
+        }
+        out
+    }
+}
+
+fn resize_alg(filter: ResizeFilter) -> ResizeAlg {
+    match filter {
+        ResizeFilter::Nearest => ResizeAlg::Nearest,
+        ResizeFilter::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
+        ResizeFilter::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
+        ResizeFilter::Lanczos3 => ResizeAlg::Convolution(FilterType::Lanczos3),
+    }
+}
+
+/// Decodes the first frame of an image, refusing oversized ones from the header.
+pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<(DynamicImage, ImageFormat), PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|_| PreprocessError::UnsupportedFormat)?;
+    let format = reader.format().ok_or(PreprocessError::UnsupportedFormat)?;
+    let format_name = format!("{format:?}").to_uppercase();
+    let corrupt = |e: ImageError| classify(e, &format_name, limits);
+
+    // The decoder's own allocation limit backs up the header check below,
+    // which runs first and can name the dimensions.
+    let mut reader = reader;
+    let mut image_limits = image::Limits::default();
+    image_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(image_limits);
+
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    if width > limits.max_side || height > limits.max_side || decoder.total_bytes() > limits.max_decoded_bytes {
+        return Err(PreprocessError::TooLarge(format!(
+            "{width}x{height} pixels; at most {} a side and {} decoded bytes are accepted",
+            limits.max_side, limits.max_decoded_bytes
+        )));
+    }
+    let orientation = decoder.orientation().map_err(corrupt)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    image.apply_orientation(orientation);
+    Ok((image, format))
+}
+
+fn classify(error: ImageError, format: &str, limits: ImageLimits) -> PreprocessError {
+    match error {
+        ImageError::Unsupported(_) => PreprocessError::UnsupportedFormat,
+        ImageError::Limits(e) => {
+            PreprocessError::TooLarge(format!("{e}; at most {} decoded bytes are accepted", limits.max_decoded_bytes))
+        }
+        other => PreprocessError::Corrupt { format: format.to_string(), reason: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(resize: ResizePolicy) -> InputSpec {
+        InputSpec { size: 8, channels: 3, mean: [0.5; 3], std: [0.5; 3], resize, filter: ResizeFilter::Bilinear }
+    }
+
+    const LIMITS: ImageLimits = ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 };
+
+    fn png(width: u32, height: u32, value: u8) -> Vec<u8> {
+        let img = image::GrayImage::from_pixel(width, height, image::Luma([value]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn grey_is_replicated_and_normalised() {
+        let p = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS).prepare(&png(20, 10, 255)).unwrap();
+        assert_eq!(p.pixels.len(), 3 * 8 * 8);
+        assert!(p.pixels.iter().all(|v| (*v - 1.0).abs() < 1e-6), "white maps to (1 - 0.5) / 0.5");
+        assert_eq!((p.width, p.height), (20, 10));
+    }
+
+    #[test]
+    fn oversized_header_is_refused() {
+        let err = Preprocessor::new(spec(ResizePolicy::CenterCrop), LIMITS).prepare(&png(65, 2, 0)).unwrap_err();
+        assert!(matches!(err, PreprocessError::TooLarge(ref m) if m.starts_with("65x2")), "{err:?}");
+    }
+
+    #[test]
+    fn truncated_and_foreign_bytes_are_told_apart() {
+        let bytes = png(16, 16, 7);
+        let pre = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS);
+        assert!(matches!(pre.prepare(&bytes[..bytes.len() / 2]), Err(PreprocessError::Corrupt { .. })));
+        assert!(matches!(pre.prepare(b"hello, world"), Err(PreprocessError::UnsupportedFormat)));
+        assert!(matches!(pre.prepare(b""), Err(PreprocessError::Empty)));
+    }
+}

@@ -1,0 +1,100 @@
+//! Building the application from its configuration and running it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, RequestLimits};
+use crate::catalog::Catalog;
+use crate::config::ServeConfig;
+use crate::embed::{DeviceChoice, Embedder, EmbedderConfig};
+use crate::gallery::Gallery;
+use crate::index::Index;
+use crate::manifest::Manifest;
+use crate::preprocess::{ImageLimits, Preprocessor};
+
+/// Jobs that may wait for the embedding worker before requests get 503.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// A bound listener and a ready state: everything but the serving loop.
+pub struct Application {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: AppState,
+}
+
+impl Application {
+    /// Loads the model, opens the store, rebuilds the index and binds the port.
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let manifest = Manifest::load(&config.model)?;
+        let device: DeviceChoice = config.device.parse()?;
+        let embedder_config = EmbedderConfig {
+            model_dir: config.model.clone(),
+            device,
+            max_batch: config.max_batch,
+            queue_capacity: QUEUE_CAPACITY,
+            torch_threads: config.torch_threads,
+        };
+        let embedder = {
+            let manifest = manifest.clone();
+            tokio::task::spawn_blocking(move || Embedder::start(&embedder_config, &manifest)).await??
+        };
+        let info = embedder.info();
+        tracing::info!(
+            model = %info.model_key, trained = manifest.trained, device = %info.device,
+            cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
+            "encoder loaded"
+        );
+        let gallery = Gallery::open(&config.data_dir)
+            .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
+        let index = Index::new(manifest.embedding.dim, gallery.count().await? as usize);
+        let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
+        let catalog = Catalog { embedder, index, gallery, preprocessor: Preprocessor::new(manifest.input.clone(), limits) };
+        let indexed = catalog.rebuild_index().await?;
+        tracing::info!(items = indexed, data_dir = %config.data_dir.display(), "index built from the gallery");
+
+        let listener = TcpListener::bind((config.host, config.port))
+            .await
+            .with_context(|| format!("binding {}:{}", config.host, config.port))?;
+        let address = listener.local_addr()?;
+        let limits = RequestLimits {
+            max_body_bytes: config.max_body_bytes,
+            max_images_per_request: config.max_images_per_request,
+            max_k: config.max_k,
+        };
+        Ok(Self { listener, address, state: AppState { catalog, limits: Arc::new(limits) } })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        tracing::info!(address = %self.address, "listening");
+        axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+    tracing::info!("shutting down");
+}

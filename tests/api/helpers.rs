@@ -1,0 +1,141 @@
+//! Test harness: the real application (real TorchScript model, real SQLite
+//! store) on a loopback port, with a fresh data directory per test.
+
+use std::path::{Path, PathBuf};
+
+use lookalike::config::{ServeConfig, BUNDLED_MODEL_DIR};
+use lookalike::startup::Application;
+use reqwest::multipart::{Form, Part};
+use reqwest::{Client, Response};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub data_dir: PathBuf,
+    /// Kept so the directory lives as long as the app (`None` when borrowed).
+    _data_guard: Option<TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub fn config(data_dir: &Path) -> ServeConfig {
+    ServeConfig {
+        host: "127.0.0.1".parse().unwrap(),
+        port: 0,
+        data_dir: data_dir.to_path_buf(),
+        model: BUNDLED_MODEL_DIR.into(),
+        device: "auto".into(),
+        max_batch: 8,
+        torch_threads: 0,
+        max_body_bytes: 4 * 1024 * 1024,
+        max_image_side: 4096,
+        max_decoded_bytes: 64 * 1024 * 1024,
+        max_images_per_request: 16,
+        max_k: 50,
+    }
+}
+
+/// Starts the app on a fresh data directory. Logs only with `TEST_LOG=1`.
+pub async fn spawn_app() -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().to_path_buf();
+    let mut app = spawn_with(config(&path)).await;
+    app._data_guard = Some(dir);
+    app
+}
+
+pub async fn spawn_with(config: ServeConfig) -> TestApp {
+    if std::env::var("TEST_LOG").is_ok() {
+        lookalike::telemetry::init("info");
+    }
+    let data_dir = config.data_dir.clone();
+    let app = Application::build(config).await.expect("the application builds");
+    let address = format!("http://{}", app.address());
+    let (stop, stopped) = oneshot::channel();
+    let server = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp { address, client: Client::new(), data_dir, _data_guard: None, stop: Some(stop), server: Some(server) }
+}
+
+impl TestApp {
+    /// Stops serving and waits until the server has let go of its state.
+    pub async fn stop(mut self) -> Option<TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server exits cleanly");
+        }
+        self._data_guard.take()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn health(&self) -> Response {
+        self.client.get(self.url("/health")).send().await.expect("request")
+    }
+
+    pub async fn add_images(&self, images: &[Vec<u8>], label: Option<&str>, metadata: Option<&str>) -> Response {
+        let mut form = Form::new();
+        for (i, bytes) in images.iter().enumerate() {
+            form = form.part("image", Part::bytes(bytes.clone()).file_name(format!("{i}.png")));
+        }
+        if let Some(label) = label {
+            form = form.text("label", label.to_string());
+        }
+        if let Some(metadata) = metadata {
+            form = form.text("metadata", metadata.to_string());
+        }
+        self.post_form("/gallery", form).await
+    }
+
+    pub async fn post_form(&self, path: &str, form: Form) -> Response {
+        self.client.post(self.url(path)).multipart(form).send().await.expect("request")
+    }
+
+    /// `POST /search?k=` with the image as the raw body.
+    pub async fn search_raw(&self, image: &[u8], k: &str, content_type: &str) -> Response {
+        self.client
+            .post(self.url(&format!("/search?k={k}")))
+            .header("content-type", content_type)
+            .body(image.to_vec())
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `POST /search?k=` with the image as a multipart part.
+    pub async fn search_form(&self, image: &[u8], k: usize) -> Response {
+        let form = Form::new().part("image", Part::bytes(image.to_vec()).file_name("query.png"));
+        self.post_form(&format!("/search?k={k}"), form).await
+    }
+}
+
+/// The committed fixtures: Fashion-MNIST test images, `(class, png bytes)`.
+pub fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fmnist");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .expect("fixtures folder")
+        .map(|e| {
+            let path = e.expect("dir entry").path();
+            let class = path.file_stem().unwrap().to_string_lossy().split('-').next().unwrap().to_string();
+            (class, std::fs::read(&path).expect("fixture"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Asserts the status and the JSON error code of a failed request.
+pub async fn assert_error(response: Response, status: u16, code: &str) {
+    assert_eq!(response.status().as_u16(), status, "status for expected error `{code}`");
+    let body: serde_json::Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], code, "error body: {body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error body: {body}");
+}

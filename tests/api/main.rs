@@ -1,0 +1,5 @@
+//! Integration tests through the front door: one binary, one module per area.
+
+mod errors;
+mod helpers;
+mod search;
