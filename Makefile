@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build run test check-cuda-link lint clean-venv
+.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval
 
 setup: $(STAMP)
 
@@ -46,3 +46,26 @@ lint: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Fashion-MNIST from Debian, for training and evaluation (not needed by the tests).
+DATASET := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RUN := runs/default
+
+dataset: $(DATASET)
+
+$(DATASET):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+# Train the default encoder (resumes from $(RUN)/last.pt), evaluate it through
+# the Rust preprocessing path, and export it with its figures as models/default.
+train: setup dataset
+	$(VENV)/bin/python models/train.py --out $(RUN)
+	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --out $(RUN)/model
+	$(MAKE) --no-print-directory eval MODEL=$(RUN)/model EVAL_JSON=$(RUN)/eval.json
+	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --evaluation $(RUN)/eval.json --out models/default
+
+MODEL ?= models/default
+EVAL_JSON ?= $(RUN)/eval.json
+eval: build dataset
+	mkdir -p $(dir $(EVAL_JSON))
+	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON)

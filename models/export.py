@@ -2,6 +2,7 @@
 
     python models/export.py --out models/default                     # untrained
     python models/export.py --checkpoint runs/x/best.pt --out models/default
+    python models/export.py --checkpoint runs/x/best.pt --evaluation eval.json --out models/default
 
 The manifest is what the service reads to preprocess images exactly as in
 training; it never guesses. A checkpoint written by train.py carries its
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="model folder to write")
     ap.add_argument("--name", default="shufflenet-v1-g3-w0.5")
     ap.add_argument("--version", default=None, help="default: from the checkpoint, or 0-untrained")
+    ap.add_argument("--evaluation", type=Path,
+                    help="report of `lookalike eval --json`: its figures and verification threshold go in the manifest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -95,6 +98,9 @@ def main() -> None:
         model = build_model(arch)
         training = evaluation = threshold = None
         version = args.version or "0-untrained"
+    if args.evaluation:
+        evaluation = json.loads(args.evaluation.read_text())
+        threshold = evaluation["verification"]["threshold"]
     manifest = make_manifest(args.name, version, arch, preprocess, model, training, evaluation, threshold)
     export(model, manifest, args.out)
     print(json.dumps({k: manifest[k] for k in ("name", "version", "trained", "architecture")}, indent=2))

@@ -155,6 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--image-folder", type=Path, help="train on DIR/<class>/<image> instead of Fashion-MNIST")
+    ap.add_argument("--size", type=int, default=96, help="input side in pixels")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--warmup-epochs", type=int, default=3)
     ap.add_argument("--p", type=int, default=7, help="classes per batch")
@@ -175,7 +176,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    arch, pre = dict(DEFAULT_ARCH), dict(DEFAULT_PREPROCESS)
+    arch, pre = dict(DEFAULT_ARCH), {**DEFAULT_PREPROCESS, "size": args.size}
     t0 = time.time()
     if args.image_folder:
         images, labels, class_names = load_folder(args.image_folder, pre["size"])
@@ -206,7 +207,7 @@ def main() -> None:
         state = ckpt["state"]
         print(f"resumed from {last} after epoch {state['epoch']}")
 
-    recipe = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "p", "k", "lr", "weight_decay", "triplet_margin",
+    recipe = {k: getattr(args, k) for k in ("size", "epochs", "warmup_epochs", "p", "k", "lr", "weight_decay", "triplet_margin",
                                             "contrastive_margin", "val_fraction", "seed")}
     recipe.update(optimizer="AdamW", schedule="one-cycle", mining="batch-all",
                   losses="cosine-softmax warm-up, then triplet + contrastive",

@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand};
 pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
 
 #[derive(Debug, Parser)]
-#[command(name = "lookalike", version, about = "Self-hosted image similarity search")]
+#[command(
+    name = "lookalike",
+    version,
+    about = "Self-hosted image similarity search"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Start the HTTP service.
     Serve(ServeConfig),
+    /// Measure a model's retrieval quality on Fashion-MNIST (seen, unseen and
+    /// all classes, next to raw pixels) and its pair-verification threshold.
+    Eval(crate::eval::EvalConfig),
 }
 
 /// Everything `lookalike serve` can be told. Every option has an environment

@@ -6,6 +6,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod embed;
+pub mod eval;
 pub mod gallery;
 pub mod index;
 pub mod manifest;

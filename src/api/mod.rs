@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Request};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -55,7 +57,11 @@ pub fn router(state: AppState) -> Router {
                     let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
                     tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
                 }))
-                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                // A panic (a bug) answers 500 in the usual error shape instead of dropping the connection.
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::Internal("a request handler panicked".into()).into_response()
+                })),
         )
         .with_state(state)
 }

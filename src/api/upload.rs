@@ -21,7 +21,10 @@ pub struct GalleryForm {
 
 /// Reads a gallery form: `image` parts (repeatable), optional `label` text and
 /// optional `metadata` (a JSON object).
-pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result<GalleryForm, ApiError> {
+pub async fn read_gallery_form(
+    mut form: Multipart,
+    max_images: usize,
+) -> Result<GalleryForm, ApiError> {
     let mut out = GalleryForm::default();
     while let Some(field) = form.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
@@ -43,7 +46,10 @@ pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result
         }
     }
     if out.images.is_empty() {
-        return Err(ApiError::bad_request("missing_image", "the form has no `image` part"));
+        return Err(ApiError::bad_request(
+            "missing_image",
+            "the form has no `image` part",
+        ));
     }
     Ok(out)
 }
@@ -76,7 +82,10 @@ pub async fn read_query_image(request: Request, state: &AppState) -> Result<Byte
 async fn raw_body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
     let body = Bytes::from_request(request, state).await?;
     if body.is_empty() {
-        return Err(ApiError::bad_request("empty_body", "the request body is empty; send an image"));
+        return Err(ApiError::bad_request(
+            "empty_body",
+            "the request body is empty; send an image",
+        ));
     }
     Ok(body)
 }
@@ -95,7 +104,10 @@ async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> 
 
 fn parse_label(text: &str) -> Result<String, ApiError> {
     let label = text.trim();
-    if label.is_empty() || label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
+    if label.is_empty()
+        || label.chars().count() > MAX_LABEL_CHARS
+        || label.chars().any(char::is_control)
+    {
         return Err(ApiError::invalid(
             "invalid_label",
             format!("a label is 1 to {MAX_LABEL_CHARS} printable characters"),
@@ -107,15 +119,27 @@ fn parse_label(text: &str) -> Result<String, ApiError> {
 fn parse_metadata(text: &str) -> Result<Value, ApiError> {
     match serde_json::from_str::<Value>(text) {
         Ok(value @ Value::Object(_)) => Ok(value),
-        Ok(_) => Err(ApiError::invalid("invalid_metadata", "metadata must be a JSON object")),
-        Err(e) => Err(ApiError::bad_request("invalid_metadata", format!("metadata is not valid JSON: {e}"))),
+        Ok(_) => Err(ApiError::invalid(
+            "invalid_metadata",
+            "metadata must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_metadata",
+            format!("metadata is not valid JSON: {e}"),
+        )),
     }
 }
 
 fn duplicate_field(name: &str) -> ApiError {
-    ApiError::bad_request("duplicate_field", format!("the form has more than one `{name}` part"))
+    ApiError::bad_request(
+        "duplicate_field",
+        format!("the form has more than one `{name}` part"),
+    )
 }
 
 fn unknown_field(name: &str, accepted: &str) -> ApiError {
-    ApiError::bad_request("unknown_field", format!("unknown form part `{name}`; accepted: {accepted}"))
+    ApiError::bad_request(
+        "unknown_field",
+        format!("unknown form part `{name}`; accepted: {accepted}"),
+    )
 }

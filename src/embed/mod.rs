@@ -97,8 +97,20 @@ impl Embedder {
             })
             .map_err(|e| EmbedError::Load(format!("cannot spawn the worker thread: {e}")))?;
         ready_rx.recv().map_err(|_| EmbedError::Stopped)??;
-        let info = EmbedderInfo { device: device::describe(device), cuda, model_key: manifest.model_key(), dim, input_len };
-        Ok(Self { inner: Arc::new(Inner { jobs: Some(tx), worker: Mutex::new(Some(worker)), info }) })
+        let info = EmbedderInfo {
+            device: device::describe(device),
+            cuda,
+            model_key: manifest.model_key(),
+            dim,
+            input_len,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                jobs: Some(tx),
+                worker: Mutex::new(Some(worker)),
+                info,
+            }),
+        })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -108,10 +120,18 @@ impl Embedder {
     /// Embeds one preprocessed image. Fails fast when the queue is full.
     pub async fn embed(&self, pixels: Vec<f32>) -> Result<Vec<f32>, EmbedError> {
         if pixels.len() != self.inner.info.input_len {
-            return Err(EmbedError::Forward(format!("input has {} values, expected {}", pixels.len(), self.inner.info.input_len)));
+            return Err(EmbedError::Forward(format!(
+                "input has {} values, expected {}",
+                pixels.len(),
+                self.inner.info.input_len
+            )));
         }
         let (reply, answer) = oneshot::channel();
-        let jobs = self.inner.jobs.as_ref().expect("the job sender lives until drop; this is a bug");
+        let jobs = self
+            .inner
+            .jobs
+            .as_ref()
+            .expect("the job sender lives until drop; this is a bug");
         jobs.try_send(Job { pixels, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => EmbedError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => EmbedError::Stopped,
@@ -132,7 +152,11 @@ impl Drop for Inner {
 
 /// The first calls of a TorchScript module are slow (profiling executor): run
 /// the batch sizes the worker will see before taking traffic.
-fn warm_up(encoder: &mut TorchEncoder, max_batch: usize, input_len: usize) -> Result<(), EmbedError> {
+fn warm_up(
+    encoder: &mut TorchEncoder,
+    max_batch: usize,
+    input_len: usize,
+) -> Result<(), EmbedError> {
     for n in [1, max_batch, 1, max_batch] {
         encoder.encode(&vec![0.5; n * input_len], n).map(|_| ())?;
     }
@@ -143,7 +167,9 @@ fn warm_up(encoder: &mut TorchEncoder, max_batch: usize, input_len: usize) -> Re
 fn configure_torch_threads(requested: usize) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let threads = if requested == 0 { cores } else { requested };
         tch::set_num_threads(threads as i32);
         // One worker drives the CPU; inter-op parallelism would only oversubscribe it.

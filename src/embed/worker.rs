@@ -16,7 +16,12 @@ pub struct Job {
 /// Serves jobs until every sender is gone. Whatever is queued when the worker
 /// becomes free (up to `max_batch`) goes into one forward pass, so load turns
 /// into larger batches instead of a longer queue.
-pub fn run(mut encoder: impl Encoder, mut jobs: mpsc::Receiver<Job>, max_batch: usize, input_len: usize) {
+pub fn run(
+    mut encoder: impl Encoder,
+    mut jobs: mpsc::Receiver<Job>,
+    max_batch: usize,
+    input_len: usize,
+) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -63,7 +68,10 @@ mod tests {
     impl Encoder for Recorder {
         fn encode(&mut self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
             self.0.lock().unwrap().push(n);
-            Ok(pixels.chunks(pixels.len() / n).map(|c| vec![c[0]]).collect())
+            Ok(pixels
+                .chunks(pixels.len() / n)
+                .map(|c| vec![c[0]])
+                .collect())
         }
     }
 
@@ -73,7 +81,11 @@ mod tests {
         let mut replies = Vec::new();
         for i in 0..6 {
             let (reply, answer) = oneshot::channel();
-            tx.try_send(Job { pixels: vec![i as f32, 0.0], reply }).unwrap();
+            tx.try_send(Job {
+                pixels: vec![i as f32, 0.0],
+                reply,
+            })
+            .unwrap();
             replies.push(answer);
         }
         drop(replies.remove(5)); // this client went away

@@ -79,7 +79,9 @@ impl Gallery {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -89,7 +91,9 @@ impl Gallery {
     ) -> Result<T, GalleryError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
+            let mut guard = conn
+                .lock()
+                .map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -98,7 +102,11 @@ impl Gallery {
 
     /// Adds items with their embeddings under `model` in one transaction:
     /// when this returns, all of them are on disk, or none is.
-    pub async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
+    pub async fn insert(
+        &self,
+        items: Vec<NewItem>,
+        model: String,
+    ) -> Result<Vec<Inserted>, GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(items.len());
@@ -112,7 +120,10 @@ impl Gallery {
     }
 
     /// Summaries of the given ids that exist.
-    pub async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
+    pub async fn summaries(
+        &self,
+        ids: Vec<i64>,
+    ) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1",
@@ -129,14 +140,19 @@ impl Gallery {
     }
 
     pub async fn count(&self) -> Result<u64, GalleryError> {
-        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
+        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?))
+            .await
     }
 
     /// Every stored embedding of `model`, for rebuilding the index at start.
     pub async fn embeddings(&self, model: String) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
         self.with_conn(move |conn| {
-            let mut stmt = conn.prepare("SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
-            let rows = stmt.query_map([model], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+            let mut stmt = conn.prepare(
+                "SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id",
+            )?;
+            let rows = stmt.query_map([model], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
             rows.map(|row| {
                 let (id, blob) = row?;
                 Ok((id, decode_vector(&blob)?))
@@ -147,7 +163,11 @@ impl Gallery {
     }
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    pub async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+    pub async fn missing_embeddings(
+        &self,
+        model: String,
+        limit: usize,
+    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, image FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
@@ -160,7 +180,11 @@ impl Gallery {
     }
 
     /// Stores embeddings computed later (e.g. for a new model), in one transaction.
-    pub async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
+    pub async fn put_embeddings(
+        &self,
+        model: String,
+        vectors: Vec<(i64, Vec<f32>)>,
+    ) -> Result<(), GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             for (id, v) in vectors {
@@ -176,10 +200,18 @@ impl Gallery {
     }
 }
 
-fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
+fn insert_one(
+    tx: &rusqlite::Transaction<'_>,
+    item: NewItem,
+    model: &str,
+) -> Result<Inserted, GalleryError> {
     let content_hash = hex::encode(Sha256::digest(&item.image));
     let duplicate_of: Option<i64> = tx
-        .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [&content_hash], |r| r.get(0))
+        .query_row(
+            "SELECT MIN(id) FROM items WHERE content_hash = ?1",
+            [&content_hash],
+            |r| r.get(0),
+        )
         .optional()?
         .flatten();
     tx.execute(
@@ -201,7 +233,11 @@ fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Res
         "INSERT INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
         params![id, model, encode_vector(&item.embedding)],
     )?;
-    Ok(Inserted { id, content_hash, duplicate_of })
+    Ok(Inserted {
+        id,
+        content_hash,
+        duplicate_of,
+    })
 }
 
 fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
@@ -220,7 +256,10 @@ fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn encode_vector(v: &[f32]) -> Vec<u8> {
@@ -229,7 +268,13 @@ fn encode_vector(v: &[f32]) -> Vec<u8> {
 
 fn decode_vector(blob: &[u8]) -> Result<Vec<f32>, GalleryError> {
     if blob.len() % 4 != 0 {
-        return Err(GalleryError::Corrupt(format!("embedding blob of {} bytes", blob.len())));
+        return Err(GalleryError::Corrupt(format!(
+            "embedding blob of {} bytes",
+            blob.len()
+        )));
     }
-    Ok(blob.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    Ok(blob
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }

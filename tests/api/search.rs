@@ -5,13 +5,19 @@ use std::io::Cursor;
 use image::{imageops::FilterType, ImageFormat};
 use serde_json::Value;
 
-use crate::helpers::{fixtures, spawn_app, spawn_with, config, TestApp};
+use crate::helpers::{config, fixtures, spawn_app, spawn_with, TestApp};
 
 /// Uploads every fixture with its class as label; returns `(id, class, bytes)`.
 async fn add_fixtures(app: &TestApp) -> Vec<(i64, String, Vec<u8>)> {
     let mut added = Vec::new();
     for (class, bytes) in fixtures() {
-        let response = app.add_images(&[bytes.clone()], Some(&class), Some(r#"{"source":"fixture"}"#)).await;
+        let response = app
+            .add_images(
+                &[bytes.clone()],
+                Some(&class),
+                Some(r#"{"source":"fixture"}"#),
+            )
+            .await;
         assert_eq!(response.status().as_u16(), 201);
         let body: Value = response.json().await.unwrap();
         let id = body["items"][0]["id"].as_i64().expect("an id");
@@ -25,15 +31,23 @@ async fn top_hit(response: reqwest::Response) -> (i64, f64, Value) {
     assert_eq!(response.status().as_u16(), 200);
     let body: Value = response.json().await.unwrap();
     let first = &body["results"][0];
-    (first["id"].as_i64().expect("a result"), first["score"].as_f64().unwrap(), body)
+    (
+        first["id"].as_i64().expect("a result"),
+        first["score"].as_f64().unwrap(),
+        body,
+    )
 }
 
 /// Upscaled 2x and re-encoded as JPEG: a different file of the same picture.
 fn altered_copy(png: &[u8]) -> Vec<u8> {
     let img = image::load_from_memory(png).unwrap();
-    let bigger = img.resize_exact(img.width() * 2, img.height() * 2, FilterType::Lanczos3).to_rgb8();
+    let bigger = img
+        .resize_exact(img.width() * 2, img.height() * 2, FilterType::Lanczos3)
+        .to_rgb8();
     let mut out = Vec::new();
-    bigger.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).unwrap();
+    bigger
+        .write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+        .unwrap();
     out
 }
 
@@ -59,7 +73,10 @@ async fn an_altered_copy_still_finds_its_original() {
     for (id, class, bytes) in &added {
         let (hit, score, body) = top_hit(app.search_form(&altered_copy(bytes), 3).await).await;
         assert_eq!(hit, *id, "{class}: {body}");
-        assert!(score > 0.9, "{class}: similarity of the altered copy {score}");
+        assert!(
+            score > 0.9,
+            "{class}: similarity of the altered copy {score}"
+        );
     }
 }
 
@@ -67,12 +84,22 @@ async fn an_altered_copy_still_finds_its_original() {
 async fn a_multi_image_upload_is_one_request_and_flags_exact_duplicates() {
     let app = spawn_app().await;
     let images: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, b)| b).collect();
-    let first: Value = app.add_images(&images, Some("batch"), None).await.json().await.unwrap();
+    let first: Value = app
+        .add_images(&images, Some("batch"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
     let items = first["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert!(items.iter().all(|i| i["duplicate_of"].is_null()));
 
-    let again: Value = app.add_images(&images[..1], None, None).await.json().await.unwrap();
+    let again: Value = app
+        .add_images(&images[..1], None, None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(again["items"][0]["duplicate_of"], items[0]["id"]);
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["indexed_items"], 4);
