@@ -120,3 +120,39 @@ async fn the_gallery_survives_a_restart() {
     assert_eq!(hit, *id);
     drop(guard);
 }
+
+#[tokio::test]
+async fn a_new_image_of_a_trained_class_finds_its_class() {
+    // Gallery: one image per seen class. Queries: the other images of those
+    // classes. Needs a trained encoder: random weights fail this.
+    let app = spawn_app().await;
+    let fixtures: Vec<(String, Vec<u8>)> = fixtures()
+        .into_iter()
+        .filter(|(class, _)| ["tshirt", "trouser", "sandal"].contains(&class.as_str()))
+        .collect();
+    let mut seen_classes = std::collections::HashSet::new();
+    let mut queries = Vec::new();
+    for (class, bytes) in fixtures {
+        if seen_classes.insert(class.clone()) {
+            assert_eq!(
+                app.add_images(&[bytes], Some(&class), None)
+                    .await
+                    .status()
+                    .as_u16(),
+                201
+            );
+        } else {
+            queries.push((class, bytes));
+        }
+    }
+    assert_eq!(queries.len(), 6);
+    for (class, bytes) in &queries {
+        let (_, score, body) = top_hit(app.search_raw(bytes, "3", "image/png").await).await;
+        assert_eq!(body["results"][0]["label"], class.as_str(), "{body}");
+        let runner_up = body["results"][1]["score"].as_f64().unwrap();
+        assert!(
+            score - runner_up > 0.2,
+            "{class}: the right class should win clearly: {body}"
+        );
+    }
+}
