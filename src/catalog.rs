@@ -15,10 +15,7 @@ use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("image {position}: {source}")]
-    Image {
-        position: usize,
-        source: PreprocessError,
-    },
+    Image { position: usize, source: PreprocessError },
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
@@ -72,9 +69,7 @@ impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
     /// image is accepted or none is stored.
     pub async fn add(&self, uploads: Vec<Upload>) -> Result<Vec<Inserted>, CatalogError> {
-        let prepared = self
-            .prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect())
-            .await?;
+        let prepared = self.prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
         let embeddings = self.embed_all(&prepared).await?;
         let items = uploads
             .into_iter()
@@ -91,10 +86,7 @@ impl Catalog {
             })
             .collect::<Vec<_>>();
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
-        let inserted = self
-            .gallery
-            .insert(items, self.embedder.info().model_key.clone())
-            .await?;
+        let inserted = self.gallery.insert(items, self.embedder.info().model_key.clone()).await?;
         for (item, vector) in inserted.iter().zip(&vectors) {
             self.index.insert(item.id, vector)?;
         }
@@ -110,18 +102,9 @@ impl Catalog {
         let embedded = Instant::now();
         let hits = self.index.search(&query, k)?;
         let searched = Instant::now();
-        let summaries = self
-            .gallery
-            .summaries(hits.iter().map(|h| h.id).collect())
-            .await?;
-        let results = hits
-            .into_iter()
-            .filter_map(|hit| {
-                summaries
-                    .get(&hit.id)
-                    .map(|item| neighbour(hit.score, item))
-            })
-            .collect();
+        let summaries = self.gallery.summaries(hits.iter().map(|h| h.id).collect()).await?;
+        let results =
+            hits.into_iter().filter_map(|hit| summaries.get(&hit.id).map(|item| neighbour(hit.score, item))).collect();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let timing = Timing {
             preprocess_ms: ms(start, preprocessed),
@@ -138,10 +121,7 @@ impl Catalog {
         let model = self.embedder.info().model_key.clone();
         const CHUNK: usize = 64;
         loop {
-            let missing = self
-                .gallery
-                .missing_embeddings(model.clone(), CHUNK)
-                .await?;
+            let missing = self.gallery.missing_embeddings(model.clone(), CHUNK).await?;
             if missing.is_empty() {
                 break;
             }
@@ -149,9 +129,7 @@ impl Catalog {
             let (ids, images): (Vec<i64>, Vec<Vec<u8>>) = missing.into_iter().unzip();
             let prepared = self.prepare_all(images).await?;
             let vectors = self.embed_all(&prepared).await?;
-            self.gallery
-                .put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect())
-                .await?;
+            self.gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
         }
         let stored = self.gallery.embeddings(model).await?;
         for (id, vector) in &stored {
@@ -179,22 +157,11 @@ impl Catalog {
 
     /// Queues every image at once so they share forward passes.
     async fn embed_all(&self, prepared: &[Prepared]) -> Result<Vec<Vec<f32>>, CatalogError> {
-        let futures = prepared
-            .iter()
-            .map(|p| self.embedder.embed(p.pixels.clone()));
-        join_all(futures)
-            .await
-            .into_iter()
-            .map(|r| r.map_err(CatalogError::from))
-            .collect()
+        let futures = prepared.iter().map(|p| self.embedder.embed(p.pixels.clone()));
+        join_all(futures).await.into_iter().map(|r| r.map_err(CatalogError::from)).collect()
     }
 }
 
 fn neighbour(score: f32, item: &ItemSummary) -> Neighbour {
-    Neighbour {
-        id: item.id,
-        score,
-        label: item.label.clone(),
-        metadata: item.metadata.clone(),
-    }
+    Neighbour { id: item.id, score, label: item.label.clone(), metadata: item.metadata.clone() }
 }

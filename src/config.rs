@@ -10,11 +10,7 @@ use clap::{Args, Parser, Subcommand};
 pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "lookalike",
-    version,
-    about = "Self-hosted image similarity search"
-)]
+#[command(name = "lookalike", version, about = "Self-hosted image similarity search")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -13,8 +13,7 @@ async fn main() -> anyhow::Result<()> {
             app.run_until_stopped(shutdown_signal()).await?;
         }
         Command::Eval(config) => {
-            let report =
-                tokio::task::spawn_blocking(move || lookalike::eval::run(&config)).await??;
+            let report = tokio::task::spawn_blocking(move || lookalike::eval::run(&config)).await??;
             print!("{}", lookalike::eval::render(&report));
         }
     }

@@ -11,15 +11,9 @@ pub const MANIFEST_FORMAT: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid manifest {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -82,47 +76,28 @@ impl Manifest {
     /// Reads and checks `manifest.json` in `model_dir`.
     pub fn load(model_dir: &Path) -> Result<Self, ManifestError> {
         let path = model_dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| ManifestError::Read { path: path.clone(), source })?;
         let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
-                path: path.clone(),
-                source,
-            })?;
-        manifest
-            .validate()
-            .map_err(|reason| ManifestError::Invalid { path, reason })?;
+            serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
+        manifest.validate().map_err(|reason| ManifestError::Invalid { path, reason })?;
         Ok(manifest)
     }
 
     fn validate(&self) -> Result<(), String> {
         if self.format_version != MANIFEST_FORMAT {
-            return Err(format!(
-                "format_version {} (this build reads {MANIFEST_FORMAT})",
-                self.format_version
-            ));
+            return Err(format!("format_version {} (this build reads {MANIFEST_FORMAT})", self.format_version));
         }
         if self.input.channels != 3 {
-            return Err(format!(
-                "input.channels must be 3, got {}",
-                self.input.channels
-            ));
+            return Err(format!("input.channels must be 3, got {}", self.input.channels));
         }
         if self.input.size == 0 || self.input.size > 1024 {
-            return Err(format!(
-                "input.size {} out of range 1..=1024",
-                self.input.size
-            ));
+            return Err(format!("input.size {} out of range 1..=1024", self.input.size));
         }
         if self.input.std.iter().any(|s| *s <= 0.0) {
             return Err("input.std must be positive".into());
         }
-        if self.embedding.dim == 0
-            || self.embedding.metric != "cosine"
-            || !self.embedding.normalized
-        {
+        if self.embedding.dim == 0 || self.embedding.metric != "cosine" || !self.embedding.normalized {
             return Err("embedding must be a non-empty, L2-normalised cosine embedding".into());
         }
         Ok(())

@@ -57,12 +57,7 @@ impl Preprocessor {
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {
         let (image, format) = decode(bytes, self.limits)?;
         let (width, height) = (image.width(), image.height());
-        Ok(Prepared {
-            pixels: self.prepare_decoded(image)?,
-            format,
-            width,
-            height,
-        })
+        Ok(Prepared { pixels: self.prepare_decoded(image)?, format, width, height })
     }
 
     /// The steps after decoding: RGB, resize, normalise. Evaluation calls this
@@ -82,10 +77,7 @@ impl Preprocessor {
         }
         Resizer::new()
             .resize(rgb, &mut dst, &options)
-            .map_err(|e| PreprocessError::Corrupt {
-                format: "decoded".into(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| PreprocessError::Corrupt { format: "decoded".into(), reason: e.to_string() })?;
         Ok(dst)
     }
 
@@ -112,16 +104,12 @@ fn resize_alg(filter: ResizeFilter) -> ResizeAlg {
 }
 
 /// Decodes the first frame of an image, refusing oversized ones from the header.
-pub fn decode(
-    bytes: &[u8],
-    limits: ImageLimits,
-) -> Result<(DynamicImage, ImageFormat), PreprocessError> {
+pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<(DynamicImage, ImageFormat), PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| PreprocessError::UnsupportedFormat)?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|_| PreprocessError::UnsupportedFormat)?;
     let format = reader.format().ok_or(PreprocessError::UnsupportedFormat)?;
     let format_name = format!("{format:?}").to_uppercase();
     let corrupt = |e: ImageError| classify(e, &format_name, limits);
@@ -135,10 +123,7 @@ pub fn decode(
 
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (width, height) = decoder.dimensions();
-    if width > limits.max_side
-        || height > limits.max_side
-        || decoder.total_bytes() > limits.max_decoded_bytes
-    {
+    if width > limits.max_side || height > limits.max_side || decoder.total_bytes() > limits.max_decoded_bytes {
         return Err(PreprocessError::TooLarge(format!(
             "{width}x{height} pixels; at most {} a side and {} decoded bytes are accepted",
             limits.max_side, limits.max_decoded_bytes
@@ -153,14 +138,10 @@ pub fn decode(
 fn classify(error: ImageError, format: &str, limits: ImageLimits) -> PreprocessError {
     match error {
         ImageError::Unsupported(_) => PreprocessError::UnsupportedFormat,
-        ImageError::Limits(e) => PreprocessError::TooLarge(format!(
-            "{e}; at most {} decoded bytes are accepted",
-            limits.max_decoded_bytes
-        )),
-        other => PreprocessError::Corrupt {
-            format: format.to_string(),
-            reason: other.to_string(),
-        },
+        ImageError::Limits(e) => {
+            PreprocessError::TooLarge(format!("{e}; at most {} decoded bytes are accepted", limits.max_decoded_bytes))
+        }
+        other => PreprocessError::Corrupt { format: format.to_string(), reason: other.to_string() },
     }
 }
 
@@ -169,65 +150,38 @@ mod tests {
     use super::*;
 
     fn spec(resize: ResizePolicy) -> InputSpec {
-        InputSpec {
-            size: 8,
-            channels: 3,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-            resize,
-            filter: ResizeFilter::Bilinear,
-        }
+        InputSpec { size: 8, channels: 3, mean: [0.5; 3], std: [0.5; 3], resize, filter: ResizeFilter::Bilinear }
     }
 
-    const LIMITS: ImageLimits = ImageLimits {
-        max_side: 64,
-        max_decoded_bytes: 1 << 20,
-    };
+    const LIMITS: ImageLimits = ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 };
 
     fn png(width: u32, height: u32, value: u8) -> Vec<u8> {
         let img = image::GrayImage::from_pixel(width, height, image::Luma([value]));
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-            .unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
         out
     }
 
     #[test]
     fn grey_is_replicated_and_normalised() {
-        let p = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS)
-            .prepare(&png(20, 10, 255))
-            .unwrap();
+        let p = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS).prepare(&png(20, 10, 255)).unwrap();
         assert_eq!(p.pixels.len(), 3 * 8 * 8);
-        assert!(
-            p.pixels.iter().all(|v| (*v - 1.0).abs() < 1e-6),
-            "white maps to (1 - 0.5) / 0.5"
-        );
+        assert!(p.pixels.iter().all(|v| (*v - 1.0).abs() < 1e-6), "white maps to (1 - 0.5) / 0.5");
         assert_eq!((p.width, p.height), (20, 10));
     }
 
     #[test]
     fn oversized_header_is_refused() {
-        let err = Preprocessor::new(spec(ResizePolicy::CenterCrop), LIMITS)
-            .prepare(&png(65, 2, 0))
-            .unwrap_err();
-        assert!(
-            matches!(err, PreprocessError::TooLarge(ref m) if m.starts_with("65x2")),
-            "{err:?}"
-        );
+        let err = Preprocessor::new(spec(ResizePolicy::CenterCrop), LIMITS).prepare(&png(65, 2, 0)).unwrap_err();
+        assert!(matches!(err, PreprocessError::TooLarge(ref m) if m.starts_with("65x2")), "{err:?}");
     }
 
     #[test]
     fn truncated_and_foreign_bytes_are_told_apart() {
         let bytes = png(16, 16, 7);
         let pre = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS);
-        assert!(matches!(
-            pre.prepare(&bytes[..bytes.len() / 2]),
-            Err(PreprocessError::Corrupt { .. })
-        ));
-        assert!(matches!(
-            pre.prepare(b"hello, world"),
-            Err(PreprocessError::UnsupportedFormat)
-        ));
+        assert!(matches!(pre.prepare(&bytes[..bytes.len() / 2]), Err(PreprocessError::Corrupt { .. })));
+        assert!(matches!(pre.prepare(b"hello, world"), Err(PreprocessError::UnsupportedFormat)));
         assert!(matches!(pre.prepare(b""), Err(PreprocessError::Empty)));
     }
 }

@@ -40,8 +40,7 @@ impl Application {
         };
         let embedder = {
             let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || Embedder::start(&embedder_config, &manifest))
-                .await??
+            tokio::task::spawn_blocking(move || Embedder::start(&embedder_config, &manifest)).await??
         };
         let info = embedder.info();
         tracing::info!(
@@ -52,16 +51,9 @@ impl Application {
         let gallery = Gallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
         let index = Index::new(manifest.embedding.dim, gallery.count().await? as usize);
-        let limits = ImageLimits {
-            max_side: config.max_image_side,
-            max_decoded_bytes: config.max_decoded_bytes,
-        };
-        let catalog = Catalog {
-            embedder,
-            index,
-            gallery,
-            preprocessor: Preprocessor::new(manifest.input.clone(), limits),
-        };
+        let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
+        let catalog =
+            Catalog { embedder, index, gallery, preprocessor: Preprocessor::new(manifest.input.clone(), limits) };
         let indexed = catalog.rebuild_index().await?;
         tracing::info!(items = indexed, data_dir = %config.data_dir.display(), "index built from the gallery");
 
@@ -74,14 +66,7 @@ impl Application {
             max_images_per_request: config.max_images_per_request,
             max_k: config.max_k,
         };
-        Ok(Self {
-            listener,
-            address,
-            state: AppState {
-                catalog,
-                limits: Arc::new(limits),
-            },
-        })
+        Ok(Self { listener, address, state: AppState { catalog, limits: Arc::new(limits) } })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -89,14 +74,9 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(address = %self.address, "listening");
-        axum::serve(self.listener, api::router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await
     }
 }
 

@@ -51,17 +51,11 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::BadRequest {
-            code,
-            message: message.into(),
-        }
+        Self::BadRequest { code, message: message.into() }
     }
 
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            code,
-            message: message.into(),
-        }
+        Self::Invalid { code, message: message.into() }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -89,16 +83,9 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response = (
-            status,
-            Json(json!({ "error": { "code": code, "message": message } })),
-        )
-            .into_response();
+        let mut response = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
         response
     }
@@ -118,15 +105,9 @@ fn image_error(position: Option<usize>, e: PreprocessError) -> ApiError {
     };
     match e {
         PreprocessError::Empty => ApiError::bad_request("empty_image", message),
-        PreprocessError::UnsupportedFormat => ApiError::Unsupported {
-            code: "unsupported_image",
-            message,
-        },
+        PreprocessError::UnsupportedFormat => ApiError::Unsupported { code: "unsupported_image", message },
         PreprocessError::Corrupt { .. } => ApiError::invalid("invalid_image", message),
-        PreprocessError::TooLarge { .. } => ApiError::TooLarge {
-            code: "image_too_large",
-            message,
-        },
+        PreprocessError::TooLarge { .. } => ApiError::TooLarge { code: "image_too_large", message },
     }
 }
 
@@ -135,9 +116,7 @@ impl From<EmbedError> for ApiError {
         match e {
             EmbedError::Overloaded => Self::Overloaded,
             EmbedError::Stopped => Self::Unavailable("the embedding worker is not running".into()),
-            EmbedError::Device(_) | EmbedError::Load(_) | EmbedError::Forward(_) => {
-                Self::Internal(e.to_string())
-            }
+            EmbedError::Device(_) | EmbedError::Load(_) | EmbedError::Forward(_) => Self::Internal(e.to_string()),
         }
     }
 }
@@ -145,10 +124,9 @@ impl From<EmbedError> for ApiError {
 impl From<GalleryError> for ApiError {
     fn from(e: GalleryError) -> Self {
         match e {
-            GalleryError::Sqlite(_)
-            | GalleryError::Schema(_)
-            | GalleryError::Io(_)
-            | GalleryError::Corrupt(_) => Self::Internal(e.to_string()),
+            GalleryError::Sqlite(_) | GalleryError::Schema(_) | GalleryError::Io(_) | GalleryError::Corrupt(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }
@@ -182,10 +160,7 @@ impl From<MultipartRejection> for ApiError {
 impl From<MultipartError> for ApiError {
     fn from(e: MultipartError) -> Self {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return Self::TooLarge {
-                code: "body_too_large",
-                message: e.body_text(),
-            };
+            return Self::TooLarge { code: "body_too_large", message: e.body_text() };
         }
         Self::bad_request("invalid_multipart", e.body_text())
     }
@@ -194,10 +169,7 @@ impl From<MultipartError> for ApiError {
 impl From<BytesRejection> for ApiError {
     fn from(e: BytesRejection) -> Self {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return Self::TooLarge {
-                code: "body_too_large",
-                message: e.body_text(),
-            };
+            return Self::TooLarge { code: "body_too_large", message: e.body_text() };
         }
         Self::bad_request("invalid_body", e.body_text())
     }

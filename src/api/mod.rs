@@ -10,7 +10,7 @@ mod upload;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request};
+use axum::http::{header, HeaderName, Request};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
         .route("/health", get(health::health))
+        .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add))
         .route("/search", post(search::search))
         .fallback(not_found)
@@ -64,6 +65,11 @@ pub fn router(state: AppState) -> Router {
                 })),
         )
         .with_state(state)
+}
+
+/// The API contract, embedded at build time so it always matches this binary.
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], include_str!("../../openapi.yaml"))
 }
 
 async fn not_found() -> ApiError {

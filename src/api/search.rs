@@ -34,10 +34,7 @@ pub async fn search(
     let Query(params) = params?;
     let k = params.k.unwrap_or(DEFAULT_K);
     if k == 0 || k > state.limits.max_k {
-        return Err(ApiError::invalid(
-            "invalid_k",
-            format!("k must be between 1 and {}", state.limits.max_k),
-        ));
+        return Err(ApiError::invalid("invalid_k", format!("k must be between 1 and {}", state.limits.max_k)));
     }
     let image = read_query_image(request, &state).await?;
     let outcome = state.catalog.search(image.to_vec(), k).await?;

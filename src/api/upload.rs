@@ -21,10 +21,7 @@ pub struct GalleryForm {
 
 /// Reads a gallery form: `image` parts (repeatable), optional `label` text and
 /// optional `metadata` (a JSON object).
-pub async fn read_gallery_form(
-    mut form: Multipart,
-    max_images: usize,
-) -> Result<GalleryForm, ApiError> {
+pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result<GalleryForm, ApiError> {
     let mut out = GalleryForm::default();
     while let Some(field) = form.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
@@ -46,10 +43,7 @@ pub async fn read_gallery_form(
         }
     }
     if out.images.is_empty() {
-        return Err(ApiError::bad_request(
-            "missing_image",
-            "the form has no `image` part",
-        ));
+        return Err(ApiError::bad_request("missing_image", "the form has no `image` part"));
     }
     Ok(out)
 }
@@ -57,11 +51,8 @@ pub async fn read_gallery_form(
 /// Reads the single query image of a request: a multipart form with one
 /// `image` part, or the raw body sent as `image/*` or `application/octet-stream`.
 pub async fn read_query_image(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
-    let content_type = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.to_ascii_lowercase());
+    let content_type =
+        request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.to_ascii_lowercase());
     match content_type.as_deref() {
         Some(ct) if ct.starts_with("multipart/form-data") => {
             let form = Multipart::from_request(request, state).await?;
@@ -82,10 +73,7 @@ pub async fn read_query_image(request: Request, state: &AppState) -> Result<Byte
 async fn raw_body(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
     let body = Bytes::from_request(request, state).await?;
     if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty_body",
-            "the request body is empty; send an image",
-        ));
+        return Err(ApiError::bad_request("empty_body", "the request body is empty; send an image"));
     }
     Ok(body)
 }
@@ -104,10 +92,7 @@ async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> 
 
 fn parse_label(text: &str) -> Result<String, ApiError> {
     let label = text.trim();
-    if label.is_empty()
-        || label.chars().count() > MAX_LABEL_CHARS
-        || label.chars().any(char::is_control)
-    {
+    if label.is_empty() || label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "invalid_label",
             format!("a label is 1 to {MAX_LABEL_CHARS} printable characters"),
@@ -119,27 +104,15 @@ fn parse_label(text: &str) -> Result<String, ApiError> {
 fn parse_metadata(text: &str) -> Result<Value, ApiError> {
     match serde_json::from_str::<Value>(text) {
         Ok(value @ Value::Object(_)) => Ok(value),
-        Ok(_) => Err(ApiError::invalid(
-            "invalid_metadata",
-            "metadata must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::bad_request(
-            "invalid_metadata",
-            format!("metadata is not valid JSON: {e}"),
-        )),
+        Ok(_) => Err(ApiError::invalid("invalid_metadata", "metadata must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request("invalid_metadata", format!("metadata is not valid JSON: {e}"))),
     }
 }
 
 fn duplicate_field(name: &str) -> ApiError {
-    ApiError::bad_request(
-        "duplicate_field",
-        format!("the form has more than one `{name}` part"),
-    )
+    ApiError::bad_request("duplicate_field", format!("the form has more than one `{name}` part"))
 }
 
 fn unknown_field(name: &str, accepted: &str) -> ApiError {
-    ApiError::bad_request(
-        "unknown_field",
-        format!("unknown form part `{name}`; accepted: {accepted}"),
-    )
+    ApiError::bad_request("unknown_field", format!("unknown form part `{name}`; accepted: {accepted}"))
 }

@@ -20,20 +20,12 @@ impl FromStr for DeviceChoice {
     type Err = EmbedError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            EmbedError::Device(format!(
-                "unknown device '{s}': expected auto, cpu or cuda:N"
-            ))
-        };
+        let bad = || EmbedError::Device(format!("unknown device '{s}': expected auto, cpu or cuda:N"));
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(bad),
+            other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(bad),
         }
     }
 }
@@ -58,15 +50,8 @@ pub struct CudaInfo {
 impl CudaInfo {
     pub fn probe() -> Self {
         let available = Cuda::is_available();
-        let device_count = if available {
-            Cuda::device_count().max(0) as usize
-        } else {
-            0
-        };
-        Self {
-            available,
-            device_count,
-        }
+        let device_count = if available { Cuda::device_count().max(0) as usize } else { 0 };
+        Self { available, device_count }
     }
 }
 
@@ -96,38 +81,23 @@ pub fn describe(device: Device) -> String {
 mod tests {
     use super::*;
 
-    const NO_GPU: CudaInfo = CudaInfo {
-        available: false,
-        device_count: 0,
-    };
-    const TWO_GPUS: CudaInfo = CudaInfo {
-        available: true,
-        device_count: 2,
-    };
+    const NO_GPU: CudaInfo = CudaInfo { available: false, device_count: 0 };
+    const TWO_GPUS: CudaInfo = CudaInfo { available: true, device_count: 2 };
 
     #[test]
     fn parses_choices() {
         assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
         assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
-        assert_eq!(
-            "cuda:1".parse::<DeviceChoice>().unwrap(),
-            DeviceChoice::Cuda(1)
-        );
+        assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(1));
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert!("tpu".parse::<DeviceChoice>().is_err());
     }
 
     #[test]
     fn auto_prefers_cuda_and_falls_back_to_cpu() {
-        assert_eq!(
-            resolve(DeviceChoice::Auto, TWO_GPUS).unwrap(),
-            Device::Cuda(0)
-        );
+        assert_eq!(resolve(DeviceChoice::Auto, TWO_GPUS).unwrap(), Device::Cuda(0));
         assert_eq!(resolve(DeviceChoice::Auto, NO_GPU).unwrap(), Device::Cpu);
-        assert_eq!(
-            resolve(DeviceChoice::Cuda(1), TWO_GPUS).unwrap(),
-            Device::Cuda(1)
-        );
+        assert_eq!(resolve(DeviceChoice::Cuda(1), TWO_GPUS).unwrap(), Device::Cuda(1));
         assert!(resolve(DeviceChoice::Cuda(2), TWO_GPUS).is_err());
         assert!(resolve(DeviceChoice::Cuda(0), NO_GPU).is_err());
     }

@@ -97,20 +97,9 @@ impl Embedder {
             })
             .map_err(|e| EmbedError::Load(format!("cannot spawn the worker thread: {e}")))?;
         ready_rx.recv().map_err(|_| EmbedError::Stopped)??;
-        let info = EmbedderInfo {
-            device: device::describe(device),
-            cuda,
-            model_key: manifest.model_key(),
-            dim,
-            input_len,
-        };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                jobs: Some(tx),
-                worker: Mutex::new(Some(worker)),
-                info,
-            }),
-        })
+        let info =
+            EmbedderInfo { device: device::describe(device), cuda, model_key: manifest.model_key(), dim, input_len };
+        Ok(Self { inner: Arc::new(Inner { jobs: Some(tx), worker: Mutex::new(Some(worker)), info }) })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -127,11 +116,7 @@ impl Embedder {
             )));
         }
         let (reply, answer) = oneshot::channel();
-        let jobs = self
-            .inner
-            .jobs
-            .as_ref()
-            .expect("the job sender lives until drop; this is a bug");
+        let jobs = self.inner.jobs.as_ref().expect("the job sender lives until drop; this is a bug");
         jobs.try_send(Job { pixels, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => EmbedError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => EmbedError::Stopped,
@@ -152,11 +137,7 @@ impl Drop for Inner {
 
 /// The first calls of a TorchScript module are slow (profiling executor): run
 /// the batch sizes the worker will see before taking traffic.
-fn warm_up(
-    encoder: &mut TorchEncoder,
-    max_batch: usize,
-    input_len: usize,
-) -> Result<(), EmbedError> {
+fn warm_up(encoder: &mut TorchEncoder, max_batch: usize, input_len: usize) -> Result<(), EmbedError> {
     for n in [1, max_batch, 1, max_batch] {
         encoder.encode(&vec![0.5; n * input_len], n).map(|_| ())?;
     }
@@ -167,9 +148,7 @@ fn warm_up(
 fn configure_torch_threads(requested: usize) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = if requested == 0 { cores } else { requested };
         tch::set_num_threads(threads as i32);
         // One worker drives the CPU; inter-op parallelism would only oversubscribe it.

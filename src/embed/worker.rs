@@ -16,12 +16,7 @@ pub struct Job {
 /// Serves jobs until every sender is gone. Whatever is queued when the worker
 /// becomes free (up to `max_batch`) goes into one forward pass, so load turns
 /// into larger batches instead of a longer queue.
-pub fn run(
-    mut encoder: impl Encoder,
-    mut jobs: mpsc::Receiver<Job>,
-    max_batch: usize,
-    input_len: usize,
-) {
+pub fn run(mut encoder: impl Encoder, mut jobs: mpsc::Receiver<Job>, max_batch: usize, input_len: usize) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -68,10 +63,7 @@ mod tests {
     impl Encoder for Recorder {
         fn encode(&mut self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
             self.0.lock().unwrap().push(n);
-            Ok(pixels
-                .chunks(pixels.len() / n)
-                .map(|c| vec![c[0]])
-                .collect())
+            Ok(pixels.chunks(pixels.len() / n).map(|c| vec![c[0]]).collect())
         }
     }
 
@@ -81,11 +73,7 @@ mod tests {
         let mut replies = Vec::new();
         for i in 0..6 {
             let (reply, answer) = oneshot::channel();
-            tx.try_send(Job {
-                pixels: vec![i as f32, 0.0],
-                reply,
-            })
-            .unwrap();
+            tx.try_send(Job { pixels: vec![i as f32, 0.0], reply }).unwrap();
             replies.push(answer);
         }
         drop(replies.remove(5)); // this client went away

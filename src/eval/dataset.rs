@@ -19,27 +19,15 @@ pub struct Split {
 pub fn load(dir: &Path, prefix: &str) -> anyhow::Result<Split> {
     let images = read_idx(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")))?;
     let labels = read_idx(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")))?;
-    anyhow::ensure!(
-        images.dims.len() == 3 && labels.dims.len() == 1,
-        "unexpected IDX shapes"
-    );
+    anyhow::ensure!(images.dims.len() == 3 && labels.dims.len() == 1, "unexpected IDX shapes");
     let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
-    anyhow::ensure!(
-        labels.dims[0] == n,
-        "{n} images but {} labels",
-        labels.dims[0]
-    );
+    anyhow::ensure!(labels.dims[0] == n, "{n} images but {} labels", labels.dims[0]);
     let images = images
         .data
         .chunks_exact(h * w)
-        .map(|px| {
-            GrayImage::from_raw(w as u32, h as u32, px.to_vec()).expect("chunk has h * w bytes")
-        })
+        .map(|px| GrayImage::from_raw(w as u32, h as u32, px.to_vec()).expect("chunk has h * w bytes"))
         .collect();
-    Ok(Split {
-        images,
-        labels: labels.data.iter().map(|l| *l as i64).collect(),
-    })
+    Ok(Split { images, labels: labels.data.iter().map(|l| *l as i64).collect() })
 }
 
 struct Idx {
@@ -48,30 +36,16 @@ struct Idx {
 }
 
 fn read_idx(path: &Path) -> anyhow::Result<Idx> {
-    let file = std::fs::File::open(path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e} (install the Debian package dataset-fashion-mnist)",
-            path.display()
-        )
-    })?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e} (install the Debian package dataset-fashion-mnist)", path.display()))?;
     let mut bytes = Vec::new();
     GzDecoder::new(file).read_to_end(&mut bytes)?;
-    anyhow::ensure!(
-        bytes.len() >= 4 && bytes[2] == 0x08,
-        "{}: not an unsigned-byte IDX file",
-        path.display()
-    );
+    anyhow::ensure!(bytes.len() >= 4 && bytes[2] == 0x08, "{}: not an unsigned-byte IDX file", path.display());
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
-    anyhow::ensure!(
-        bytes.len() >= header,
-        "{}: truncated header",
-        path.display()
-    );
+    anyhow::ensure!(bytes.len() >= header, "{}: truncated header", path.display());
     let dims: Vec<usize> = (0..ndim)
-        .map(|i| {
-            u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize
-        })
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
     let expected: usize = dims.iter().product();
     anyhow::ensure!(
@@ -80,8 +54,5 @@ fn read_idx(path: &Path) -> anyhow::Result<Idx> {
         path.display(),
         bytes.len() - header
     );
-    Ok(Idx {
-        dims,
-        data: bytes[header..].to_vec(),
-    })
+    Ok(Idx { dims, data: bytes[header..].to_vec() })
 }

@@ -20,22 +20,12 @@ pub struct RetrievalMetrics {
 }
 
 /// Ranks `gallery` (rows: unit vectors) by cosine similarity for every query.
-pub fn retrieval(
-    queries: &Tensor,
-    query_labels: &[i64],
-    gallery: &Tensor,
-    gallery_labels: &[i64],
-) -> RetrievalMetrics {
+pub fn retrieval(queries: &Tensor, query_labels: &[i64], gallery: &Tensor, gallery_labels: &[i64]) -> RetrievalMetrics {
     let mut per_label: HashMap<i64, i64> = HashMap::new();
     for l in gallery_labels {
         *per_label.entry(*l).or_default() += 1;
     }
-    let depth = query_labels
-        .iter()
-        .map(|l| per_label.get(l).copied().unwrap_or(0))
-        .max()
-        .unwrap_or(0)
-        .max(5);
+    let depth = query_labels.iter().map(|l| per_label.get(l).copied().unwrap_or(0)).max().unwrap_or(0).max(5);
     let depth = depth.min(gallery_labels.len() as i64);
     let gallery_labels_t = Tensor::from_slice(gallery_labels);
     let gallery_t = gallery.tr();
@@ -45,30 +35,15 @@ pub fn retrieval(
         let n = labels.len() as i64;
         let sims = queries.narrow(0, start as i64, n).matmul(&gallery_t);
         let (_, order) = sims.topk(depth, 1, true, true);
-        let retrieved = gallery_labels_t
-            .index_select(0, &order.view([-1]))
-            .view([n, depth]);
-        let relevant = retrieved
-            .eq_tensor(&Tensor::from_slice(labels).unsqueeze(1))
-            .to_kind(Kind::Float);
+        let retrieved = gallery_labels_t.index_select(0, &order.view([-1])).view([n, depth]);
+        let relevant = retrieved.eq_tensor(&Tensor::from_slice(labels).unsqueeze(1)).to_kind(Kind::Float);
         r1 += relevant.narrow(1, 0, 1).sum(Kind::Double).double_value(&[]);
-        r5 += relevant
-            .narrow(1, 0, 5)
-            .amax([1], false)
-            .sum(Kind::Double)
-            .double_value(&[]);
-        let r: Vec<i64> = labels
-            .iter()
-            .map(|l| per_label.get(l).copied().unwrap_or(0))
-            .collect();
+        r5 += relevant.narrow(1, 0, 5).amax([1], false).sum(Kind::Double).double_value(&[]);
+        let r: Vec<i64> = labels.iter().map(|l| per_label.get(l).copied().unwrap_or(0)).collect();
         map += map_at_r_block(&relevant, &r, depth);
     }
     let q = query_labels.len().max(1) as f64;
-    RetrievalMetrics {
-        recall_at_1: r1 / q,
-        recall_at_5: r5 / q,
-        map_at_r: map / q,
-    }
+    RetrievalMetrics { recall_at_1: r1 / q, recall_at_5: r5 / q, map_at_r: map / q }
 }
 
 /// Sum over the block's queries of their average precision at R.
@@ -77,9 +52,8 @@ fn map_at_r_block(relevant: &Tensor, r: &[i64], depth: i64) -> f64 {
     let r_t = Tensor::from_slice(r).to_kind(Kind::Float).unsqueeze(1);
     let within_r = ranks.unsqueeze(0).le_tensor(&r_t).to_kind(Kind::Float);
     let precision = relevant.cumsum(1, Kind::Float) / &ranks;
-    let ap =
-        (precision * relevant * within_r).sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
-            / r_t.squeeze_dim(1).clamp_min(1.0).to_kind(Kind::Double);
+    let ap = (precision * relevant * within_r).sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+        / r_t.squeeze_dim(1).clamp_min(1.0).to_kind(Kind::Double);
     ap.sum(Kind::Double).double_value(&[])
 }
 
@@ -111,8 +85,7 @@ pub fn verification(scores: &[f32], same: &[bool]) -> Verification {
         rank_sum += order[i..=j].iter().filter(|k| same[**k]).count() as f64 * average_rank;
         i = j + 1;
     }
-    let roc_auc =
-        (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives).max(1.0);
+    let roc_auc = (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives).max(1.0);
 
     // Sweep thresholds from the top: everything at or above the score is "same".
     let (mut true_pos, mut false_pos) = (0.0, 0.0);
@@ -123,23 +96,16 @@ pub fn verification(scores: &[f32], same: &[bool]) -> Verification {
         } else {
             false_pos += 1.0
         }
-        let next_is_tie =
-            order.len() > rank + 1 && scores[order[order.len() - rank - 2]] == scores[k];
+        let next_is_tie = order.len() > rank + 1 && scores[order[order.len() - rank - 2]] == scores[k];
         if next_is_tie {
             continue;
         }
-        let balanced =
-            0.5 * (true_pos / positives.max(1.0) + (negatives - false_pos) / negatives.max(1.0));
+        let balanced = 0.5 * (true_pos / positives.max(1.0) + (negatives - false_pos) / negatives.max(1.0));
         if balanced > best {
             (best, threshold) = (balanced, scores[k]);
         }
     }
-    Verification {
-        pairs: scores.len(),
-        roc_auc,
-        threshold,
-        balanced_accuracy: best,
-    }
+    Verification { pairs: scores.len(), roc_auc, threshold, balanced_accuracy: best }
 }
 
 #[cfg(test)]

@@ -72,19 +72,10 @@ struct Embedded {
 pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     let started = Instant::now();
     let manifest = Manifest::load(&config.model)?;
-    let preprocessor = Preprocessor::new(
-        manifest.input.clone(),
-        ImageLimits {
-            max_side: 64,
-            max_decoded_bytes: 1 << 20,
-        },
-    );
-    let mut encoder = TorchEncoder::load(
-        &config.model.join("encoder.pt"),
-        Device::Cpu,
-        manifest.input.size,
-        manifest.embedding.dim,
-    )?;
+    let preprocessor =
+        Preprocessor::new(manifest.input.clone(), ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 });
+    let mut encoder =
+        TorchEncoder::load(&config.model.join("encoder.pt"), Device::Cpu, manifest.input.size, manifest.embedding.dim)?;
     let train = embed_split(&config.data, "train", &preprocessor, &mut encoder)?;
     let test = embed_split(&config.data, "t10k", &preprocessor, &mut encoder)?;
     let report = EvalReport {
@@ -102,12 +93,7 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     Ok(report)
 }
 
-fn embed_split(
-    dir: &Path,
-    prefix: &str,
-    pre: &Preprocessor,
-    encoder: &mut TorchEncoder,
-) -> anyhow::Result<Embedded> {
+fn embed_split(dir: &Path, prefix: &str, pre: &Preprocessor, encoder: &mut TorchEncoder) -> anyhow::Result<Embedded> {
     let split = dataset::load(dir, prefix)?;
     let mut model = Vec::with_capacity(split.images.len());
     for chunk in split.images.chunks(BATCH) {
@@ -117,45 +103,25 @@ fn embed_split(
         }
         model.extend(encoder.encode(&pixels, chunk.len())?);
     }
-    let raw: Vec<Vec<f32>> = split
-        .images
-        .iter()
-        .map(|im| im.as_raw().iter().map(|p| *p as f32 / 255.0).collect())
-        .collect();
-    Ok(Embedded {
-        model: unit_rows(&model),
-        raw: unit_rows(&raw),
-        labels: split.labels,
-    })
+    let raw: Vec<Vec<f32>> =
+        split.images.iter().map(|im| im.as_raw().iter().map(|p| *p as f32 / 255.0).collect()).collect();
+    Ok(Embedded { model: unit_rows(&model), raw: unit_rows(&raw), labels: split.labels })
 }
 
 fn unit_rows(rows: &[Vec<f32>]) -> Tensor {
     let dim = rows.first().map_or(0, Vec::len) as i64;
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
     let t = Tensor::from_slice(&flat).view([rows.len() as i64, dim]);
-    let norms = t
-        .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-        .clamp_min(1e-12);
+    let norms = t.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
     t / norms
 }
 
-fn split_report(
-    classes: &str,
-    test: &Embedded,
-    train: &Embedded,
-    keep: impl Fn(i64) -> bool,
-) -> SplitReport {
+fn split_report(classes: &str, test: &Embedded, train: &Embedded, keep: impl Fn(i64) -> bool) -> SplitReport {
     let pick = |e: &Embedded| -> (Tensor, Tensor, Vec<i64>) {
-        let idx: Vec<i64> = (0..e.labels.len() as i64)
-            .filter(|i| keep(e.labels[*i as usize]))
-            .collect();
+        let idx: Vec<i64> = (0..e.labels.len() as i64).filter(|i| keep(e.labels[*i as usize])).collect();
         let idx_t = Tensor::from_slice(&idx);
         let labels = idx.iter().map(|i| e.labels[*i as usize]).collect();
-        (
-            e.model.index_select(0, &idx_t),
-            e.raw.index_select(0, &idx_t),
-            labels,
-        )
+        (e.model.index_select(0, &idx_t), e.raw.index_select(0, &idx_t), labels)
     };
     let (q_model, q_raw, q_labels) = pick(test);
     let (g_model, g_raw, g_labels) = pick(train);
@@ -170,9 +136,7 @@ fn split_report(
 
 /// Cosine similarity of fixed, seeded pairs of seen-class test images.
 fn pair_verification(vectors: &Tensor, labels: &[i64]) -> Verification {
-    let seen: Vec<usize> = (0..labels.len())
-        .filter(|i| SEEN.contains(&labels[*i]))
-        .collect();
+    let seen: Vec<usize> = (0..labels.len()).filter(|i| SEEN.contains(&labels[*i])).collect();
     let mut rng = SplitMix(0x5eed);
     let (mut same_pairs, mut diff_pairs) = (Vec::new(), Vec::new());
     while same_pairs.len() < PAIRS_PER_KIND || diff_pairs.len() < PAIRS_PER_KIND {
@@ -180,27 +144,16 @@ fn pair_verification(vectors: &Tensor, labels: &[i64]) -> Verification {
         if a == b {
             continue;
         }
-        let bucket = if labels[a] == labels[b] {
-            &mut same_pairs
-        } else {
-            &mut diff_pairs
-        };
+        let bucket = if labels[a] == labels[b] { &mut same_pairs } else { &mut diff_pairs };
         if bucket.len() < PAIRS_PER_KIND {
             bucket.push((a as i64, b as i64));
         }
     }
     let pairs: Vec<(i64, i64)> = same_pairs.iter().chain(&diff_pairs).copied().collect();
-    let a = vectors.index_select(
-        0,
-        &Tensor::from_slice(&pairs.iter().map(|p| p.0).collect::<Vec<_>>()),
-    );
-    let b = vectors.index_select(
-        0,
-        &Tensor::from_slice(&pairs.iter().map(|p| p.1).collect::<Vec<_>>()),
-    );
-    let scores =
-        Vec::<f32>::try_from((a * b).sum_dim_intlist([1i64].as_slice(), false, Kind::Float))
-            .expect("a 1-d float tensor converts; this is a bug");
+    let a = vectors.index_select(0, &Tensor::from_slice(&pairs.iter().map(|p| p.0).collect::<Vec<_>>()));
+    let b = vectors.index_select(0, &Tensor::from_slice(&pairs.iter().map(|p| p.1).collect::<Vec<_>>()));
+    let scores = Vec::<f32>::try_from((a * b).sum_dim_intlist([1i64].as_slice(), false, Kind::Float))
+        .expect("a 1-d float tensor converts; this is a bug");
     let same: Vec<bool> = (0..pairs.len()).map(|i| i < same_pairs.len()).collect();
     verification(&scores, &same)
 }

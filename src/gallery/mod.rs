@@ -79,9 +79,7 @@ impl Gallery {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs `f` with the connection on a blocking thread.
@@ -91,9 +89,7 @@ impl Gallery {
     ) -> Result<T, GalleryError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
+            let mut guard = conn.lock().map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
             f(&mut guard)
         })
         .await
@@ -102,11 +98,7 @@ impl Gallery {
 
     /// Adds items with their embeddings under `model` in one transaction:
     /// when this returns, all of them are on disk, or none is.
-    pub async fn insert(
-        &self,
-        items: Vec<NewItem>,
-        model: String,
-    ) -> Result<Vec<Inserted>, GalleryError> {
+    pub async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(items.len());
@@ -120,10 +112,7 @@ impl Gallery {
     }
 
     /// Summaries of the given ids that exist.
-    pub async fn summaries(
-        &self,
-        ids: Vec<i64>,
-    ) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
+    pub async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1",
@@ -140,19 +129,14 @@ impl Gallery {
     }
 
     pub async fn count(&self) -> Result<u64, GalleryError> {
-        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?))
-            .await
+        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
     }
 
     /// Every stored embedding of `model`, for rebuilding the index at start.
     pub async fn embeddings(&self, model: String) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
         self.with_conn(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id",
-            )?;
-            let rows = stmt.query_map([model], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })?;
+            let mut stmt = conn.prepare("SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
+            let rows = stmt.query_map([model], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
             rows.map(|row| {
                 let (id, blob) = row?;
                 Ok((id, decode_vector(&blob)?))
@@ -163,11 +147,7 @@ impl Gallery {
     }
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    pub async fn missing_embeddings(
-        &self,
-        model: String,
-        limit: usize,
-    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+    pub async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, image FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
@@ -180,11 +160,7 @@ impl Gallery {
     }
 
     /// Stores embeddings computed later (e.g. for a new model), in one transaction.
-    pub async fn put_embeddings(
-        &self,
-        model: String,
-        vectors: Vec<(i64, Vec<f32>)>,
-    ) -> Result<(), GalleryError> {
+    pub async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             for (id, v) in vectors {
@@ -200,18 +176,10 @@ impl Gallery {
     }
 }
 
-fn insert_one(
-    tx: &rusqlite::Transaction<'_>,
-    item: NewItem,
-    model: &str,
-) -> Result<Inserted, GalleryError> {
+fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
     let content_hash = hex::encode(Sha256::digest(&item.image));
     let duplicate_of: Option<i64> = tx
-        .query_row(
-            "SELECT MIN(id) FROM items WHERE content_hash = ?1",
-            [&content_hash],
-            |r| r.get(0),
-        )
+        .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [&content_hash], |r| r.get(0))
         .optional()?
         .flatten();
     tx.execute(
@@ -233,11 +201,7 @@ fn insert_one(
         "INSERT INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
         params![id, model, encode_vector(&item.embedding)],
     )?;
-    Ok(Inserted {
-        id,
-        content_hash,
-        duplicate_of,
-    })
+    Ok(Inserted { id, content_hash, duplicate_of })
 }
 
 fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
@@ -256,10 +220,7 @@ fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn encode_vector(v: &[f32]) -> Vec<u8> {
@@ -267,14 +228,8 @@ fn encode_vector(v: &[f32]) -> Vec<u8> {
 }
 
 fn decode_vector(blob: &[u8]) -> Result<Vec<f32>, GalleryError> {
-    if blob.len() % 4 != 0 {
-        return Err(GalleryError::Corrupt(format!(
-            "embedding blob of {} bytes",
-            blob.len()
-        )));
+    if !blob.len().is_multiple_of(4) {
+        return Err(GalleryError::Corrupt(format!("embedding blob of {} bytes", blob.len())));
     }
-    Ok(blob
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(blob.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }

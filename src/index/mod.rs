@@ -45,17 +45,8 @@ pub struct Index {
 
 impl Index {
     pub fn new(dim: usize, expected_items: usize) -> Self {
-        let hnsw = Hnsw::new(
-            MAX_CONNECTIONS,
-            expected_items.max(1024),
-            MAX_LAYERS,
-            EF_CONSTRUCTION,
-            DistDot {},
-        );
-        Self {
-            inner: Arc::new(hnsw),
-            dim,
-        }
+        let hnsw = Hnsw::new(MAX_CONNECTIONS, expected_items.max(1024), MAX_LAYERS, EF_CONSTRUCTION, DistDot {});
+        Self { inner: Arc::new(hnsw), dim }
     }
 
     pub fn len(&self) -> usize {
@@ -83,10 +74,7 @@ impl Index {
             .inner
             .search(&q, k, ef)
             .into_iter()
-            .map(|n| Hit {
-                id: n.d_id as i64,
-                score: 1.0 - n.distance,
-            })
+            .map(|n| Hit { id: n.d_id as i64, score: 1.0 - n.distance })
             .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score));
         Ok(hits)
@@ -94,10 +82,7 @@ impl Index {
 
     fn checked(&self, v: &[f32]) -> Result<Vec<f32>, IndexError> {
         if v.len() != self.dim {
-            return Err(IndexError::Dimension {
-                got: v.len(),
-                expected: self.dim,
-            });
+            return Err(IndexError::Dimension { got: v.len(), expected: self.dim });
         }
         normalized(v).map_err(|_| IndexError::NotFinite)
     }
@@ -130,14 +115,8 @@ mod tests {
     fn rejects_bad_vectors_and_searches_empty() {
         let index = Index::new(4, 1);
         assert!(index.search(&[1.0, 0.0, 0.0, 0.0], 5).unwrap().is_empty());
-        assert!(matches!(
-            index.insert(1, &[f32::NAN, 0.0, 0.0, 1.0]),
-            Err(IndexError::NotFinite)
-        ));
-        assert!(matches!(
-            index.insert(1, &[1.0, 0.0]),
-            Err(IndexError::Dimension { .. })
-        ));
+        assert!(matches!(index.insert(1, &[f32::NAN, 0.0, 0.0, 1.0]), Err(IndexError::NotFinite)));
+        assert!(matches!(index.insert(1, &[1.0, 0.0]), Err(IndexError::Dimension { .. })));
         // Not unit length: renormalised rather than tripping hnsw_rs's assertions.
         index.insert(1, &[3.0, 0.0, 0.0, 4.0]).unwrap();
         assert_eq!(index.search(&[0.0, 0.0, 0.0, 2.0], 1).unwrap()[0].id, 1);

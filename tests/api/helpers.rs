@@ -52,22 +52,13 @@ pub async fn spawn_with(config: ServeConfig) -> TestApp {
         lookalike::telemetry::init("info");
     }
     let data_dir = config.data_dir.clone();
-    let app = Application::build(config)
-        .await
-        .expect("the application builds");
+    let app = Application::build(config).await.expect("the application builds");
     let address = format!("http://{}", app.address());
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    TestApp {
-        address,
-        client: Client::new(),
-        data_dir,
-        _data_guard: None,
-        stop: Some(stop),
-        server: Some(server),
-    }
+    TestApp { address, client: Client::new(), data_dir, _data_guard: None, stop: Some(stop), server: Some(server) }
 }
 
 impl TestApp {
@@ -77,10 +68,7 @@ impl TestApp {
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server exits cleanly");
+            server.await.expect("server task").expect("server exits cleanly");
         }
         self._data_guard.take()
     }
@@ -90,25 +78,13 @@ impl TestApp {
     }
 
     pub async fn health(&self) -> Response {
-        self.client
-            .get(self.url("/health"))
-            .send()
-            .await
-            .expect("request")
+        self.client.get(self.url("/health")).send().await.expect("request")
     }
 
-    pub async fn add_images(
-        &self,
-        images: &[Vec<u8>],
-        label: Option<&str>,
-        metadata: Option<&str>,
-    ) -> Response {
+    pub async fn add_images(&self, images: &[Vec<u8>], label: Option<&str>, metadata: Option<&str>) -> Response {
         let mut form = Form::new();
         for (i, bytes) in images.iter().enumerate() {
-            form = form.part(
-                "image",
-                Part::bytes(bytes.clone()).file_name(format!("{i}.png")),
-            );
+            form = form.part("image", Part::bytes(bytes.clone()).file_name(format!("{i}.png")));
         }
         if let Some(label) = label {
             form = form.text("label", label.to_string());
@@ -120,12 +96,7 @@ impl TestApp {
     }
 
     pub async fn post_form(&self, path: &str, form: Form) -> Response {
-        self.client
-            .post(self.url(path))
-            .multipart(form)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).multipart(form).send().await.expect("request")
     }
 
     /// `POST /search?k=` with the image as the raw body.
@@ -153,14 +124,7 @@ pub fn fixtures() -> Vec<(String, Vec<u8>)> {
         .expect("fixtures folder")
         .map(|e| {
             let path = e.expect("dir entry").path();
-            let class = path
-                .file_stem()
-                .unwrap()
-                .to_string_lossy()
-                .split('-')
-                .next()
-                .unwrap()
-                .to_string();
+            let class = path.file_stem().unwrap().to_string_lossy().split('-').next().unwrap().to_string();
             (class, std::fs::read(&path).expect("fixture"))
         })
         .collect();
@@ -170,17 +134,8 @@ pub fn fixtures() -> Vec<(String, Vec<u8>)> {
 
 /// Asserts the status and the JSON error code of a failed request.
 pub async fn assert_error(response: Response, status: u16, code: &str) {
-    assert_eq!(
-        response.status().as_u16(),
-        status,
-        "status for expected error `{code}`"
-    );
+    assert_eq!(response.status().as_u16(), status, "status for expected error `{code}`");
     let body: serde_json::Value = response.json().await.expect("a JSON error body");
     assert_eq!(body["error"]["code"], code, "error body: {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "error body: {body}"
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error body: {body}");
 }

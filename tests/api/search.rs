@@ -11,13 +11,8 @@ use crate::helpers::{config, fixtures, spawn_app, spawn_with, TestApp};
 async fn add_fixtures(app: &TestApp) -> Vec<(i64, String, Vec<u8>)> {
     let mut added = Vec::new();
     for (class, bytes) in fixtures() {
-        let response = app
-            .add_images(
-                &[bytes.clone()],
-                Some(&class),
-                Some(r#"{"source":"fixture"}"#),
-            )
-            .await;
+        let response =
+            app.add_images(std::slice::from_ref(&bytes), Some(&class), Some(r#"{"source":"fixture"}"#)).await;
         assert_eq!(response.status().as_u16(), 201);
         let body: Value = response.json().await.unwrap();
         let id = body["items"][0]["id"].as_i64().expect("an id");
@@ -31,23 +26,15 @@ async fn top_hit(response: reqwest::Response) -> (i64, f64, Value) {
     assert_eq!(response.status().as_u16(), 200);
     let body: Value = response.json().await.unwrap();
     let first = &body["results"][0];
-    (
-        first["id"].as_i64().expect("a result"),
-        first["score"].as_f64().unwrap(),
-        body,
-    )
+    (first["id"].as_i64().expect("a result"), first["score"].as_f64().unwrap(), body)
 }
 
 /// Upscaled 2x and re-encoded as JPEG: a different file of the same picture.
 fn altered_copy(png: &[u8]) -> Vec<u8> {
     let img = image::load_from_memory(png).unwrap();
-    let bigger = img
-        .resize_exact(img.width() * 2, img.height() * 2, FilterType::Lanczos3)
-        .to_rgb8();
+    let bigger = img.resize_exact(img.width() * 2, img.height() * 2, FilterType::Lanczos3).to_rgb8();
     let mut out = Vec::new();
-    bigger
-        .write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
-        .unwrap();
+    bigger.write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg).unwrap();
     out
 }
 
@@ -73,10 +60,7 @@ async fn an_altered_copy_still_finds_its_original() {
     for (id, class, bytes) in &added {
         let (hit, score, body) = top_hit(app.search_form(&altered_copy(bytes), 3).await).await;
         assert_eq!(hit, *id, "{class}: {body}");
-        assert!(
-            score > 0.9,
-            "{class}: similarity of the altered copy {score}"
-        );
+        assert!(score > 0.9, "{class}: similarity of the altered copy {score}");
     }
 }
 
@@ -84,22 +68,12 @@ async fn an_altered_copy_still_finds_its_original() {
 async fn a_multi_image_upload_is_one_request_and_flags_exact_duplicates() {
     let app = spawn_app().await;
     let images: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, b)| b).collect();
-    let first: Value = app
-        .add_images(&images, Some("batch"), None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let first: Value = app.add_images(&images, Some("batch"), None).await.json().await.unwrap();
     let items = first["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
     assert!(items.iter().all(|i| i["duplicate_of"].is_null()));
 
-    let again: Value = app
-        .add_images(&images[..1], None, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = app.add_images(&images[..1], None, None).await.json().await.unwrap();
     assert_eq!(again["items"][0]["duplicate_of"], items[0]["id"]);
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["indexed_items"], 4);
@@ -126,21 +100,13 @@ async fn a_new_image_of_a_trained_class_finds_its_class() {
     // Gallery: one image per seen class. Queries: the other images of those
     // classes. Needs a trained encoder: random weights fail this.
     let app = spawn_app().await;
-    let fixtures: Vec<(String, Vec<u8>)> = fixtures()
-        .into_iter()
-        .filter(|(class, _)| ["tshirt", "trouser", "sandal"].contains(&class.as_str()))
-        .collect();
+    let fixtures: Vec<(String, Vec<u8>)> =
+        fixtures().into_iter().filter(|(class, _)| ["tshirt", "trouser", "sandal"].contains(&class.as_str())).collect();
     let mut seen_classes = std::collections::HashSet::new();
     let mut queries = Vec::new();
     for (class, bytes) in fixtures {
         if seen_classes.insert(class.clone()) {
-            assert_eq!(
-                app.add_images(&[bytes], Some(&class), None)
-                    .await
-                    .status()
-                    .as_u16(),
-                201
-            );
+            assert_eq!(app.add_images(&[bytes], Some(&class), None).await.status().as_u16(), 201);
         } else {
             queries.push((class, bytes));
         }
@@ -150,9 +116,6 @@ async fn a_new_image_of_a_trained_class_finds_its_class() {
         let (_, score, body) = top_hit(app.search_raw(bytes, "3", "image/png").await).await;
         assert_eq!(body["results"][0]["label"], class.as_str(), "{body}");
         let runner_up = body["results"][1]["score"].as_f64().unwrap();
-        assert!(
-            score - runner_up > 0.2,
-            "{class}: the right class should win clearly: {body}"
-        );
+        assert!(score - runner_up > 0.2, "{class}: the right class should win clearly: {body}");
     }
 }
