@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
@@ -27,7 +28,7 @@ pub enum CatalogError {
 /// An uploaded image with what the client said about it.
 #[derive(Debug, Clone)]
 pub struct Upload {
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
     pub label: Option<String>,
     pub metadata: serde_json::Value,
 }
@@ -70,16 +71,18 @@ impl Catalog {
     /// image is accepted or none is stored.
     pub async fn add(&self, uploads: Vec<Upload>) -> Result<Vec<Inserted>, CatalogError> {
         let prepared = self.prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
-        let embeddings = self.embed_all(&prepared).await?;
+        let (pixels, shapes): (Vec<_>, Vec<_>) =
+            prepared.into_iter().map(|p| (p.pixels, (p.format, p.width, p.height))).unzip();
+        let embeddings = self.embed_all(pixels).await?;
         let items = uploads
             .into_iter()
-            .zip(prepared)
+            .zip(shapes)
             .zip(embeddings)
-            .map(|((upload, prep), embedding)| NewItem {
+            .map(|((upload, (format, width, height)), embedding)| NewItem {
                 image: upload.bytes,
-                media_type: prep.format.to_mime_type().to_string(),
-                width: prep.width,
-                height: prep.height,
+                media_type: format.to_mime_type().to_string(),
+                width,
+                height,
                 label: upload.label,
                 metadata: upload.metadata,
                 embedding,
@@ -94,7 +97,7 @@ impl Catalog {
     }
 
     /// The `k` gallery items most similar to the image.
-    pub async fn search(&self, bytes: Vec<u8>, k: usize) -> Result<SearchOutcome, CatalogError> {
+    pub async fn search(&self, bytes: Bytes, k: usize) -> Result<SearchOutcome, CatalogError> {
         let start = Instant::now();
         let prepared = self.prepare_all(vec![bytes]).await?.remove(0);
         let preprocessed = Instant::now();
@@ -126,9 +129,9 @@ impl Catalog {
                 break;
             }
             tracing::info!(count = missing.len(), %model, "embedding stored images for the active model");
-            let (ids, images): (Vec<i64>, Vec<Vec<u8>>) = missing.into_iter().unzip();
+            let (ids, images): (Vec<i64>, Vec<Bytes>) = missing.into_iter().map(|(id, b)| (id, b.into())).unzip();
             let prepared = self.prepare_all(images).await?;
-            let vectors = self.embed_all(&prepared).await?;
+            let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect()).await?;
             self.gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
         }
         let stored = self.gallery.embeddings(model).await?;
@@ -139,7 +142,7 @@ impl Catalog {
     }
 
     /// Preprocesses images on blocking threads, off the async runtime.
-    async fn prepare_all(&self, images: Vec<Vec<u8>>) -> Result<Vec<Prepared>, CatalogError> {
+    async fn prepare_all(&self, images: Vec<Bytes>) -> Result<Vec<Prepared>, CatalogError> {
         let tasks = images.into_iter().map(|bytes| {
             let pre = self.preprocessor.clone();
             tokio::task::spawn_blocking(move || pre.prepare(&bytes))
@@ -148,16 +151,19 @@ impl Catalog {
         results
             .into_iter()
             .enumerate()
-            .map(|(position, r)| {
-                let r = r.expect("preprocessing does not panic; this is a bug");
-                r.map_err(|source| CatalogError::Image { position, source })
+            .map(|(position, joined)| {
+                // A decoder that panics on hostile bytes is a bad image, not a dead request.
+                let result = joined.unwrap_or_else(|_| {
+                    Err(PreprocessError::Corrupt { format: "image".into(), reason: "the decoder failed".into() })
+                });
+                result.map_err(|source| CatalogError::Image { position, source })
             })
             .collect()
     }
 
     /// Queues every image at once so they share forward passes.
-    async fn embed_all(&self, prepared: &[Prepared]) -> Result<Vec<Vec<f32>>, CatalogError> {
-        let futures = prepared.iter().map(|p| self.embedder.embed(p.pixels.clone()));
+    async fn embed_all(&self, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CatalogError> {
+        let futures = pixels.into_iter().map(|p| self.embedder.embed(p));
         join_all(futures).await.into_iter().map(|r| r.map_err(CatalogError::from)).collect()
     }
 }

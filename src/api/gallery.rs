@@ -34,7 +34,7 @@ pub async fn add(
     let uploads = form
         .images
         .into_iter()
-        .map(|bytes| Upload { bytes: bytes.to_vec(), label: form.label.clone(), metadata: metadata.clone() })
+        .map(|bytes| Upload { bytes, label: form.label.clone(), metadata: metadata.clone() })
         .collect();
     let inserted = state.catalog.add(uploads).await?;
     let items = inserted.into_iter().map(|inserted| AddedItem { inserted, label: form.label.clone() }).collect();

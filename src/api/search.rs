@@ -37,7 +37,7 @@ pub async fn search(
         return Err(ApiError::invalid("invalid_k", format!("k must be between 1 and {}", state.limits.max_k)));
     }
     let image = read_query_image(request, &state).await?;
-    let outcome = state.catalog.search(image.to_vec(), k).await?;
+    let outcome = state.catalog.search(image, k).await?;
     Ok(Json(SearchResponse {
         model: state.catalog.embedder.info().model_key.clone(),
         results: outcome.results,

@@ -30,7 +30,7 @@ pub enum GalleryError {
 /// An image to add, already embedded.
 #[derive(Debug, Clone)]
 pub struct NewItem {
-    pub image: Vec<u8>,
+    pub image: bytes::Bytes,
     pub media_type: String,
     pub width: u32,
     pub height: u32,
@@ -193,7 +193,7 @@ fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Res
             item.width,
             item.height,
             now_millis(),
-            item.image
+            &item.image[..]
         ],
     )?;
     let id = tx.last_insert_rowid();
