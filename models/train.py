@@ -155,7 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--image-folder", type=Path, help="train on DIR/<class>/<image> instead of Fashion-MNIST")
-    ap.add_argument("--size", type=int, default=96, help="input side in pixels")
+    ap.add_argument("--size", type=int, default=64, help="input side in pixels")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--warmup-epochs", type=int, default=3)
     ap.add_argument("--p", type=int, default=7, help="classes per batch")
