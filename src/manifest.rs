@@ -72,6 +72,13 @@ pub struct EmbeddingSpec {
     pub normalized: bool,
 }
 
+impl InputSpec {
+    /// Number of `f32` values in one preprocessed image (3 x size x size).
+    pub fn input_len(&self) -> usize {
+        3 * (self.size as usize).pow(2)
+    }
+}
+
 impl Manifest {
     /// Reads and checks `manifest.json` in `model_dir`.
     pub fn load(model_dir: &Path) -> Result<Self, ManifestError> {

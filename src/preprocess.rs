@@ -51,7 +51,7 @@ impl Preprocessor {
 
     /// Number of `f32` values in one prepared image.
     pub fn input_len(&self) -> usize {
-        3 * (self.spec.size as usize).pow(2)
+        self.spec.input_len()
     }
 
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {

@@ -6,7 +6,7 @@ mod encoder;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
@@ -15,6 +15,7 @@ pub use device::{CudaInfo, DeviceChoice};
 pub use encoder::{normalized, Encoder, TorchEncoder};
 
 use crate::manifest::Manifest;
+use worker::Job;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {
@@ -60,11 +61,9 @@ pub struct Embedder {
 
 struct Inner {
     jobs: Option<mpsc::Sender<Job>>,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    worker: Option<JoinHandle<()>>,
     info: EmbedderInfo,
 }
-
-use worker::Job;
 
 impl Embedder {
     /// Loads the encoder on its own thread, warms it up and returns once it
@@ -74,7 +73,7 @@ impl Embedder {
         let cuda = CudaInfo::probe();
         let device = device::resolve(config.device, cuda)?;
         let size = manifest.input.size;
-        let input_len = 3 * (size as usize).pow(2);
+        let input_len = manifest.input.input_len();
         let dim = manifest.embedding.dim;
         let max_batch = config.max_batch.max(1);
         let path = config.model_dir.join("encoder.pt");
@@ -99,7 +98,7 @@ impl Embedder {
         ready_rx.recv().map_err(|_| EmbedError::Stopped)??;
         let info =
             EmbedderInfo { device: device::describe(device), cuda, model_key: manifest.model_key(), dim, input_len };
-        Ok(Self { inner: Arc::new(Inner { jobs: Some(tx), worker: Mutex::new(Some(worker)), info }) })
+        Ok(Self { inner: Arc::new(Inner { jobs: Some(tx), worker: Some(worker), info }) })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -129,7 +128,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the worker's loop; then wait for it.
         self.jobs.take();
-        if let Some(handle) = self.worker.lock().ok().and_then(|mut w| w.take()) {
+        if let Some(handle) = self.worker.take() {
             let _ = handle.join();
         }
     }
