@@ -72,8 +72,9 @@ struct Embedded {
 pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     let started = Instant::now();
     let manifest = Manifest::load(&config.model)?;
-    let preprocessor =
-        Preprocessor::new(manifest.input.clone(), ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 });
+    // The limits guard byte decoding, which evaluation skips (IDX pixels are already decoded).
+    let unused_limits = ImageLimits { max_side: u32::MAX, max_decoded_bytes: u64::MAX };
+    let preprocessor = Preprocessor::new(manifest.input.clone(), unused_limits);
     let mut encoder =
         TorchEncoder::load(&config.model.join("encoder.pt"), Device::Cpu, manifest.input.size, manifest.embedding.dim)?;
     let train = embed_split(&config.data, "train", &preprocessor, &mut encoder)?;
