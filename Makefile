@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval
+.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup
 
 setup: $(STAMP)
 
@@ -69,3 +69,24 @@ EVAL_JSON ?= $(RUN)/eval.json
 eval: build dataset
 	mkdir -p $(dir $(EVAL_JSON))
 	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON)
+
+# Benchmarks (not tests): tables to read, printed side by side in one run.
+# `make bench` = the embedding path (cargo bench) + POST /search under wrk,
+# lookalike next to a FastAPI + PyTorch + hnswlib baseline (bench/).
+BENCH_STAMP := $(VENV)/.bench-$(shell sha256sum bench/requirements.txt | cut -c1-16)
+
+bench: bench-embed bench-http
+
+bench-setup: setup $(BENCH_STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+
+$(BENCH_STAMP): bench/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+bench-embed: setup
+	cargo bench $(filter-out --release,$(CARGO_FLAGS)) --bench embedding
+
+bench-http: build bench-setup dataset
+	$(VENV)/bin/python bench/http.py

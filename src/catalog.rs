@@ -8,10 +8,10 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
-use crate::embed::{EmbedError, Embedder};
+use crate::embed::{EmbedError, Embedded, Embedder, Priority};
 use crate::gallery::{Gallery, GalleryError, Inserted, ItemSummary, NewItem};
 use crate::index::{Index, IndexError};
-use crate::preprocess::{Prepared, PreprocessError, Preprocessor};
+use crate::preprocess::{Prepared, PreprocessError, PreprocessPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -46,7 +46,12 @@ pub struct Neighbour {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timing {
     pub preprocess_ms: f64,
+    /// Queue wait plus forward pass.
     pub embed_ms: f64,
+    /// Of `embed_ms`, the time waiting for a batch to form and a worker.
+    pub queue_ms: f64,
+    /// Images in the forward pass that embedded this query.
+    pub batch_size: usize,
     pub search_ms: f64,
     pub total_ms: f64,
 }
@@ -63,7 +68,7 @@ pub struct Catalog {
     pub embedder: Embedder,
     pub index: Index,
     pub gallery: Gallery,
-    pub preprocessor: Preprocessor,
+    pub preprocess: PreprocessPool,
 }
 
 impl Catalog {
@@ -73,7 +78,7 @@ impl Catalog {
         let prepared = self.prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
         let (pixels, shapes): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.pixels, (p.format, p.width, p.height))).unzip();
-        let embeddings = self.embed_all(pixels).await?;
+        let embeddings = self.embed_all(pixels, Priority::Interactive).await?;
         let items = uploads
             .into_iter()
             .zip(shapes)
@@ -101,9 +106,9 @@ impl Catalog {
         let start = Instant::now();
         let prepared = self.prepare_all(vec![bytes]).await?.remove(0);
         let preprocessed = Instant::now();
-        let query = self.embedder.embed(prepared.pixels).await?;
+        let query = self.embedder.embed(prepared.pixels, Priority::Interactive).await?;
         let embedded = Instant::now();
-        let hits = self.index.search(&query, k)?;
+        let hits = self.index.search(&query.vector, k)?;
         let searched = Instant::now();
         let summaries = self.gallery.summaries(hits.iter().map(|h| h.id).collect()).await?;
         let results =
@@ -112,6 +117,8 @@ impl Catalog {
         let timing = Timing {
             preprocess_ms: ms(start, preprocessed),
             embed_ms: ms(preprocessed, embedded),
+            queue_ms: query.queue_wait.as_secs_f64() * 1e3,
+            batch_size: query.batch_size,
             search_ms: ms(embedded, searched),
             total_ms: ms(start, Instant::now()),
         };
@@ -131,7 +138,7 @@ impl Catalog {
             tracing::info!(count = missing.len(), %model, "embedding stored images for the active model");
             let (ids, images): (Vec<i64>, Vec<Bytes>) = missing.into_iter().map(|(id, b)| (id, b.into())).unzip();
             let prepared = self.prepare_all(images).await?;
-            let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect()).await?;
+            let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Bulk).await?;
             self.gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
         }
         let stored = self.gallery.embeddings(model).await?;
@@ -141,30 +148,21 @@ impl Catalog {
         Ok(stored.len())
     }
 
-    /// Preprocesses images on blocking threads, off the async runtime.
+    /// Preprocesses images on the bounded pool, all at once.
     async fn prepare_all(&self, images: Vec<Bytes>) -> Result<Vec<Prepared>, CatalogError> {
-        let tasks = images.into_iter().map(|bytes| {
-            let pre = self.preprocessor.clone();
-            tokio::task::spawn_blocking(move || pre.prepare(&bytes))
-        });
-        let results = join_all(tasks).await;
+        let results = join_all(images.into_iter().map(|bytes| self.preprocess.prepare(bytes))).await;
         results
             .into_iter()
             .enumerate()
-            .map(|(position, joined)| {
-                // A decoder that panics on hostile bytes is a bad image, not a dead request.
-                let result = joined.unwrap_or_else(|_| {
-                    Err(PreprocessError::Corrupt { format: "image".into(), reason: "the decoder failed".into() })
-                });
-                result.map_err(|source| CatalogError::Image { position, source })
-            })
+            .map(|(position, result)| result.map_err(|source| CatalogError::Image { position, source }))
             .collect()
     }
 
     /// Queues every image at once so they share forward passes.
-    async fn embed_all(&self, pixels: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>, CatalogError> {
-        let futures = pixels.into_iter().map(|p| self.embedder.embed(p));
-        join_all(futures).await.into_iter().map(|r| r.map_err(CatalogError::from)).collect()
+    async fn embed_all(&self, pixels: Vec<Vec<f32>>, priority: Priority) -> Result<Vec<Vec<f32>>, CatalogError> {
+        let futures = pixels.into_iter().map(|p| self.embedder.embed(p, priority));
+        let embedded: Vec<Result<Embedded, EmbedError>> = join_all(futures).await;
+        embedded.into_iter().map(|r| r.map(|e| e.vector).map_err(CatalogError::from)).collect()
     }
 }
 

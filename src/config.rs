@@ -45,17 +45,38 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MODEL", default_value = BUNDLED_MODEL_DIR)]
     pub model: PathBuf,
 
-    /// Where to run the encoder: `auto` (CUDA when available, else CPU), `cpu` or `cuda:N`.
+    /// Where to run the encoder: `auto` (every CUDA device when there is one, else the CPU),
+    /// `cpu`, or `cuda:N[,M...]`.
     #[arg(long, env = "LOOKALIKE_DEVICE", default_value = "auto")]
     pub device: String,
 
-    /// Largest number of images the embedding worker runs in one forward pass.
+    /// Embedding workers (model copies) per device.
+    #[arg(long, env = "LOOKALIKE_REPLICAS_PER_DEVICE", default_value_t = 1)]
+    pub replicas_per_device: usize,
+
+    /// Forward-pass precision: `fp32`, or `fp16` (CUDA only; `auto` on a CPU host falls back to fp32).
+    #[arg(long, env = "LOOKALIKE_PRECISION", default_value = "fp32")]
+    pub precision: String,
+
+    /// Largest number of images in one forward pass.
     #[arg(long, env = "LOOKALIKE_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
 
-    /// libtorch intra-op threads; 0 means one per CPU core.
+    /// Longest an image waits for its batch to fill while a worker is free, in milliseconds.
+    #[arg(long, env = "LOOKALIKE_MAX_DELAY_MS", default_value_t = 1.0)]
+    pub max_delay_ms: f64,
+
+    /// Images that may wait for the encoder; beyond this, requests get 503 with Retry-After.
+    #[arg(long, env = "LOOKALIKE_QUEUE_CAPACITY", default_value_t = 512)]
+    pub queue_capacity: usize,
+
+    /// libtorch intra-op threads per CPU worker; 0 shares the cores among the CPU workers.
     #[arg(long, env = "LOOKALIKE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
+
+    /// Images decoded and resized at once; 0 means one per CPU core.
+    #[arg(long, env = "LOOKALIKE_PREPROCESS_THREADS", default_value_t = 0)]
+    pub preprocess_threads: usize,
 
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "LOOKALIKE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]

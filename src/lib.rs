@@ -10,6 +10,7 @@ pub mod eval;
 pub mod gallery;
 pub mod index;
 pub mod manifest;
+pub mod metrics;
 pub mod preprocess;
 pub mod startup;
 pub mod telemetry;

@@ -2,6 +2,11 @@
 //! convert to RGB, resize as the manifest says, normalise to CHW `f32`.
 
 use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
 
 use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
@@ -35,6 +40,41 @@ pub struct Prepared {
     pub format: ImageFormat,
     pub width: u32,
     pub height: u32,
+}
+
+/// A bounded pool for preprocessing off the async runtime: at most `threads`
+/// images are decoded at once (on tokio's blocking threads), so a burst of
+/// uploads queues here instead of spawning a decoder thread per image and
+/// starving the encoder of cores.
+#[derive(Debug, Clone)]
+pub struct PreprocessPool {
+    preprocessor: Preprocessor,
+    permits: Arc<Semaphore>,
+}
+
+impl PreprocessPool {
+    /// `threads` 0 means one per CPU core.
+    pub fn new(preprocessor: Preprocessor, threads: usize) -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = if threads == 0 { cores } else { threads };
+        Self { preprocessor, permits: Arc::new(Semaphore::new(threads)) }
+    }
+
+    pub async fn prepare(&self, bytes: Bytes) -> Result<Prepared, PreprocessError> {
+        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+        let pre = self.preprocessor.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let prepared = pre.prepare(&bytes);
+            crate::metrics::preprocess(started.elapsed());
+            prepared
+        })
+        .await;
+        // A decoder that panics on hostile bytes is a bad image, not a dead request.
+        joined.unwrap_or_else(|_| {
+            Err(PreprocessError::Corrupt { format: "image".into(), reason: "the decoder failed".into() })
+        })
+    }
 }
 
 /// Turns image bytes into encoder input for one model's manifest.

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -10,14 +11,12 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState, RequestLimits};
 use crate::catalog::Catalog;
 use crate::config::ServeConfig;
-use crate::embed::{DeviceChoice, Embedder, EmbedderConfig};
+use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::gallery::Gallery;
 use crate::index::Index;
 use crate::manifest::Manifest;
-use crate::preprocess::{ImageLimits, Preprocessor};
-
-/// Jobs that may wait for the embedding worker before requests get 503.
-const QUEUE_CAPACITY: usize = 1024;
+use crate::metrics;
+use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
 
 /// A bound listener and a ready state: everything but the serving loop.
 pub struct Application {
@@ -30,30 +29,27 @@ impl Application {
     /// Loads the model, opens the store, rebuilds the index and binds the port.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         let manifest = Manifest::load(&config.model)?;
-        let device: DeviceChoice = config.device.parse()?;
-        let embedder_config = EmbedderConfig {
-            model_dir: config.model.clone(),
-            device,
-            max_batch: config.max_batch,
-            queue_capacity: QUEUE_CAPACITY,
-            torch_threads: config.torch_threads,
-        };
+        let metrics_handle = metrics::handle();
+        let embedder_config = embedder_config(&config)?;
         let embedder = {
             let manifest = manifest.clone();
             tokio::task::spawn_blocking(move || Embedder::start(&embedder_config, &manifest)).await??
         };
         let info = embedder.info();
         tracing::info!(
-            model = %info.model_key, trained = manifest.trained, device = %info.device,
+            model = %info.model_key, trained = manifest.trained, device = %info.device, workers = info.workers,
+            precision = ?info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
             cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
             "encoder loaded"
         );
+        metrics::model_info(&info.model_key, &info.device, &format!("{:?}", info.precision).to_lowercase());
         let gallery = Gallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
         let index = Index::new(manifest.embedding.dim, gallery.count().await? as usize);
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
-        let catalog =
-            Catalog { embedder, index, gallery, preprocessor: Preprocessor::new(manifest.input.clone(), limits) };
+        let preprocess =
+            PreprocessPool::new(Preprocessor::new(manifest.input.clone(), limits), config.preprocess_threads);
+        let catalog = Catalog { embedder, index, gallery, preprocess };
         let indexed = catalog.rebuild_index().await?;
         tracing::info!(items = indexed, data_dir = %config.data_dir.display(), "index built from the gallery");
 
@@ -66,7 +62,7 @@ impl Application {
             max_images_per_request: config.max_images_per_request,
             max_k: config.max_k,
         };
-        Ok(Self { listener, address, state: AppState { catalog, limits: Arc::new(limits) } })
+        Ok(Self { listener, address, state: AppState { catalog, limits: Arc::new(limits), metrics: metrics_handle } })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -78,6 +74,25 @@ impl Application {
         tracing::info!(address = %self.address, "listening");
         axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await
     }
+}
+
+fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {
+    anyhow::ensure!(
+        config.max_delay_ms.is_finite() && config.max_delay_ms >= 0.0,
+        "--max-delay-ms must be a non-negative number of milliseconds"
+    );
+    Ok(EmbedderConfig {
+        model_dir: config.model.clone(),
+        device: config.device.parse()?,
+        replicas_per_device: config.replicas_per_device,
+        precision: config.precision.parse()?,
+        policy: BatchPolicy {
+            max_batch: config.max_batch,
+            max_delay: Duration::from_secs_f64(config.max_delay_ms / 1e3),
+            capacity: config.queue_capacity,
+        },
+        torch_threads: config.torch_threads,
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

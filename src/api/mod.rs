@@ -4,6 +4,7 @@
 mod error;
 mod gallery;
 mod health;
+mod metrics;
 mod search;
 mod upload;
 
@@ -11,9 +12,11 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderName, Request};
+use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -36,6 +39,7 @@ pub struct RequestLimits {
 pub struct AppState {
     pub catalog: Catalog,
     pub limits: Arc<RequestLimits>,
+    pub metrics: PrometheusHandle,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,6 +49,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
         .route("/health", get(health::health))
+        .route("/metrics", get(metrics::render))
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add))
         .route("/search", post(search::search))
@@ -59,6 +64,7 @@ pub fn router(state: AppState) -> Router {
                     tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
                 }))
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                .layer(middleware::from_fn(metrics::record))
                 // A panic (a bug) answers 500 in the usual error shape instead of dropping the connection.
                 .layer(CatchPanicLayer::custom(|_| {
                     ApiError::Internal("a request handler panicked".into()).into_response()

@@ -8,24 +8,36 @@ use tch::{Cuda, Device};
 use super::EmbedError;
 
 /// What the operator asked for with `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceChoice {
-    /// The first CUDA device when one is available, else the CPU.
+    /// Every CUDA device when there is one, else the CPU.
     Auto,
     Cpu,
-    Cuda(usize),
+    /// These CUDA devices (`cuda:0,1` or `cuda:0,cuda:1`).
+    Cuda(Vec<usize>),
 }
 
 impl FromStr for DeviceChoice {
     type Err = EmbedError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || EmbedError::Device(format!("unknown device '{s}': expected auto, cpu or cuda:N"));
-        match s.trim().to_ascii_lowercase().as_str() {
+        let bad = || EmbedError::Device(format!("unknown device '{s}': expected auto, cpu or cuda:N[,M...]"));
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(Self::Cuda).ok_or_else(bad),
+            "cuda" => Ok(Self::Cuda(vec![0])),
+            other => {
+                let list = other.strip_prefix("cuda:").ok_or_else(bad)?;
+                let mut ordinals = Vec::new();
+                for part in list.split(',') {
+                    let n = part.trim().trim_start_matches("cuda:").parse().map_err(|_| bad())?;
+                    if !ordinals.contains(&n) {
+                        ordinals.push(n);
+                    }
+                }
+                Ok(Self::Cuda(ordinals))
+            }
         }
     }
 }
@@ -35,7 +47,10 @@ impl fmt::Display for DeviceChoice {
         match self {
             Self::Auto => write!(f, "auto"),
             Self::Cpu => write!(f, "cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Cuda(ordinals) => {
+                let list: Vec<String> = ordinals.iter().map(|n| n.to_string()).collect();
+                write!(f, "cuda:{}", list.join(","))
+            }
         }
     }
 }
@@ -57,15 +72,25 @@ impl CudaInfo {
 
 /// Resolves a choice against what exists; asking for a missing GPU is an error,
 /// not a silent fall-back, so a misconfigured GPU host fails loudly at start.
-pub fn resolve(choice: DeviceChoice, cuda: CudaInfo) -> Result<Device, EmbedError> {
+pub fn resolve(choice: &DeviceChoice, cuda: CudaInfo) -> Result<Vec<Device>, EmbedError> {
     match choice {
-        DeviceChoice::Auto if cuda.available && cuda.device_count > 0 => Ok(Device::Cuda(0)),
-        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda(n) if n < cuda.device_count => Ok(Device::Cuda(n)),
-        DeviceChoice::Cuda(n) => Err(EmbedError::Device(format!(
-            "cuda:{n} was asked for but libtorch sees {} CUDA device(s)",
-            cuda.device_count
-        ))),
+        DeviceChoice::Auto if cuda.available && cuda.device_count > 0 => {
+            Ok((0..cuda.device_count).map(Device::Cuda).collect())
+        }
+        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(vec![Device::Cpu]),
+        DeviceChoice::Cuda(ordinals) => ordinals
+            .iter()
+            .map(|&n| {
+                if n < cuda.device_count {
+                    Ok(Device::Cuda(n))
+                } else {
+                    Err(EmbedError::Device(format!(
+                        "cuda:{n} was asked for but libtorch sees {} CUDA device(s)",
+                        cuda.device_count
+                    )))
+                }
+            })
+            .collect(),
     }
 }
 
@@ -88,25 +113,30 @@ mod tests {
     fn parses_choices() {
         assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
         assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
-        assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(1));
+        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(vec![0]));
+        assert_eq!("cuda:1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(vec![1]));
+        assert_eq!("cuda:0,1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(vec![0, 1]));
+        assert_eq!("cuda:1,cuda:0,1".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(vec![1, 0]));
+        assert_eq!(DeviceChoice::Cuda(vec![0, 2]).to_string(), "cuda:0,2");
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
+        assert!("cuda:0,".parse::<DeviceChoice>().is_err());
         assert!("tpu".parse::<DeviceChoice>().is_err());
     }
 
     #[test]
-    fn auto_prefers_cuda_and_falls_back_to_cpu() {
-        assert_eq!(resolve(DeviceChoice::Auto, TWO_GPUS).unwrap(), Device::Cuda(0));
-        assert_eq!(resolve(DeviceChoice::Auto, NO_GPU).unwrap(), Device::Cpu);
-        assert_eq!(resolve(DeviceChoice::Cuda(1), TWO_GPUS).unwrap(), Device::Cuda(1));
-        assert!(resolve(DeviceChoice::Cuda(2), TWO_GPUS).is_err());
-        assert!(resolve(DeviceChoice::Cuda(0), NO_GPU).is_err());
+    fn auto_takes_every_gpu_and_falls_back_to_cpu() {
+        assert_eq!(resolve(&DeviceChoice::Auto, TWO_GPUS).unwrap(), vec![Device::Cuda(0), Device::Cuda(1)]);
+        assert_eq!(resolve(&DeviceChoice::Auto, NO_GPU).unwrap(), vec![Device::Cpu]);
+        assert_eq!(resolve(&DeviceChoice::Cuda(vec![1]), TWO_GPUS).unwrap(), vec![Device::Cuda(1)]);
+        assert!(resolve(&DeviceChoice::Cuda(vec![0, 2]), TWO_GPUS).is_err());
+        assert!(resolve(&DeviceChoice::Cuda(vec![0]), NO_GPU).is_err());
     }
 
     #[test]
     fn this_machine_resolves_auto() {
         // Whatever the machine, `auto` must resolve; on a CPU-only CI it is the CPU.
         let cuda = CudaInfo::probe();
-        let device = resolve(DeviceChoice::Auto, cuda).unwrap();
-        assert_eq!(device == Device::Cpu, !cuda.available);
+        let devices = resolve(&DeviceChoice::Auto, cuda).unwrap();
+        assert_eq!(devices == vec![Device::Cpu], !cuda.available);
     }
 }

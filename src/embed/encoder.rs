@@ -13,28 +13,77 @@ pub trait Encoder {
     fn encode(&mut self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, EmbedError>;
 }
 
+/// Numeric precision of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    /// Half precision: CUDA only; the embeddings come back as f32.
+    Fp16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = EmbedError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "float32" => Ok(Self::Fp32),
+            "fp16" | "half" | "float16" => Ok(Self::Fp16),
+            _ => Err(EmbedError::Device(format!("unknown precision '{s}': expected fp32 or fp16"))),
+        }
+    }
+}
+
 /// A TorchScript encoder loaded through libtorch on one device.
 pub struct TorchEncoder {
     module: CModule,
     device: Device,
+    kind: Kind,
     size: i64,
     dim: usize,
+    /// Batch sizes to pad to (empty: run every size as it comes).
+    buckets: Vec<usize>,
 }
 
 impl TorchEncoder {
-    pub fn load(path: &Path, device: Device, size: u32, dim: usize) -> Result<Self, EmbedError> {
+    pub fn load(path: &Path, device: Device, precision: Precision, size: u32, dim: usize) -> Result<Self, EmbedError> {
         let mut module =
             CModule::load_on_device(path, device).map_err(|e| EmbedError::Load(format!("{}: {e}", path.display())))?;
+        let kind = match precision {
+            Precision::Fp32 => Kind::Float,
+            Precision::Fp16 => Kind::Half,
+        };
+        if kind != Kind::Float {
+            module.to(device, kind, false);
+        }
         module.set_eval();
-        Ok(Self { module, device, size: size as i64, dim })
+        Ok(Self { module, device, kind, size: size as i64, dim, buckets: Vec::new() })
+    }
+
+    /// Pads every batch up to the next of these sizes, so a GPU only ever sees
+    /// a few shapes (each warmed up and autotuned once).
+    pub fn pad_to(mut self, mut buckets: Vec<usize>) -> Self {
+        buckets.sort_unstable();
+        self.buckets = buckets;
+        self
+    }
+
+    fn padded(&self, n: usize) -> usize {
+        self.buckets.iter().copied().find(|&b| b >= n).unwrap_or(n)
     }
 }
 
 impl Encoder for TorchEncoder {
     fn encode(&mut self, pixels: &[f32], n: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let padded = self.padded(n);
         let output = tch::no_grad(|| -> Result<Tensor, EmbedError> {
-            let input = Tensor::from_slice(pixels).view([n as i64, 3, self.size, self.size]).to_device(self.device);
+            let mut input = Tensor::from_slice(pixels).view([n as i64, 3, self.size, self.size]);
+            if padded > n {
+                let zeros = Tensor::zeros([(padded - n) as i64, 3, self.size, self.size], (Kind::Float, Device::Cpu));
+                input = Tensor::cat(&[input, zeros], 0);
+            }
+            let input = input.to_device(self.device).to_kind(self.kind);
             let out = self.module.forward_ts(&[input]).map_err(|e| EmbedError::Forward(e.to_string()))?;
+            let out = out.f_narrow(0, 0, n as i64).map_err(|e| EmbedError::Forward(e.to_string()))?;
             Ok(out.to_device(Device::Cpu).to_kind(Kind::Float).contiguous())
         })?;
         if output.size() != [n as i64, self.dim as i64] {

@@ -1,21 +1,27 @@
 //! Embedding engine: a cheap-clone `Embedder` handle in front of a bounded
-//! queue and a worker thread that owns the TorchScript encoder.
+//! priority queue, one batcher thread that cuts batches, and one worker thread
+//! per model replica (each CUDA device, or the CPU) owning its own encoder.
 
 mod device;
 mod encoder;
+mod queue;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tch::Device;
+use tokio::sync::{oneshot, Semaphore};
 
 pub use device::{CudaInfo, DeviceChoice};
-pub use encoder::{normalized, Encoder, TorchEncoder};
+pub use encoder::{normalized, Encoder, Precision, TorchEncoder};
+pub use queue::{BatchPolicy, Embedded, Priority};
 
 use crate::manifest::Manifest;
-use worker::Job;
+use crate::metrics;
+use queue::{Entry, Queue};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {
@@ -36,121 +42,226 @@ pub enum EmbedError {
 pub struct EmbedderConfig {
     pub model_dir: PathBuf,
     pub device: DeviceChoice,
-    pub max_batch: usize,
-    /// Jobs that may wait; beyond this `embed` fails fast with `Overloaded`.
-    pub queue_capacity: usize,
-    /// libtorch intra-op threads; 0 means one per core.
+    /// Workers (model copies) per device.
+    pub replicas_per_device: usize,
+    pub precision: Precision,
+    pub policy: BatchPolicy,
+    /// libtorch intra-op threads per CPU worker; 0 shares the cores among them.
     pub torch_threads: usize,
 }
 
 /// What the engine runs on, for logs and `/health`.
 #[derive(Debug, Clone)]
 pub struct EmbedderInfo {
+    /// Devices, comma-separated (`cpu`, `cuda:0,cuda:1`).
     pub device: String,
+    pub workers: usize,
+    pub precision: Precision,
     pub cuda: CudaInfo,
     pub model_key: String,
     pub dim: usize,
     pub input_len: usize,
+    pub policy: BatchPolicy,
 }
 
-/// Cheap-clone handle; the worker thread stops and is joined when the last one drops.
+/// Cheap-clone handle; the threads stop and are joined when the last one drops.
 #[derive(Clone)]
 pub struct Embedder {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    jobs: Option<mpsc::Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    queue: Arc<Queue>,
+    /// Bounds the bulk entries in flight: bulk submitters wait for a slot
+    /// instead of being refused.
+    bulk_slots: Semaphore,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     info: EmbedderInfo,
 }
 
 impl Embedder {
-    /// Loads the encoder on its own thread, warms it up and returns once it
-    /// serves. Blocks: call it from a blocking context.
+    /// Loads one encoder per replica on its own thread, warms each up and
+    /// returns once all serve. Blocks: call it from a blocking context.
     pub fn start(config: &EmbedderConfig, manifest: &Manifest) -> Result<Self, EmbedError> {
-        configure_torch_threads(config.torch_threads);
+        configure_interop_threads();
         let cuda = CudaInfo::probe();
-        let device = device::resolve(config.device, cuda)?;
-        let size = manifest.input.size;
+        let devices = device::resolve(&config.device, cuda)?;
+        let precision = effective_precision(config, &devices)?;
+        let replicas = config.replicas_per_device.max(1);
+        let cpu_workers = devices.iter().filter(|d| **d == Device::Cpu).count() * replicas;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpu_threads =
+            if config.torch_threads > 0 { config.torch_threads } else { (cores / cpu_workers.max(1)).max(1) };
+
+        let queue = Arc::new(Queue::new(config.policy));
+        let policy = queue.policy();
         let input_len = manifest.input.input_len();
-        let dim = manifest.embedding.dim;
-        let max_batch = config.max_batch.max(1);
-        let path = config.model_dir.join("encoder.pt");
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (handoff, batches) = crossbeam_channel::bounded(0);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let worker = std::thread::Builder::new()
-            .name(format!("embed-{}", device::describe(device)))
-            .spawn(move || {
-                let loaded = TorchEncoder::load(&path, device, size, dim)
-                    .and_then(|mut enc| warm_up(&mut enc, max_batch, input_len).map(|_| enc));
-                match loaded {
-                    Ok(encoder) => {
-                        let _ = ready_tx.send(Ok(()));
-                        worker::run(encoder, rx, max_batch, input_len);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            })
-            .map_err(|e| EmbedError::Load(format!("cannot spawn the worker thread: {e}")))?;
-        ready_rx.recv().map_err(|_| EmbedError::Stopped)??;
-        let info =
-            EmbedderInfo { device: device::describe(device), cuda, model_key: manifest.model_key(), dim, input_len };
-        Ok(Self { inner: Arc::new(Inner { jobs: Some(tx), worker: Some(worker), info }) })
+        let mut threads = Vec::new();
+        for (n, device) in devices.iter().flat_map(|d| std::iter::repeat_n(*d, replicas)).enumerate() {
+            let spec = WorkerSpec {
+                path: config.model_dir.join("encoder.pt"),
+                device,
+                precision,
+                threads: if device == Device::Cpu { cpu_threads } else { 1 },
+                size: manifest.input.size,
+                dim: manifest.embedding.dim,
+                input_len,
+                max_batch: policy.max_batch,
+            };
+            let (queue, batches, ready) = (queue.clone(), batches.clone(), ready_tx.clone());
+            let name = format!("embed-{}-{n}", device::describe(device));
+            let spawned = std::thread::Builder::new().name(name).spawn(move || spec.run(&queue, batches, ready));
+            threads.push(spawned.map_err(|e| EmbedError::Load(format!("cannot spawn a worker thread: {e}")))?);
+        }
+        drop((batches, ready_tx));
+        let started: Result<Vec<()>, EmbedError> = ready_rx.iter().take(threads.len()).collect();
+        if let Err(error) = started {
+            drop(handoff); // workers that did start see the batcher gone and stop
+            for handle in threads {
+                let _ = handle.join();
+            }
+            return Err(error);
+        }
+        let batcher = {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name("embed-batcher".into())
+                .spawn(move || worker::run_batcher(&queue, handoff, input_len))
+                .map_err(|e| EmbedError::Load(format!("cannot spawn the batcher thread: {e}")))?
+        };
+        threads.push(batcher);
+
+        let names: Vec<String> = devices.iter().map(|d| device::describe(*d)).collect();
+        let info = EmbedderInfo {
+            device: names.join(","),
+            workers: devices.len() * replicas,
+            precision,
+            cuda,
+            model_key: manifest.model_key(),
+            dim: manifest.embedding.dim,
+            input_len,
+            policy,
+        };
+        let bulk_slots = Semaphore::new(4 * policy.max_batch);
+        Ok(Self { inner: Arc::new(Inner { queue, bulk_slots, threads: Mutex::new(threads), info }) })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
         &self.inner.info
     }
 
-    /// Embeds one preprocessed image. Fails fast when the queue is full.
-    pub async fn embed(&self, pixels: Vec<f32>) -> Result<Vec<f32>, EmbedError> {
-        if pixels.len() != self.inner.info.input_len {
-            return Err(EmbedError::Forward(format!(
-                "input has {} values, expected {}",
-                pixels.len(),
-                self.inner.info.input_len
-            )));
+    /// Embeds one preprocessed image. Interactive requests fail fast with
+    /// `Overloaded` when the queue is full; bulk ones wait for room.
+    pub async fn embed(&self, pixels: Vec<f32>, priority: Priority) -> Result<Embedded, EmbedError> {
+        let expected = self.inner.info.input_len;
+        if pixels.len() != expected {
+            return Err(EmbedError::Forward(format!("input has {} values, expected {expected}", pixels.len())));
         }
         let (reply, answer) = oneshot::channel();
-        let jobs = self.inner.jobs.as_ref().expect("the job sender lives until drop; this is a bug");
-        jobs.try_send(Job { pixels, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EmbedError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => EmbedError::Stopped,
-        })?;
+        let entry = Entry { pixels, reply, enqueued: Instant::now(), priority };
+        let _slot = match priority {
+            Priority::Interactive => None,
+            Priority::Bulk => Some(self.inner.bulk_slots.acquire().await.map_err(|_| EmbedError::Stopped)?),
+        };
+        if let Err(error) = self.inner.queue.push(entry) {
+            if matches!(error, EmbedError::Overloaded) {
+                metrics::rejected();
+            }
+            return Err(error);
+        }
         answer.await.map_err(|_| EmbedError::Stopped)?
+    }
+}
+
+/// What one worker thread needs to load and run its encoder.
+struct WorkerSpec {
+    path: PathBuf,
+    device: Device,
+    precision: Precision,
+    threads: usize,
+    size: u32,
+    dim: usize,
+    input_len: usize,
+    max_batch: usize,
+}
+
+type Ready = std::sync::mpsc::Sender<Result<(), EmbedError>>;
+
+impl WorkerSpec {
+    fn run(self, queue: &Queue, batches: crossbeam_channel::Receiver<worker::Batch>, ready: Ready) {
+        // OpenMP's thread count is per calling thread: set it where the forwards run.
+        tch::set_num_threads(self.threads as i32);
+        let sizes = warm_up_sizes(self.max_batch);
+        let loaded = TorchEncoder::load(&self.path, self.device, self.precision, self.size, self.dim).and_then(|enc| {
+            // A GPU runs a few padded shapes fast; a CPU gains nothing from padding.
+            let mut enc = if self.device == Device::Cpu { enc } else { enc.pad_to(sizes.clone()) };
+            warm_up(&mut enc, &sizes, self.input_len).map(|_| enc)
+        });
+        match loaded {
+            Ok(encoder) => {
+                let _ = ready.send(Ok(()));
+                drop(ready);
+                worker::run_worker(encoder, queue, batches, &device::describe(self.device));
+            }
+            Err(error) => {
+                let _ = ready.send(Err(error));
+            }
+        }
+    }
+}
+
+/// fp16 needs CUDA. Asked for explicitly on a CPU, that is an error; with
+/// `auto` on a machine without a GPU it falls back to fp32, so one
+/// configuration serves both kinds of host.
+fn effective_precision(config: &EmbedderConfig, devices: &[Device]) -> Result<Precision, EmbedError> {
+    let on_cpu = devices.contains(&Device::Cpu);
+    match (config.precision, on_cpu, &config.device) {
+        (Precision::Fp16, true, DeviceChoice::Auto) => {
+            tracing::warn!("fp16 needs CUDA and none is available: running the CPU in fp32");
+            Ok(Precision::Fp32)
+        }
+        (Precision::Fp16, true, _) => Err(EmbedError::Device("fp16 needs a CUDA device".into())),
+        (precision, _, _) => Ok(precision),
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue ends the worker's loop; then wait for it.
-        self.jobs.take();
-        if let Some(handle) = self.worker.take() {
+        // The batcher serves what is queued, then its hand-off closes and the workers end.
+        self.queue.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for handle in threads {
             let _ = handle.join();
         }
     }
 }
 
-/// The first calls of a TorchScript module are slow (profiling executor): run
-/// the batch sizes the worker will see before taking traffic.
-fn warm_up(encoder: &mut TorchEncoder, max_batch: usize, input_len: usize) -> Result<(), EmbedError> {
-    for n in [1, max_batch, 1, max_batch] {
-        encoder.encode(&vec![0.5; n * input_len], n).map(|_| ())?;
+/// Powers of two up to `max_batch`, and `max_batch` itself.
+fn warm_up_sizes(max_batch: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> =
+        std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < max_batch).collect();
+    sizes.push(max_batch);
+    sizes
+}
+
+/// The first calls of a TorchScript module are slow (profiling executor, and
+/// cuDNN autotuning on a GPU): run every batch size the worker pads to, twice,
+/// before taking traffic.
+fn warm_up(encoder: &mut TorchEncoder, sizes: &[usize], input_len: usize) -> Result<(), EmbedError> {
+    for _ in 0..2 {
+        for &n in sizes {
+            encoder.encode(&vec![0.5; n * input_len], n)?;
+        }
     }
     Ok(())
 }
 
-/// libtorch's thread pools can be sized once, before any parallel work.
-fn configure_torch_threads(requested: usize) {
+/// libtorch's inter-op pool can be sized once, before any parallel work. Each
+/// worker is already its own thread, so inter-op parallelism would only
+/// oversubscribe the cores.
+fn configure_interop_threads() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let threads = if requested == 0 { cores } else { requested };
-        tch::set_num_threads(threads as i32);
-        // One worker drives the CPU; inter-op parallelism would only oversubscribe it.
-        tch::set_num_interop_threads(1);
-    });
+    ONCE.call_once(|| tch::set_num_interop_threads(1));
 }

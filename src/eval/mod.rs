@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use metrics::{retrieval, verification, RetrievalMetrics, Verification};
 
-use crate::embed::{Encoder, TorchEncoder};
+use crate::embed::{Encoder, Precision, TorchEncoder};
 use crate::manifest::Manifest;
 use crate::preprocess::{ImageLimits, Preprocessor};
 
@@ -75,8 +75,13 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     // The limits guard byte decoding, which evaluation skips (IDX pixels are already decoded).
     let unused_limits = ImageLimits { max_side: u32::MAX, max_decoded_bytes: u64::MAX };
     let preprocessor = Preprocessor::new(manifest.input.clone(), unused_limits);
-    let mut encoder =
-        TorchEncoder::load(&config.model.join("encoder.pt"), Device::Cpu, manifest.input.size, manifest.embedding.dim)?;
+    let mut encoder = TorchEncoder::load(
+        &config.model.join("encoder.pt"),
+        Device::Cpu,
+        Precision::Fp32,
+        manifest.input.size,
+        manifest.embedding.dim,
+    )?;
     let train = embed_split(&config.data, "train", &preprocessor, &mut encoder)?;
     let test = embed_split(&config.data, "t10k", &preprocessor, &mut encoder)?;
     let report = EvalReport {

@@ -1,5 +1,6 @@
 //! Integration tests through the front door: one binary, one module per area.
 
+mod batching;
 mod errors;
 mod formats;
 mod helpers;
