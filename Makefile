@@ -30,6 +30,7 @@ run: build
 
 test: build
 	cargo test $(CARGO_FLAGS)
+	cargo bench --locked --no-run   # benchmarks are not run in CI, but must keep compiling
 	@$(MAKE) --no-print-directory check-cuda-link
 
 # When the wheel ships libtorch_cuda, the binary must keep it linked (build.rs),
@@ -89,4 +90,4 @@ bench-embed: setup
 	cargo bench $(filter-out --release,$(CARGO_FLAGS)) --bench embedding
 
 bench-http: build bench-setup dataset
-	$(VENV)/bin/python bench/http.py
+	$(VENV)/bin/python bench/search_load.py

@@ -1,5 +1,5 @@
 -- wrk script: POST one image file as a raw body, and print the run's figures
--- as one JSON line (read by bench/http.py). The file is BENCH_IMAGE.
+-- as one JSON line (read by bench/search_load.py). The file is BENCH_IMAGE.
 local path = os.getenv("BENCH_IMAGE")
 local file = assert(io.open(path, "rb"))
 wrk.method = "POST"

@@ -55,34 +55,39 @@ fn main() -> anyhow::Result<()> {
     };
     let precision: Precision = args.precision.parse()?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    tch::set_num_threads(if device == Device::Cpu { cores as i32 } else { 1 });
     let duration = Duration::from_secs_f64(args.seconds);
 
     println!(
-        "model {} ({} px), device {}, {precision:?}, {cores} cores\n",
+        "model {} ({} px), device {}, {precision}, {cores} cores\n",
         manifest.model_key(),
         manifest.input.size,
         args.device
     );
     println!("| path | batch | images/s | ms per batch |");
     println!("| --- | --- | --- | --- |");
-    let mut encoder = TorchEncoder::load(
-        &args.model.join("encoder.pt"),
-        device,
-        precision,
-        manifest.input.size,
-        manifest.embedding.dim,
-    )?;
     let input_len = manifest.input.input_len();
-    let mut best = (0, 0.0);
-    for &batch in &args.batches {
-        let rate = raw_forward(&mut encoder, batch, input_len, duration)?;
-        println!("| raw libtorch forward | {batch} | {rate:.0} | {:.2} |", batch as f64 / rate * 1e3);
-        if rate > best.1 {
-            best = (batch, rate);
-        }
-    }
-    drop(encoder);
+    // The raw sweep runs on its own thread, which ends before the service
+    // starts: libgomp throttles its spin-waits once more OpenMP threads are
+    // alive than there are cores, so a lingering team would slow the service.
+    let best = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<(usize, f64)> {
+                tch::set_num_threads(if device == Device::Cpu { cores as i32 } else { 1 });
+                let (size, dim) = (manifest.input.size, manifest.embedding.dim);
+                let mut encoder = TorchEncoder::load(&args.model.join("encoder.pt"), device, precision, size, dim)?;
+                let mut best = (0, 0.0);
+                for &batch in &args.batches {
+                    let rate = raw_forward(&mut encoder, batch, input_len, duration)?;
+                    println!("| raw libtorch forward | {batch} | {rate:.0} | {:.2} |", batch as f64 / rate * 1e3);
+                    if rate > best.1 {
+                        best = (batch, rate);
+                    }
+                }
+                Ok(best)
+            })
+            .join()
+            .expect("the raw benchmark thread panicked")
+    })?;
 
     let config = EmbedderConfig {
         model_dir: args.model.clone(),
@@ -160,12 +165,13 @@ async fn saturate(embedder: &Embedder, clients: usize, duration: Duration) -> (f
         .collect();
     tokio::time::sleep(duration).await;
     done.store(true, Ordering::Relaxed);
-    let counted = images.load(Ordering::Relaxed);
+    let (counted, batched) = (images.load(Ordering::Relaxed), batch_sum.load(Ordering::Relaxed));
     let elapsed = started.elapsed();
     for task in tasks {
         let _ = task.await;
     }
-    let mean_batch = batch_sum.load(Ordering::Relaxed) as f64 / counted.max(1) as f64;
+    // Each image reports the size of its batch: this is the image-weighted mean.
+    let mean_batch = batched as f64 / counted.max(1) as f64;
     (counted as f64 / elapsed.as_secs_f64(), mean_batch)
 }
 

@@ -38,11 +38,11 @@ impl Application {
         let info = embedder.info();
         tracing::info!(
             model = %info.model_key, trained = manifest.trained, device = %info.device, workers = info.workers,
-            precision = ?info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
+            precision = %info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
             cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
             "encoder loaded"
         );
-        metrics::model_info(&info.model_key, &info.device, &format!("{:?}", info.precision).to_lowercase());
+        metrics::model_info(&info.model_key, &info.device, &info.precision.to_string());
         let gallery = Gallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
         let index = Index::new(manifest.embedding.dim, gallery.count().await? as usize);

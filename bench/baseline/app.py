@@ -1,7 +1,7 @@
 """The service a user might write instead of lookalike: FastAPI + uvicorn,
 PyTorch running the same TorchScript encoder one request at a time, hnswlib
 for the index. Same model, same preprocessing (from the manifest), same
-gallery, so bench/http.py compares serving, not models.
+gallery, so bench/search_load.py compares serving, not models.
 
     python bench/baseline/app.py --model models/default --gallery DIR --port 8091
 """

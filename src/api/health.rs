@@ -11,6 +11,9 @@ pub struct Health {
     status: &'static str,
     model: String,
     device: String,
+    workers: usize,
+    precision: String,
+    max_batch: usize,
     cuda_available: bool,
     indexed_items: usize,
 }
@@ -21,6 +24,9 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         status: "ok",
         model: info.model_key.clone(),
         device: info.device.clone(),
+        workers: info.workers,
+        precision: info.precision.to_string(),
+        max_batch: info.policy.max_batch,
         cuda_available: info.cuda.available,
         indexed_items: state.catalog.index.len(),
     })

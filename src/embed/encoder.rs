@@ -21,6 +21,15 @@ pub enum Precision {
     Fp16,
 }
 
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fp32 => "fp32",
+            Self::Fp16 => "fp16",
+        })
+    }
+}
+
 impl std::str::FromStr for Precision {
     type Err = EmbedError;
 
@@ -105,4 +114,37 @@ pub fn normalized(v: &[f32]) -> Result<Vec<f32>, EmbedError> {
         return Err(EmbedError::Forward("the encoder produced a zero or non-finite embedding".into()));
     }
     Ok(v.iter().map(|x| x / norm).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BUNDLED_MODEL_DIR;
+    use crate::manifest::Manifest;
+
+    #[test]
+    fn parses_precisions() {
+        assert_eq!("FP16".parse::<Precision>().unwrap(), Precision::Fp16);
+        assert_eq!("fp32".parse::<Precision>().unwrap().to_string(), "fp32");
+        assert!("int8".parse::<Precision>().is_err());
+    }
+
+    /// The padding a GPU worker applies, run on the CPU: the padded rows must
+    /// neither change nor leak into the real ones (BatchNorm is in eval mode).
+    #[test]
+    fn padding_a_batch_leaves_its_embeddings_unchanged() {
+        let manifest = Manifest::load(Path::new(BUNDLED_MODEL_DIR)).unwrap();
+        let path = Path::new(BUNDLED_MODEL_DIR).join("encoder.pt");
+        let (size, dim, len) = (manifest.input.size, manifest.embedding.dim, manifest.input.input_len());
+        let load = || TorchEncoder::load(&path, Device::Cpu, Precision::Fp32, size, dim).unwrap();
+        let (mut plain, mut padded) = (load(), load().pad_to(vec![1, 2, 4, 8]));
+        let pixels: Vec<f32> = (0..3 * len).map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5).collect();
+        let (a, b) = (plain.encode(&pixels, 3).unwrap(), padded.encode(&pixels, 3).unwrap());
+        assert_eq!((a.len(), b.len()), (3, 3));
+        for (x, y) in a.iter().zip(&b) {
+            let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "padding changed an embedding by {diff}");
+        }
+        assert!(a[0] != a[1], "different images must embed differently");
+    }
 }

@@ -265,3 +265,37 @@ fn configure_interop_threads() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| tch::set_num_interop_threads(1));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(device: DeviceChoice, precision: Precision) -> EmbedderConfig {
+        EmbedderConfig {
+            model_dir: PathBuf::new(),
+            device,
+            replicas_per_device: 1,
+            precision,
+            policy: BatchPolicy { max_batch: 8, max_delay: std::time::Duration::ZERO, capacity: 8 },
+            torch_threads: 0,
+        }
+    }
+
+    #[test]
+    fn fp16_needs_cuda_unless_the_device_was_left_to_auto() {
+        let cpu = [Device::Cpu];
+        let gpu = [Device::Cuda(0)];
+        let auto_fp16 = config(DeviceChoice::Auto, Precision::Fp16);
+        assert_eq!(effective_precision(&auto_fp16, &cpu).unwrap(), Precision::Fp32);
+        assert_eq!(effective_precision(&auto_fp16, &gpu).unwrap(), Precision::Fp16);
+        assert!(effective_precision(&config(DeviceChoice::Cpu, Precision::Fp16), &cpu).is_err());
+        assert_eq!(effective_precision(&config(DeviceChoice::Cpu, Precision::Fp32), &cpu).unwrap(), Precision::Fp32);
+    }
+
+    #[test]
+    fn warm_up_covers_powers_of_two_and_the_largest_batch() {
+        assert_eq!(warm_up_sizes(1), vec![1]);
+        assert_eq!(warm_up_sizes(32), vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(warm_up_sizes(24), vec![1, 2, 4, 8, 16, 24]);
+    }
+}

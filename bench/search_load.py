@@ -2,7 +2,7 @@
 next to the Python baseline (bench/baseline), same model, same gallery, same
 query image, same machine, in one run. Prints a Markdown table.
 
-    make bench-http                       # or: python bench/http.py --help
+    make bench-http                       # or: python bench/search_load.py --help
 
 The gallery is Fashion-MNIST test images (Debian's dataset-fashion-mnist),
 saved as PNG and uploaded the way a user would: POST /gallery to lookalike,
@@ -84,7 +84,7 @@ def upload_gallery(url: str, files: list[pathlib.Path]) -> None:
 
 def wrk(url: str, image: pathlib.Path, connections: int, seconds: float) -> dict:
     command = [
-        "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s",
         "-s", str(ROOT / "bench" / "post_image.lua"), url + "/search?k=10",
     ]
     env = dict(os.environ, BENCH_IMAGE=str(image))
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--model", type=pathlib.Path, default=ROOT / "models/default")
     parser.add_argument("--gallery-size", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for lookalike serve")
     args = parser.parse_args()
