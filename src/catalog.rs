@@ -1,7 +1,13 @@
 //! The product's core operations, tying preprocessing, the embedder, the
-//! index and the gallery together: add images, search by image, rebuild the
-//! index at start. HTTP-agnostic; `api/` translates.
+//! index and the gallery together: add, search, list, delete, and keeping the
+//! index in step with the store across restarts. HTTP-agnostic; `api/`
+//! translates.
+//!
+//! Order of writes: the store first, then the index. The store is the truth;
+//! whatever the index missed in a crash is reconciled at the next start.
 
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -9,20 +15,24 @@ use futures::future::join_all;
 use serde::Serialize;
 
 use crate::embed::{EmbedError, Embedded, Embedder, Priority};
-use crate::gallery::{Gallery, GalleryError, Inserted, ItemSummary, NewItem};
-use crate::index::{Index, IndexError};
+use crate::gallery::{content_hash, Gallery, GalleryError, ItemSummary, NewItem};
+use crate::index::{Index, IndexError, Loaded};
 use crate::preprocess::{Prepared, PreprocessError, PreprocessPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("image {position}: {source}")]
     Image { position: usize, source: PreprocessError },
+    #[error("image {position} duplicates item {existing} (similarity {score:.4})")]
+    Duplicate { position: usize, existing: i64, score: f32 },
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
     Store(#[from] GalleryError),
     #[error(transparent)]
     Index(#[from] IndexError),
+    #[error("background task failed: {0}")]
+    Task(String),
 }
 
 /// An uploaded image with what the client said about it.
@@ -33,6 +43,41 @@ pub struct Upload {
     pub metadata: serde_json::Value,
 }
 
+/// What to do with an upload that duplicates a stored item: byte-identical,
+/// or an embedding within the near-duplicate distance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDuplicate {
+    /// Store it anyway and say which item it duplicates.
+    #[default]
+    Allow,
+    /// Do not store it; report the existing item (what a resumed import wants).
+    Skip,
+    /// Refuse the whole request (409).
+    Reject,
+}
+
+/// A stored item close to an upload.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct NearDuplicate {
+    pub id: i64,
+    pub score: f32,
+}
+
+/// What `add` reports for each upload, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Added {
+    /// The new item, or for a skipped upload the item that already holds it.
+    pub id: i64,
+    /// `added` or `skipped`.
+    pub status: &'static str,
+    pub content_hash: String,
+    /// An older item with byte-identical content.
+    pub duplicate_of: Option<i64>,
+    /// The most similar older item, when closer than the near-duplicate distance.
+    pub near_duplicate_of: Option<NearDuplicate>,
+}
+
 /// One search result: the item and its cosine similarity to the query.
 #[derive(Debug, Clone, Serialize)]
 pub struct Neighbour {
@@ -40,6 +85,16 @@ pub struct Neighbour {
     pub score: f32,
     pub label: Option<String>,
     pub metadata: serde_json::Value,
+}
+
+/// What a search asks for besides the image.
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    pub k: usize,
+    /// Only items with this label.
+    pub label: Option<String>,
+    /// Only results at least this similar.
+    pub min_score: Option<f32>,
 }
 
 /// Where a search spent its time, in milliseconds.
@@ -62,6 +117,19 @@ pub struct SearchOutcome {
     pub timing: Timing,
 }
 
+/// How the index was made ready at start.
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexStartup {
+    /// `reloaded` or `rebuilt`.
+    pub source: &'static str,
+    pub reason: String,
+    pub items: usize,
+    /// Items the dump lacked (added from stored embeddings) or held in excess (tombstoned).
+    pub added: usize,
+    pub removed: usize,
+    pub seconds: f64,
+}
+
 /// Cheap-clone handle over the service's parts.
 #[derive(Clone)]
 pub struct Catalog {
@@ -69,71 +137,198 @@ pub struct Catalog {
     pub index: Index,
     pub gallery: Gallery,
     pub preprocess: PreprocessPool,
+    pub settings: CatalogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct CatalogSettings {
+    /// Where index dumps live.
+    pub index_dir: PathBuf,
+    /// Cosine distance under which an upload is a near duplicate.
+    pub near_duplicate_distance: f32,
+    /// Tombstones, as a fraction of the graph, that trigger a compaction.
+    pub compact_fraction: f64,
 }
 
 impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
-    /// image is accepted or none is stored.
-    pub async fn add(&self, uploads: Vec<Upload>) -> Result<Vec<Inserted>, CatalogError> {
+    /// stored image is committed or none is.
+    pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
         let prepared = self.prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
         let (pixels, shapes): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.pixels, (p.format, p.width, p.height))).unzip();
         let embeddings = self.embed_all(pixels, Priority::Interactive).await?;
-        let items = uploads
-            .into_iter()
-            .zip(shapes)
-            .zip(embeddings)
-            .map(|((upload, (format, width, height)), embedding)| NewItem {
-                image: upload.bytes,
-                media_type: format.to_mime_type().to_string(),
-                width,
-                height,
-                label: upload.label,
-                metadata: upload.metadata,
-                embedding,
-            })
-            .collect::<Vec<_>>();
-        let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
-        let inserted = self.gallery.insert(items, self.embedder.info().model_key.clone()).await?;
-        for (item, vector) in inserted.iter().zip(&vectors) {
-            self.index.insert(item.id, vector)?;
+        let mut reports = Vec::with_capacity(uploads.len());
+        let mut items = Vec::new();
+        for (position, ((upload, (format, width, height)), embedding)) in
+            uploads.into_iter().zip(shapes).zip(embeddings).enumerate()
+        {
+            let hash = content_hash(&upload.bytes);
+            let exact = self.gallery.find_by_hash(hash.clone()).await?;
+            let near = self.nearest_duplicate(&embedding)?;
+            let duplicate = exact.map(|id| (id, 1.0)).or(near.map(|n| (n.id, n.score)));
+            match (on_duplicate, duplicate) {
+                (OnDuplicate::Reject, Some((existing, score))) => {
+                    return Err(CatalogError::Duplicate { position, existing, score })
+                }
+                (OnDuplicate::Skip, Some((existing, _))) => reports.push(Added {
+                    id: existing,
+                    status: "skipped",
+                    content_hash: hash,
+                    duplicate_of: exact,
+                    near_duplicate_of: near,
+                }),
+                _ => {
+                    reports.push(Added {
+                        id: 0,
+                        status: "added",
+                        content_hash: hash,
+                        duplicate_of: exact,
+                        near_duplicate_of: near,
+                    });
+                    items.push(NewItem {
+                        image: upload.bytes,
+                        media_type: format.to_mime_type().to_string(),
+                        width,
+                        height,
+                        label: upload.label,
+                        metadata: upload.metadata,
+                        embedding,
+                    });
+                }
+            }
         }
-        Ok(inserted)
+        let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
+        let inserted = self.gallery.insert(items, self.model()).await?;
+        let mut new_ids = inserted.iter().map(|i| i.id);
+        for report in reports.iter_mut().filter(|r| r.status == "added") {
+            report.id = new_ids.next().expect("one stored item per added report");
+            // Byte duplicates inside this very request are found by the store.
+            report.duplicate_of =
+                report.duplicate_of.or(inserted.iter().find(|i| i.id == report.id).and_then(|i| i.duplicate_of));
+        }
+        let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
+        self.blocking_index(move |index| index.insert(&entries)).await??;
+        Ok(reports)
     }
 
-    /// The `k` gallery items most similar to the image.
-    pub async fn search(&self, bytes: Bytes, k: usize) -> Result<SearchOutcome, CatalogError> {
+    /// The most similar stored item, when it is within the near-duplicate distance.
+    fn nearest_duplicate(&self, embedding: &[f32]) -> Result<Option<NearDuplicate>, CatalogError> {
+        let threshold = 1.0 - self.settings.near_duplicate_distance;
+        let best = self.index.search(embedding, 1, None)?.into_iter().next();
+        Ok(best.filter(|hit| hit.score >= threshold).map(|hit| NearDuplicate { id: hit.id, score: hit.score }))
+    }
+
+    /// The gallery items most similar to the image.
+    pub async fn search(&self, bytes: Bytes, query: &SearchQuery) -> Result<SearchOutcome, CatalogError> {
         let start = Instant::now();
         let prepared = self.prepare_all(vec![bytes]).await?.remove(0);
         let preprocessed = Instant::now();
-        let query = self.embedder.embed(prepared.pixels, Priority::Interactive).await?;
-        let embedded = Instant::now();
-        let hits = self.index.search(&query.vector, k)?;
+        let embedded = self.embedder.embed(prepared.pixels, Priority::Interactive).await?;
+        let after_embed = Instant::now();
+        let allowed = match &query.label {
+            Some(label) => Some(self.gallery.ids_with_label(label.clone()).await?),
+            None => None,
+        };
+        let mut hits = self.index.search(&embedded.vector, query.k, allowed.as_deref())?;
+        if let Some(min) = query.min_score {
+            hits.retain(|hit| hit.score >= min);
+        }
         let searched = Instant::now();
         let summaries = self.gallery.summaries(hits.iter().map(|h| h.id).collect()).await?;
+        // An item deleted between the index search and here is simply left out.
         let results =
             hits.into_iter().filter_map(|hit| summaries.get(&hit.id).map(|item| neighbour(hit.score, item))).collect();
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let timing = Timing {
             preprocess_ms: ms(start, preprocessed),
-            embed_ms: ms(preprocessed, embedded),
-            queue_ms: query.queue_wait.as_secs_f64() * 1e3,
-            batch_size: query.batch_size,
-            search_ms: ms(embedded, searched),
+            embed_ms: ms(preprocessed, after_embed),
+            queue_ms: embedded.queue_wait.as_secs_f64() * 1e3,
+            batch_size: embedded.batch_size,
+            search_ms: ms(after_embed, searched),
             total_ms: ms(start, Instant::now()),
         };
         Ok(SearchOutcome { results, timing })
     }
 
-    /// Fills the index from stored embeddings of the active model, embedding
-    /// (from the stored originals) only the items that have none yet.
-    pub async fn rebuild_index(&self) -> Result<usize, CatalogError> {
-        let model = self.embedder.info().model_key.clone();
+    /// Deletes an item: from the store (committed), then from results at once;
+    /// compacts the index in the background once tombstones pile up.
+    pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
+        if !self.gallery.delete(id).await? {
+            return Ok(false);
+        }
+        self.blocking_index(move |index| index.delete(&[id])).await?;
+        if self.index.needs_compaction(self.settings.compact_fraction) {
+            let index = self.index.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let purged = index.compact();
+                tracing::info!(purged, seconds = started.elapsed().as_secs_f64(), "index compacted");
+            });
+        }
+        Ok(true)
+    }
+
+    /// Makes the index match the store at start: reload the last dump of the
+    /// active model and reconcile it, or rebuild from stored embeddings. Images
+    /// are re-embedded only for items with no embedding of the active model.
+    pub async fn open_index(&mut self) -> Result<IndexStartup, CatalogError> {
+        let started = Instant::now();
+        self.embed_missing().await?;
+        let model = self.model();
+        let (dir, dim) = (self.settings.index_dir.clone(), self.embedder.info().dim);
+        let (loaded, outcome) = tokio::task::spawn_blocking(move || Index::load(&dir, &model, dim))
+            .await
+            .map_err(|e| CatalogError::Task(e.to_string()))?;
+        let stored: HashSet<i64> = self.gallery.embedded_ids(self.model()).await?.into_iter().collect();
+        let (source, reason, index) = match (loaded, outcome) {
+            (Some(index), Loaded::Reloaded { points, seconds }) => {
+                ("reloaded", format!("dump of {points} points read in {seconds:.2} s"), index)
+            }
+            (_, Loaded::Missing) => ("rebuilt", "no index dump".to_string(), Index::new(dim, stored.len())),
+            (_, Loaded::Stale(why)) => ("rebuilt", format!("stale dump: {why}"), Index::new(dim, stored.len())),
+            (_, other) => ("rebuilt", format!("unusable dump: {other:?}"), Index::new(dim, stored.len())),
+        };
+        self.index = index;
+        let in_index = self.index.live_ids();
+        let missing: Vec<i64> = stored.difference(&in_index).copied().collect();
+        let extra: Vec<i64> = in_index.difference(&stored).copied().collect();
+        for chunk in missing.chunks(4096) {
+            let vectors = self.gallery.embeddings_of(self.model(), chunk.to_vec()).await?;
+            self.blocking_index(move |index| index.insert(&vectors)).await??;
+        }
+        let removed = extra.len();
+        self.blocking_index(move |index| index.delete(&extra)).await?;
+        Ok(IndexStartup {
+            source,
+            reason,
+            items: self.index.len(),
+            added: missing.len(),
+            removed,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Dumps the index if it changed since the last dump.
+    pub async fn dump_index(&self) -> Result<(), CatalogError> {
+        if !self.index.is_dirty() {
+            return Ok(());
+        }
+        let (dir, model) = (self.settings.index_dir.clone(), self.model());
+        let report = self.blocking_index(move |index| index.dump(&dir, &model)).await??;
+        tracing::info!(points = report.points, seconds = report.seconds, "index dumped");
+        Ok(())
+    }
+
+    /// Embeds, from their stored originals, the items that have no embedding
+    /// of the active model (a new model), at bulk priority.
+    async fn embed_missing(&self) -> Result<(), CatalogError> {
+        let model = self.model();
         const CHUNK: usize = 64;
         loop {
             let missing = self.gallery.missing_embeddings(model.clone(), CHUNK).await?;
             if missing.is_empty() {
-                break;
+                return Ok(());
             }
             tracing::info!(count = missing.len(), %model, "embedding stored images for the active model");
             let (ids, images): (Vec<i64>, Vec<Bytes>) = missing.into_iter().map(|(id, b)| (id, b.into())).unzip();
@@ -141,11 +336,19 @@ impl Catalog {
             let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Bulk).await?;
             self.gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
         }
-        let stored = self.gallery.embeddings(model).await?;
-        for (id, vector) in &stored {
-            self.index.insert(*id, vector)?;
-        }
-        Ok(stored.len())
+    }
+
+    fn model(&self) -> String {
+        self.embedder.info().model_key.clone()
+    }
+
+    /// Runs index work (graph inserts, dumps) off the async runtime.
+    async fn blocking_index<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Index) -> T + Send + 'static,
+    ) -> Result<T, CatalogError> {
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || f(&index)).await.map_err(|e| CatalogError::Task(e.to_string()))
     }
 
     /// Preprocesses images on the bounded pool, all at once.

@@ -90,6 +90,19 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_DECODED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_decoded_bytes: u64,
 
+    /// Seconds between index dumps (taken only when the index changed; one is
+    /// always taken at shutdown). 0 disables the periodic dumps.
+    #[arg(long, env = "LOOKALIKE_INDEX_DUMP_INTERVAL_SECS", default_value_t = 60)]
+    pub index_dump_interval_secs: u64,
+
+    /// Cosine distance under which an upload is reported as a near duplicate of a stored item.
+    #[arg(long, env = "LOOKALIKE_NEAR_DUPLICATE_DISTANCE", default_value_t = 0.01)]
+    pub near_duplicate_distance: f32,
+
+    /// Deleted items, as a fraction of the index, that trigger a rebuild without them.
+    #[arg(long, env = "LOOKALIKE_COMPACT_FRACTION", default_value_t = 0.1)]
+    pub compact_fraction: f64,
+
     /// Most images one `POST /gallery` request may carry.
     #[arg(long, env = "LOOKALIKE_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
     pub max_images_per_request: usize,

@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, RequestLimits};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogSettings};
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::gallery::Gallery;
@@ -23,7 +23,11 @@ pub struct Application {
     listener: TcpListener,
     address: SocketAddr,
     state: AppState,
+    dump_interval: Duration,
 }
+
+/// Index dumps live here, inside the data directory.
+const INDEX_DIR: &str = "index";
 
 impl Application {
     /// Loads the model, opens the store, rebuilds the index and binds the port.
@@ -45,13 +49,22 @@ impl Application {
         metrics::model_info(&info.model_key, &info.device, &info.precision.to_string());
         let gallery = Gallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
-        let index = Index::new(manifest.embedding.dim, gallery.count().await? as usize);
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(manifest.input.clone(), limits), config.preprocess_threads);
-        let catalog = Catalog { embedder, index, gallery, preprocess };
-        let indexed = catalog.rebuild_index().await?;
-        tracing::info!(items = indexed, data_dir = %config.data_dir.display(), "index built from the gallery");
+        let settings = CatalogSettings {
+            index_dir: config.data_dir.join(INDEX_DIR),
+            near_duplicate_distance: config.near_duplicate_distance,
+            compact_fraction: config.compact_fraction,
+        };
+        let index = Index::new(manifest.embedding.dim, 0);
+        let mut catalog = Catalog { embedder, index, gallery, preprocess, settings };
+        let startup = catalog.open_index().await?;
+        tracing::info!(
+            source = startup.source, reason = %startup.reason, items = startup.items, added = startup.added,
+            removed = startup.removed, seconds = startup.seconds, data_dir = %config.data_dir.display(),
+            "index ready"
+        );
 
         let listener = TcpListener::bind((config.host, config.port))
             .await
@@ -62,17 +75,46 @@ impl Application {
             max_images_per_request: config.max_images_per_request,
             max_k: config.max_k,
         };
-        Ok(Self { listener, address, state: AppState { catalog, limits: Arc::new(limits), metrics: metrics_handle } })
+        let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
+        let state =
+            AppState { catalog, limits: Arc::new(limits), metrics: metrics_handle, index_startup: Arc::new(startup) };
+        Ok(Self { listener, address, state, dump_interval })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.address
     }
 
-    /// Serves until `shutdown` resolves, then lets in-flight requests finish.
+    /// Serves until `shutdown` resolves, lets in-flight requests finish, then
+    /// dumps the index so the next start reloads it.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(address = %self.address, "listening");
-        axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await
+        let catalog = self.state.catalog.clone();
+        let dumper = (!self.dump_interval.is_zero())
+            .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
+        let served = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await;
+        if let Some(dumper) = dumper {
+            dumper.abort();
+            let _ = dumper.await; // a dump in progress finishes on its blocking thread either way
+        }
+        if let Err(error) = catalog.dump_index().await {
+            tracing::error!(%error, "could not dump the index at shutdown; the next start rebuilds it");
+        }
+        served
+    }
+}
+
+/// Dumps the index every `interval` when it changed, so a crash loses at most
+/// that much of the index (the store loses nothing; a start reconciles).
+async fn dump_periodically(catalog: Catalog, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        ticks.tick().await;
+        if let Err(error) = catalog.dump_index().await {
+            tracing::error!(%error, "periodic index dump failed");
+        }
     }
 }
 

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// 405: the route exists but not with this method.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// 409: the request conflicts with what is stored (a refused duplicate).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     /// 413: the body, or an image's dimensions, exceed a configured limit.
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
@@ -63,6 +66,7 @@ impl ApiError {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
             Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
@@ -135,7 +139,7 @@ impl From<IndexError> for ApiError {
     fn from(e: IndexError) -> Self {
         match e {
             // Embeddings come from our own encoder: a bad one is our bug, not the client's.
-            IndexError::Dimension { .. } | IndexError::NotFinite => Self::Internal(e.to_string()),
+            IndexError::Dimension { .. } | IndexError::NotFinite | IndexError::Dump(_) => Self::Internal(e.to_string()),
         }
     }
 }
@@ -144,6 +148,8 @@ impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
             CatalogError::Image { position, source } => image_error(Some(position), source),
+            CatalogError::Duplicate { .. } => Self::Conflict { code: "duplicate", message: e.to_string() },
+            CatalogError::Task(_) => Self::Internal(e.to_string()),
             CatalogError::Embed(e) => e.into(),
             CatalogError::Store(e) => e.into(),
             CatalogError::Index(e) => e.into(),

@@ -1,21 +1,33 @@
-//! `/gallery`: adding images.
+//! `/gallery`: adding, listing, fetching and deleting items.
 
+use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::{Multipart, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Multipart, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::upload::read_gallery_form;
 use super::AppState;
-use crate::catalog::Upload;
-use crate::gallery::Inserted;
+use crate::catalog::{Added, OnDuplicate, Upload};
+use crate::gallery::ItemSummary;
+
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+#[derive(Debug, Deserialize)]
+pub struct AddParams {
+    #[serde(default)]
+    on_duplicate: OnDuplicate,
+}
 
 #[derive(Serialize)]
 pub struct AddedItem {
     #[serde(flatten)]
-    inserted: Inserted,
+    added: Added,
     label: Option<String>,
 }
 
@@ -27,8 +39,10 @@ pub struct AddResponse {
 /// `POST /gallery`: stores every image of the form, or none (201 when stored).
 pub async fn add(
     State(state): State<AppState>,
+    params: Result<Query<AddParams>, QueryRejection>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<AddResponse>), ApiError> {
+    let Query(params) = params?;
     let form = read_gallery_form(form?, state.limits.max_images_per_request).await?;
     let metadata = form.metadata.unwrap_or_else(|| serde_json::json!({}));
     let uploads = form
@@ -36,7 +50,78 @@ pub async fn add(
         .into_iter()
         .map(|bytes| Upload { bytes, label: form.label.clone(), metadata: metadata.clone() })
         .collect();
-    let inserted = state.catalog.add(uploads).await?;
-    let items = inserted.into_iter().map(|inserted| AddedItem { inserted, label: form.label.clone() }).collect();
-    Ok((StatusCode::CREATED, Json(AddResponse { items })))
+    let added = state.catalog.add(uploads, params.on_duplicate).await?;
+    let any_stored = added.iter().any(|a| a.status == "added");
+    let items = added.into_iter().map(|added| AddedItem { added, label: form.label.clone() }).collect();
+    // 201 when something was stored; 200 when every image was a skipped duplicate.
+    let status = if any_stored { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(AddResponse { items })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    label: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<i64>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct ListResponse {
+    items: Vec<ItemSummary>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    next_cursor: Option<i64>,
+}
+
+/// `GET /gallery?label=&cursor=&limit=`: items in id order, a page at a time.
+pub async fn list(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(params) = params?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid("invalid_limit", format!("limit must be between 1 and {MAX_PAGE}")));
+    }
+    let items = state.catalog.gallery.list(params.label, params.cursor.unwrap_or(0), limit).await?;
+    let next_cursor = if items.len() == limit { items.last().map(|i| i.id) } else { None };
+    Ok(Json(ListResponse { items, next_cursor }))
+}
+
+/// `GET /gallery/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<ItemSummary>, ApiError> {
+    let id = item_id(id)?;
+    state.catalog.gallery.summary(id).await?.map(Json).ok_or_else(|| no_item(id))
+}
+
+/// `GET /gallery/{id}/image`: the original bytes, as uploaded.
+pub async fn image(State(state): State<AppState>, id: Result<Path<i64>, PathRejection>) -> Result<Response, ApiError> {
+    let id = item_id(id)?;
+    let (media_type, bytes) = state.catalog.gallery.image(id).await?.ok_or_else(|| no_item(id))?;
+    let headers = [(header::CONTENT_TYPE, media_type), (header::CACHE_CONTROL, "private, max-age=3600".to_string())];
+    Ok((headers, Body::from(bytes)).into_response())
+}
+
+/// `DELETE /gallery/{id}`: gone from search results at once (204).
+pub async fn delete(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = item_id(id)?;
+    if state.catalog.delete(id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(no_item(id))
+    }
+}
+
+fn item_id(id: Result<Path<i64>, PathRejection>) -> Result<i64, ApiError> {
+    id.map(|Path(id)| id).map_err(|_| ApiError::bad_request("invalid_id", "item ids are integers"))
+}
+
+fn no_item(id: i64) -> ApiError {
+    ApiError::NotFound(format!("no gallery item {id}"))
 }

@@ -16,6 +16,8 @@ pub struct Health {
     max_batch: usize,
     cuda_available: bool,
     indexed_items: usize,
+    /// How the index was made ready at start: `reloaded` (from its dump) or `rebuilt`.
+    index_source: &'static str,
 }
 
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
@@ -29,5 +31,6 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         max_batch: info.policy.max_batch,
         cuda_available: info.cuda.available,
         indexed_items: state.catalog.index.len(),
+        index_source: state.index_startup.source,
     })
 }

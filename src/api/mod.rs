@@ -24,7 +24,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, IndexStartup};
 
 /// Per-request limits taken from the configuration.
 #[derive(Debug, Clone)]
@@ -40,6 +40,7 @@ pub struct AppState {
     pub catalog: Catalog,
     pub limits: Arc<RequestLimits>,
     pub metrics: PrometheusHandle,
+    pub index_startup: Arc<IndexStartup>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -51,7 +52,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(metrics::render))
         .route("/openapi.yaml", get(openapi))
-        .route("/gallery", post(gallery::add))
+        .route("/gallery", post(gallery::add).get(gallery::list))
+        .route("/gallery/{id}", get(gallery::get).delete(gallery::delete))
+        .route("/gallery/{id}/image", get(gallery::image))
         .route("/search", post(search::search))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

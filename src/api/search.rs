@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::upload::read_query_image;
 use super::AppState;
-use crate::catalog::{Neighbour, Timing};
+use crate::catalog::{Neighbour, SearchQuery, Timing};
 
 const DEFAULT_K: usize = 10;
 
@@ -16,6 +16,10 @@ const DEFAULT_K: usize = 10;
 pub struct SearchParams {
     /// How many neighbours to return.
     k: Option<usize>,
+    /// Only items with this label.
+    label: Option<String>,
+    /// Only results with at least this cosine similarity.
+    min_score: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -36,8 +40,12 @@ pub async fn search(
     if k == 0 || k > state.limits.max_k {
         return Err(ApiError::invalid("invalid_k", format!("k must be between 1 and {}", state.limits.max_k)));
     }
+    if params.min_score.is_some_and(|m| !(-1.0..=1.0).contains(&m)) {
+        return Err(ApiError::invalid("invalid_min_score", "min_score must be between -1 and 1"));
+    }
     let image = read_query_image(request, &state).await?;
-    let outcome = state.catalog.search(image, k).await?;
+    let query = SearchQuery { k, label: params.label, min_score: params.min_score };
+    let outcome = state.catalog.search(image, &query).await?;
     Ok(Json(SearchResponse {
         model: state.catalog.embedder.info().model_key.clone(),
         results: outcome.results,

@@ -48,6 +48,11 @@ pub struct Inserted {
     pub duplicate_of: Option<i64>,
 }
 
+/// Hex SHA-256 of an image's bytes: how exact duplicates are recognised.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// An item without its image bytes.
 #[derive(Debug, Clone, Serialize)]
 pub struct ItemSummary {
@@ -128,6 +133,91 @@ impl Gallery {
         .await
     }
 
+    /// One item's summary.
+    pub async fn summary(&self, id: i64) -> Result<Option<ItemSummary>, GalleryError> {
+        Ok(self.summaries(vec![id]).await?.remove(&id))
+    }
+
+    /// A page of items in id order, after `after` (a cursor), optionally of one label.
+    pub async fn list(
+        &self,
+        label: Option<String>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ItemSummary>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items
+                 WHERE id > ?1 AND (?2 IS NULL OR label = ?2) ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![after, label, limit as i64], summary_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The original bytes and media type of an item.
+    pub async fn image(&self, id: i64) -> Result<Option<(String, Vec<u8>)>, GalleryError> {
+        self.with_conn(move |conn| {
+            let row = conn
+                .query_row("SELECT media_type, image FROM items WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(row)
+        })
+        .await
+    }
+
+    /// Deletes an item and its embeddings; `false` if there was none.
+    pub async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
+        self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
+    }
+
+    /// Ids of the items with this label, ascending.
+    pub async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT id FROM items WHERE label = ?1 ORDER BY id")?;
+            let rows = stmt.query_map([label], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The oldest item with these exact bytes (by SHA-256), if any.
+    pub async fn find_by_hash(&self, content_hash: String) -> Result<Option<i64>, GalleryError> {
+        self.with_conn(move |conn| {
+            let id = conn
+                .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [content_hash], |r| r.get(0))
+                .optional()?;
+            Ok(id.flatten())
+        })
+        .await
+    }
+
+    /// Ids of the items that have an embedding under `model`.
+    pub async fn embedded_ids(&self, model: String) -> Result<Vec<i64>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare("SELECT item_id FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
+            let rows = stmt.query_map([model], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The embeddings under `model` of the given ids (those that have one).
+    pub async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT vector FROM embeddings WHERE model = ?1 AND item_id = ?2")?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(blob) = stmt.query_row(params![model, id], |r| r.get::<_, Vec<u8>>(0)).optional()? {
+                    out.push((id, decode_vector(&blob)?));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn count(&self) -> Result<u64, GalleryError> {
         self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
     }
@@ -177,7 +267,7 @@ impl Gallery {
 }
 
 fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
-    let content_hash = hex::encode(Sha256::digest(&item.image));
+    let content_hash = content_hash(&item.image);
     let duplicate_of: Option<i64> = tx
         .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [&content_hash], |r| r.get(0))
         .optional()?

@@ -38,6 +38,9 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         max_body_bytes: 4 * 1024 * 1024,
         max_image_side: 4096,
         max_decoded_bytes: 64 * 1024 * 1024,
+        index_dump_interval_secs: 60,
+        near_duplicate_distance: 0.01,
+        compact_fraction: 0.1,
         max_images_per_request: 16,
         max_k: 50,
     }

@@ -3,5 +3,6 @@
 mod batching;
 mod errors;
 mod formats;
+mod gallery;
 mod helpers;
 mod search;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::helpers::{config, fixtures, spawn_app, spawn_with, TestApp};
 
 /// Uploads every fixture with its class as label; returns `(id, class, bytes)`.
-async fn add_fixtures(app: &TestApp) -> Vec<(i64, String, Vec<u8>)> {
+pub async fn add_fixtures(app: &TestApp) -> Vec<(i64, String, Vec<u8>)> {
     let mut added = Vec::new();
     for (class, bytes) in fixtures() {
         let response =
@@ -86,9 +86,12 @@ async fn the_gallery_survives_a_restart() {
     let data_dir = app.data_dir.clone();
     let guard = app.stop().await;
 
+    assert!(data_dir.join("index/CURRENT").exists(), "a graceful stop dumps the index");
+
     let app = spawn_with(config(&data_dir)).await;
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["indexed_items"], added.len());
+    assert_eq!(health["index_source"], "reloaded", "the dump is reloaded, not rebuilt: {health}");
     let (id, _, bytes) = &added[4];
     let (hit, _, _) = top_hit(app.search_raw(bytes, "1", "image/png").await).await;
     assert_eq!(hit, *id);
