@@ -1,6 +1,7 @@
 //! Integration tests through the front door: one binary, one module per area.
 
 mod batching;
+mod crash;
 mod errors;
 mod formats;
 mod gallery;
