@@ -43,17 +43,19 @@ pub struct Upload {
     pub metadata: serde_json::Value,
 }
 
-/// What to do with an upload that duplicates a stored item: byte-identical,
-/// or an embedding within the near-duplicate distance.
+/// What to do with an upload that duplicates a stored item. Both kinds are
+/// always reported: byte-identical (`duplicate_of`) and near duplicates, an
+/// embedding within the near-duplicate distance (`near_duplicate_of`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnDuplicate {
-    /// Store it anyway and say which item it duplicates.
+    /// Store it anyway.
     #[default]
     Allow,
-    /// Do not store it; report the existing item (what a resumed import wants).
+    /// Do not store byte-identical uploads; report the existing item instead
+    /// (what a resumed import wants). Near duplicates are stored.
     Skip,
-    /// Refuse the whole request (409).
+    /// Refuse the whole request (409) if any upload is a duplicate of either kind.
     Reject,
 }
 
@@ -171,7 +173,7 @@ impl Catalog {
                 (OnDuplicate::Reject, Some((existing, score))) => {
                     return Err(CatalogError::Duplicate { position, existing, score })
                 }
-                (OnDuplicate::Skip, Some((existing, _))) => reports.push(Added {
+                (OnDuplicate::Skip, Some((existing, _))) if exact.is_some() => reports.push(Added {
                     id: existing,
                     status: "skipped",
                     content_hash: hash,

@@ -23,6 +23,10 @@ pub enum Command {
     /// Measure a model's retrieval quality on Fashion-MNIST (seen, unseen and
     /// all classes, next to raw pixels) and its pair-verification threshold.
     Eval(crate::eval::EvalConfig),
+    /// Add a folder of images to a running service: one sub-folder per label,
+    /// or images at the top (unlabelled). Already-stored files are skipped, so
+    /// a re-run resumes.
+    Import(crate::import::ImportConfig),
 }
 
 /// Everything `lookalike serve` can be told. Every option has an environment

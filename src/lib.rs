@@ -8,6 +8,7 @@ pub mod config;
 pub mod embed;
 pub mod eval;
 pub mod gallery;
+pub mod import;
 pub mod index;
 pub mod manifest;
 pub mod metrics;

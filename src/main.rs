@@ -12,6 +12,10 @@ async fn main() -> anyhow::Result<()> {
             let app = Application::build(config).await?;
             app.run_until_stopped(shutdown_signal()).await?;
         }
+        Command::Import(config) => {
+            let summary = lookalike::import::run(&config).await?;
+            print!("{}", summary.render());
+        }
         Command::Eval(config) => {
             let report = tokio::task::spawn_blocking(move || lookalike::eval::run(&config)).await??;
             print!("{}", lookalike::eval::render(&report));

@@ -6,4 +6,5 @@ mod errors;
 mod formats;
 mod gallery;
 mod helpers;
+mod import;
 mod search;
