@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup
+.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index
 
 setup: $(STAMP)
 
@@ -91,3 +91,9 @@ bench-embed: setup
 
 bench-http: build bench-setup dataset
 	$(VENV)/bin/python bench/search_load.py
+
+# The index at 100k vectors: hnsw_rs as the service calls it, variants, and
+# the same data through hnswlib; plus start-up on a 100k-item gallery.
+bench-index: bench-setup dataset
+	cargo bench --locked --bench index_scale
+	$(VENV)/bin/python bench/index_hnswlib.py

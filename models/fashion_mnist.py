@@ -28,3 +28,28 @@ def load(split: str, data_dir: Path = DATA_DIR) -> tuple[np.ndarray, np.ndarray]
     images = _read_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
     return images, labels.astype(np.int64)
+
+
+def export_folders(split: str, out: Path, limit: int | None = None) -> int:
+    """Writes the split as PNG files, one sub-folder per class name (the layout
+    `lookalike import` and `train.py --image-folder` read). Returns the count."""
+    from PIL import Image
+
+    images, labels = load(split)
+    count = len(images) if limit is None else min(limit, len(images))
+    for i in range(count):
+        folder = out / CLASSES[labels[i]].replace(" ", "-").lower()
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{split}-{i:05d}.png")
+    return count
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export Fashion-MNIST as image folders (one per class).")
+    parser.add_argument("--split", choices=["train", "test"], default="test")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args()
+    print(f"wrote {export_folders(args.split, args.out, args.limit)} images under {args.out}")

@@ -156,49 +156,61 @@ impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
     /// stored image is committed or none is.
     pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
-        let prepared = self.prepare_all(uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
+        let mut exact = Vec::with_capacity(uploads.len());
+        for upload in &uploads {
+            let hash = content_hash(&upload.bytes);
+            let existing = self.gallery.find_by_hash(hash.clone()).await?;
+            exact.push((hash, existing));
+        }
+        // Byte-identical uploads that will be skipped are never decoded or embedded.
+        let todo: Vec<usize> =
+            (0..uploads.len()).filter(|&i| !(on_duplicate == OnDuplicate::Skip && exact[i].1.is_some())).collect();
+        let prepared =
+            self.prepare_all(todo.iter().map(|&i| uploads[i].bytes.clone()).collect()).await.map_err(|e| match e {
+                CatalogError::Image { position, source } => CatalogError::Image { position: todo[position], source },
+                other => other,
+            })?;
         let (pixels, shapes): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.pixels, (p.format, p.width, p.height))).unzip();
-        let embeddings = self.embed_all(pixels, Priority::Interactive).await?;
+        let vectors = self.embed_all(pixels, Priority::Interactive).await?;
+        let mut embeddings = todo.iter().copied().zip(shapes.into_iter().zip(vectors)).peekable();
         let mut reports = Vec::with_capacity(uploads.len());
         let mut items = Vec::new();
-        for (position, ((upload, (format, width, height)), embedding)) in
-            uploads.into_iter().zip(shapes).zip(embeddings).enumerate()
-        {
-            let hash = content_hash(&upload.bytes);
-            let exact = self.gallery.find_by_hash(hash.clone()).await?;
-            let near = self.nearest_duplicate(&embedding)?;
-            let duplicate = exact.map(|id| (id, 1.0)).or(near.map(|n| (n.id, n.score)));
-            match (on_duplicate, duplicate) {
-                (OnDuplicate::Reject, Some((existing, score))) => {
-                    return Err(CatalogError::Duplicate { position, existing, score })
-                }
-                (OnDuplicate::Skip, Some((existing, _))) if exact.is_some() => reports.push(Added {
+        for (position, (upload, (hash, exact))) in uploads.into_iter().zip(exact).enumerate() {
+            let Some((_, ((format, width, height), embedding))) = embeddings.next_if(|(i, _)| *i == position) else {
+                let existing = exact.expect("only byte duplicates are left unembedded");
+                let report = Added {
                     id: existing,
                     status: "skipped",
                     content_hash: hash,
                     duplicate_of: exact,
-                    near_duplicate_of: near,
-                }),
-                _ => {
-                    reports.push(Added {
-                        id: 0,
-                        status: "added",
-                        content_hash: hash,
-                        duplicate_of: exact,
-                        near_duplicate_of: near,
-                    });
-                    items.push(NewItem {
-                        image: upload.bytes,
-                        media_type: format.to_mime_type().to_string(),
-                        width,
-                        height,
-                        label: upload.label,
-                        metadata: upload.metadata,
-                        embedding,
-                    });
+                    near_duplicate_of: None,
+                };
+                reports.push(report);
+                continue;
+            };
+            let near = self.nearest_duplicate(&embedding)?;
+            if on_duplicate == OnDuplicate::Reject {
+                if let Some((existing, score)) = exact.map(|id| (id, 1.0)).or(near.map(|n| (n.id, n.score))) {
+                    return Err(CatalogError::Duplicate { position, existing, score });
                 }
             }
+            reports.push(Added {
+                id: 0,
+                status: "added",
+                content_hash: hash,
+                duplicate_of: exact,
+                near_duplicate_of: near,
+            });
+            items.push(NewItem {
+                image: upload.bytes,
+                media_type: format.to_mime_type().to_string(),
+                width,
+                height,
+                label: upload.label,
+                metadata: upload.metadata,
+                embedding,
+            });
         }
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
         let inserted = self.gallery.insert(items, self.model()).await?;

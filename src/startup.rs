@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, RequestLimits};
-use crate::catalog::{Catalog, CatalogSettings};
+use crate::catalog::{Catalog, CatalogSettings, IndexStartup};
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::gallery::Gallery;
@@ -83,6 +83,11 @@ impl Application {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// How the index was made ready: reloaded from its dump or rebuilt.
+    pub fn index_startup(&self) -> &IndexStartup {
+        &self.state.index_startup
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish, then

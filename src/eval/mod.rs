@@ -6,7 +6,7 @@
 //! set, for the seen classes (0-6, trained on), the unseen ones (7-9, never
 //! trained on) and all ten. Verification pairs come from seen-class test images.
 
-mod dataset;
+pub mod dataset;
 mod metrics;
 
 use std::path::{Path, PathBuf};

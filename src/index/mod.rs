@@ -31,6 +31,8 @@ const EF_CONSTRUCTION: usize = 200;
 const MAX_LAYERS: usize = 16;
 /// Smallest search breadth; larger `k` searches wider.
 const MIN_EF_SEARCH: usize = 64;
+/// Batches at least this large are inserted on all cores (rayon).
+const PARALLEL_INSERT_FROM: usize = 256;
 /// Up to this many tombstones a search over-fetches and drops them; beyond,
 /// it filters inside the graph walk (slower per query, but bounded).
 const OVERFETCH_LIMIT: usize = 256;
@@ -172,8 +174,13 @@ impl Index {
             items.iter().map(|(id, v)| Ok((*id, self.checked(v)?))).collect::<Result<_, IndexError>>()?;
         let mut writer = self.writer();
         let graph = self.graph();
-        for (id, v) in &checked {
-            graph.hnsw.insert((v, *id as usize));
+        if checked.len() >= PARALLEL_INSERT_FROM {
+            let refs: Vec<(&Vec<f32>, usize)> = checked.iter().map(|(id, v)| (v, *id as usize)).collect();
+            graph.hnsw.parallel_insert(&refs);
+        } else {
+            for (id, v) in &checked {
+                graph.hnsw.insert((v, *id as usize));
+            }
         }
         if let Some(journal) = writer.journal.as_mut() {
             journal.extend(checked.into_iter().map(|(id, v)| Change::Insert(id, v)));
@@ -234,6 +241,21 @@ impl Index {
     /// The `k` nearest live items, best first; with `allowed` (sorted ids),
     /// only those.
     pub fn search(&self, query: &[f32], k: usize, allowed: Option<&[i64]>) -> Result<Vec<Hit>, IndexError> {
+        self.search_inner(query, k, MIN_EF_SEARCH.max(2 * k), allowed)
+    }
+
+    /// `search` with an explicit search breadth (benchmarks, tuning).
+    pub fn search_with_ef(&self, query: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>, IndexError> {
+        self.search_inner(query, k, ef.max(k), None)
+    }
+
+    fn search_inner(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        allowed: Option<&[i64]>,
+    ) -> Result<Vec<Hit>, IndexError> {
         let q = self.checked(query)?;
         let graph = self.graph();
         if graph.hnsw.get_nb_point() == 0 || k == 0 {
@@ -244,13 +266,13 @@ impl Index {
         let neighbours = match allowed {
             Some(allowed) => {
                 let filter = |id: &usize| live(id) && allowed.binary_search(&(*id as i64)).is_ok();
-                graph.hnsw.search_filter(&q, k, MIN_EF_SEARCH.max(4 * k), Some(&filter))
+                graph.hnsw.search_filter(&q, k, 2 * ef, Some(&filter))
             }
             None if dead.len() <= OVERFETCH_LIMIT => {
                 let fetch = k + dead.len();
-                graph.hnsw.search(&q, fetch, MIN_EF_SEARCH.max(2 * fetch))
+                graph.hnsw.search(&q, fetch, ef.max(fetch))
             }
-            None => graph.hnsw.search_filter(&q, k, MIN_EF_SEARCH.max(2 * k), Some(&live)),
+            None => graph.hnsw.search_filter(&q, k, ef, Some(&live)),
         };
         let mut hits: Vec<Hit> = neighbours
             .into_iter()
