@@ -36,6 +36,9 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let manifest = Manifest::load(Path::new(BUNDLED_MODEL_DIR))?;
     let dim = manifest.embedding.dim;
+    if std::env::args().any(|a| a == "--profile-search") {
+        return profile_search(&manifest);
+    }
     let mut results = Vec::new();
     for (name, (base, queries)) in [("clustered", clustered(dim)), ("fashion-mnist", real_embeddings(&manifest)?)] {
         println!(
@@ -52,6 +55,26 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::write(out.join("hnsw_rs.json"), serde_json::to_vec_pretty(&results)?)?;
     startup(&manifest)?;
+    Ok(())
+}
+
+/// Builds the real-embedding index, then searches at ef 32 in a loop for a
+/// minute: attach a profiler to see where a query's time goes.
+///     cargo bench --bench index_scale -- --profile-search &
+///     perf record -F 499 -g -p <pid> -- sleep 20   (once it prints "searching")
+fn profile_search(manifest: &Manifest) -> anyhow::Result<()> {
+    let (base, queries) = real_embeddings(manifest)?;
+    let index = Index::new(manifest.embedding.dim, base.len());
+    index.insert(&base.iter().enumerate().map(|(i, v)| (i as i64, v.clone())).collect::<Vec<_>>())?;
+    println!("searching (pid {})", std::process::id());
+    let started = Instant::now();
+    let mut n = 0usize;
+    while started.elapsed().as_secs() < 60 {
+        for q in &queries {
+            n += index.search_with_ef(q, K, 32)?.len();
+        }
+    }
+    println!("{n} results");
     Ok(())
 }
 

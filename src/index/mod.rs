@@ -29,8 +29,10 @@ const MAX_CONNECTIONS: usize = 16;
 const EF_CONSTRUCTION: usize = 200;
 /// `hnsw_rs` can only dump graphs built with its maximum of 16 layers.
 const MAX_LAYERS: usize = 16;
-/// Smallest search breadth; larger `k` searches wider.
-const MIN_EF_SEARCH: usize = 64;
+/// Smallest search breadth; larger `k` searches wider. At 100k vectors 32
+/// gave recall@10 of 0.997 on real embeddings and 0.999 on clustered ones
+/// (bench/index_scale), and half the time of 64 for +0.001.
+const MIN_EF_SEARCH: usize = 32;
 /// Batches at least this large are inserted on all cores (rayon).
 const PARALLEL_INSERT_FROM: usize = 256;
 /// Up to this many tombstones a search over-fetches and drops them; beyond,
@@ -315,6 +317,7 @@ mod tests {
         v
     }
 
+    /// `n` items with distinct directions when `dim >= n` (ids from 100).
     fn filled(n: usize, dim: usize) -> Index {
         let index = Index::new(dim, n);
         let items: Vec<_> = (0..n).map(|i| (i as i64 + 100, unit(i, dim))).collect();
@@ -345,24 +348,24 @@ mod tests {
 
     #[test]
     fn deleted_ids_vanish_from_results_and_compaction_purges_them() {
-        let index = filled(32, 16);
+        let index = filled(32, 32);
         index.delete(&[105, 121]);
         assert_eq!(index.len(), 30);
-        let hits = index.search(&unit(5, 16), 32, None).unwrap();
+        let hits = index.search(&unit(5, 32), 32, None).unwrap();
         assert!(hits.iter().all(|h| h.id != 105 && h.id != 121), "{hits:?}");
         assert_eq!(hits.len(), 30);
         assert!(index.needs_compaction(0.05) && !index.needs_compaction(0.1));
         assert_eq!(index.compact(), 2);
         assert_eq!((index.len(), index.tombstones()), (30, 0));
-        assert_eq!(index.search(&unit(6, 16), 1, None).unwrap()[0].id, 106);
+        assert_eq!(index.search(&unit(6, 32), 1, None).unwrap()[0].id, 106);
         assert!(!index.live_ids().contains(&105));
     }
 
     #[test]
     fn an_allowed_list_restricts_results() {
-        let index = filled(32, 16);
+        let index = filled(32, 32);
         let allowed = [103, 110, 119];
-        let hits = index.search(&unit(10, 16), 5, Some(&allowed)).unwrap();
+        let hits = index.search(&unit(10, 32), 5, Some(&allowed)).unwrap();
         let ids: Vec<i64> = hits.iter().map(|h| h.id).collect();
         assert_eq!(ids[0], 110);
         assert!(ids.iter().all(|id| allowed.contains(id)), "{ids:?}");

@@ -154,8 +154,9 @@ fn now() -> i64 {
 mod tests {
     use super::*;
 
+    /// A distinct direction per `i`.
     fn vector(i: usize) -> Vec<f32> {
-        (0..8).map(|j| ((i * 7 + j * 3) % 11) as f32 + 0.5).collect()
+        (0..8).map(|j| ((i + 1) as f32 * (j + 1) as f32 * 0.618).sin()).collect()
     }
 
     #[test]
