@@ -234,8 +234,11 @@ fn lookalike_config(data_dir: &Path) -> lookalike::config::ServeConfig {
     Wrapper::parse_from(args).serve
 }
 
+/// Gallery vectors and query vectors.
+type DataSet = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// 100k unit vectors around 1,000 random centres, and held-out queries from the same mixture.
-fn clustered(dim: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+fn clustered(dim: usize) -> DataSet {
     let mut rng = SplitMix(42);
     let centres: Vec<Vec<f32>> = (0..1_000).map(|_| unit((0..dim).map(|_| rng.gaussian()).collect())).collect();
     let sample = |rng: &mut SplitMix| {
@@ -250,7 +253,7 @@ fn clustered(dim: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
 /// Embeddings of Fashion-MNIST through the bundled model: the 60k training
 /// images and 40k of them mirrored make the gallery, test images the queries.
 /// Cached under target/bench-index (embedding 101k images takes a minute or two).
-fn real_embeddings(manifest: &Manifest) -> anyhow::Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+fn real_embeddings(manifest: &Manifest) -> anyhow::Result<DataSet> {
     let dim = manifest.embedding.dim;
     let cache = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-index/fmnist-embeddings.cache"));
     if let Ok(bytes) = std::fs::read(&cache) {

@@ -226,8 +226,12 @@ impl Catalog {
         Ok(reports)
     }
 
-    /// The most similar stored item, when it is within the near-duplicate distance.
+    /// The most similar stored item, when it is within the near-duplicate
+    /// distance (a distance of 0 turns this off).
     fn nearest_duplicate(&self, embedding: &[f32]) -> Result<Option<NearDuplicate>, CatalogError> {
+        if self.settings.near_duplicate_distance <= 0.0 {
+            return Ok(None);
+        }
         let threshold = 1.0 - self.settings.near_duplicate_distance;
         let best = self.index.search(embedding, 1, None)?.into_iter().next();
         Ok(best.filter(|hit| hit.score >= threshold).map(|hit| NearDuplicate { id: hit.id, score: hit.score }))

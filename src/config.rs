@@ -99,8 +99,10 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_INDEX_DUMP_INTERVAL_SECS", default_value_t = 60)]
     pub index_dump_interval_secs: u64,
 
-    /// Cosine distance under which an upload is reported as a near duplicate of a stored item.
-    #[arg(long, env = "LOOKALIKE_NEAR_DUPLICATE_DISTANCE", default_value_t = 0.01)]
+    /// Cosine distance under which an upload is reported as a near duplicate of a stored
+    /// item; 0 (the default) turns it off. With the bundled model distinct images of one
+    /// class are as close as re-encoded copies (README), so it is off unless a model separates them.
+    #[arg(long, env = "LOOKALIKE_NEAR_DUPLICATE_DISTANCE", default_value_t = 0.0)]
     pub near_duplicate_distance: f32,
 
     /// Deleted items, as a fraction of the index, that trigger a rebuild without them.
