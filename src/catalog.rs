@@ -156,12 +156,9 @@ impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
     /// stored image is committed or none is.
     pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
-        let mut exact = Vec::with_capacity(uploads.len());
-        for upload in &uploads {
-            let hash = content_hash(&upload.bytes);
-            let existing = self.gallery.find_by_hash(hash.clone()).await?;
-            exact.push((hash, existing));
-        }
+        let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
+        let existing = self.gallery.oldest_with_hashes(hashes.clone()).await?;
+        let exact: Vec<(String, Option<i64>)> = hashes.into_iter().zip(existing).collect();
         // Byte-identical uploads that will be skipped are never decoded or embedded.
         let todo: Vec<usize> =
             (0..uploads.len()).filter(|&i| !(on_duplicate == OnDuplicate::Skip && exact[i].1.is_some())).collect();
@@ -204,6 +201,7 @@ impl Catalog {
             });
             items.push(NewItem {
                 image: upload.bytes,
+                content_hash: reports.last().expect("just pushed").content_hash.clone(),
                 media_type: format.to_mime_type().to_string(),
                 width,
                 height,
@@ -214,12 +212,11 @@ impl Catalog {
         }
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
         let inserted = self.gallery.insert(items, self.model()).await?;
-        let mut new_ids = inserted.iter().map(|i| i.id);
+        let mut stored = inserted.iter();
         for report in reports.iter_mut().filter(|r| r.status == "added") {
-            report.id = new_ids.next().expect("one stored item per added report");
-            // Byte duplicates inside this very request are found by the store.
-            report.duplicate_of =
-                report.duplicate_of.or(inserted.iter().find(|i| i.id == report.id).and_then(|i| i.duplicate_of));
+            let item = stored.next().expect("one stored item per added report");
+            // The store's answer also covers byte duplicates inside this very request.
+            (report.id, report.duplicate_of) = (item.id, item.duplicate_of);
         }
         let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
         self.blocking_index(move |index| index.insert(&entries)).await??;

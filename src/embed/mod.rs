@@ -8,7 +8,7 @@ mod queue;
 mod worker;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -75,7 +75,7 @@ struct Inner {
     /// Bounds the bulk entries in flight: bulk submitters wait for a slot
     /// instead of being refused.
     bulk_slots: Semaphore,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Vec<JoinHandle<()>>,
     info: EmbedderInfo,
 }
 
@@ -145,7 +145,7 @@ impl Embedder {
             policy,
         };
         let bulk_slots = Semaphore::new(4 * policy.max_batch);
-        Ok(Self { inner: Arc::new(Inner { queue, bulk_slots, threads: Mutex::new(threads), info }) })
+        Ok(Self { inner: Arc::new(Inner { queue, bulk_slots, threads, info }) })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -231,8 +231,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The batcher serves what is queued, then its hand-off closes and the workers end.
         self.queue.close();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
-        for handle in threads {
+        for handle in self.threads.drain(..) {
             let _ = handle.join();
         }
     }

@@ -31,6 +31,8 @@ pub enum GalleryError {
 #[derive(Debug, Clone)]
 pub struct NewItem {
     pub image: bytes::Bytes,
+    /// `content_hash(&image)`, computed once by the caller.
+    pub content_hash: String,
     pub media_type: String,
     pub width: u32,
     pub height: u32,
@@ -174,33 +176,18 @@ impl Gallery {
 
     /// Ids of the items with this label, ascending.
     pub async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT id FROM items WHERE label = ?1 ORDER BY id")?;
-            let rows = stmt.query_map([label], |r| r.get(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.with_conn(move |conn| ids(conn, "SELECT id FROM items WHERE label = ?1 ORDER BY id", label)).await
     }
 
-    /// The oldest item with these exact bytes (by SHA-256), if any.
-    pub async fn find_by_hash(&self, content_hash: String) -> Result<Option<i64>, GalleryError> {
-        self.with_conn(move |conn| {
-            let id = conn
-                .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [content_hash], |r| r.get(0))
-                .optional()?;
-            Ok(id.flatten())
-        })
-        .await
+    /// For each hash, the oldest item with those exact bytes, if any.
+    pub async fn oldest_with_hashes(&self, hashes: Vec<String>) -> Result<Vec<Option<i64>>, GalleryError> {
+        self.with_conn(move |conn| hashes.iter().map(|hash| oldest_with_hash(conn, hash)).collect()).await
     }
 
     /// Ids of the items that have an embedding under `model`.
     pub async fn embedded_ids(&self, model: String) -> Result<Vec<i64>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare("SELECT item_id FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
-            let rows = stmt.query_map([model], |r| r.get(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
+        self.with_conn(move |conn| ids(conn, "SELECT item_id FROM embeddings WHERE model = ?1 ORDER BY item_id", model))
+            .await
     }
 
     /// The embeddings under `model` of the given ids (those that have one).
@@ -267,11 +254,8 @@ impl Gallery {
 }
 
 fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
-    let content_hash = content_hash(&item.image);
-    let duplicate_of: Option<i64> = tx
-        .query_row("SELECT MIN(id) FROM items WHERE content_hash = ?1", [&content_hash], |r| r.get(0))
-        .optional()?
-        .flatten();
+    let content_hash = item.content_hash;
+    let duplicate_of = oldest_with_hash(tx, &content_hash)?;
     tx.execute(
         "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -292,6 +276,18 @@ fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Res
         params![id, model, encode_vector(&item.embedding)],
     )?;
     Ok(Inserted { id, content_hash, duplicate_of })
+}
+
+fn oldest_with_hash(conn: &Connection, content_hash: &str) -> Result<Option<i64>, GalleryError> {
+    let mut stmt = conn.prepare_cached("SELECT MIN(id) FROM items WHERE content_hash = ?1")?;
+    Ok(stmt.query_row([content_hash], |r| r.get(0)).optional()?.flatten())
+}
+
+/// Runs a query with one parameter whose rows are single ids.
+fn ids(conn: &Connection, sql: &str, param: String) -> Result<Vec<i64>, GalleryError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map([param], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
