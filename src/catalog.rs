@@ -5,19 +5,29 @@
 //!
 //! Order of writes: the store first, then the index. The store is the truth;
 //! whatever the index missed in a crash is reconciled at the next start.
+//!
+//! The active model (its embedding workers, preprocessing and index) is one
+//! value behind an `ArcSwap`: a request takes it once and uses it throughout,
+//! so a model switch never mixes two models' embeddings in one answer.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
-use crate::embed::{EmbedError, Embedded, Embedder, Priority};
+use crate::embed::{EmbedError, Embedded, Embedder, EmbedderConfig, Priority};
 use crate::gallery::{content_hash, Gallery, GalleryError, ItemSummary, NewItem};
 use crate::index::{Index, IndexError, Loaded};
+use crate::metrics;
 use crate::preprocess::{Prepared, PreprocessError, PreprocessPool};
+use crate::registry::{ModelVersion, Registry, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -31,8 +41,12 @@ pub enum CatalogError {
     Store(#[from] GalleryError),
     #[error(transparent)]
     Index(#[from] IndexError),
+    #[error(transparent)]
+    Models(#[from] RegistryError),
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// An uploaded image with what the client said about it.
@@ -115,6 +129,8 @@ pub struct Timing {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchOutcome {
+    /// The model that embedded the query.
+    pub model: String,
     pub results: Vec<Neighbour>,
     pub timing: Timing,
 }
@@ -132,18 +148,43 @@ pub struct IndexStartup {
     pub seconds: f64,
 }
 
+/// The model that serves, with the index of its embeddings: swapped as one.
+pub struct ActiveModel {
+    pub version: ModelVersion,
+    pub embedder: Embedder,
+    pub preprocess: PreprocessPool,
+    pub index: Index,
+}
+
+/// What a model switch did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Switched {
+    pub version: String,
+    pub model: String,
+    /// Images embedded because no embedding of this model was stored.
+    pub embedded: usize,
+    pub items: usize,
+    pub seconds: f64,
+}
+
 /// Cheap-clone handle over the service's parts.
 #[derive(Clone)]
 pub struct Catalog {
-    pub embedder: Embedder,
-    pub index: Index,
+    active: Arc<ArcSwap<ActiveModel>>,
     pub gallery: Gallery,
-    pub preprocess: PreprocessPool,
+    pub registry: Registry,
     pub settings: CatalogSettings,
+    /// Adds and deletes hold it shared; a model switch holds it alone while it
+    /// catches up with them and swaps.
+    writes: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct CatalogSettings {
+    /// How to start the embedding workers of a model (its folder is set per version).
+    pub embedder: EmbedderConfig,
+    /// Preprocessing thread budget and image limits, shared by every model.
+    pub preprocess: PreprocessPool,
     /// Where index dumps live.
     pub index_dir: PathBuf,
     /// Cosine distance under which an upload is a near duplicate.
@@ -156,20 +197,23 @@ impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
     /// stored image is committed or none is.
     pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
+        let _writing = self.writes.read().await;
+        let active = self.active();
         let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
         let existing = self.gallery.oldest_with_hashes(hashes.clone()).await?;
         let exact: Vec<(String, Option<i64>)> = hashes.into_iter().zip(existing).collect();
         // Byte-identical uploads that will be skipped are never decoded or embedded.
         let todo: Vec<usize> =
             (0..uploads.len()).filter(|&i| !(on_duplicate == OnDuplicate::Skip && exact[i].1.is_some())).collect();
-        let prepared =
-            self.prepare_all(todo.iter().map(|&i| uploads[i].bytes.clone()).collect()).await.map_err(|e| match e {
+        let prepared = active.prepare_all(todo.iter().map(|&i| uploads[i].bytes.clone()).collect()).await.map_err(
+            |e| match e {
                 CatalogError::Image { position, source } => CatalogError::Image { position: todo[position], source },
                 other => other,
-            })?;
+            },
+        )?;
         let (pixels, shapes): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| (p.pixels, (p.format, p.width, p.height))).unzip();
-        let vectors = self.embed_all(pixels, Priority::Interactive).await?;
+        let vectors = active.embed_all(pixels, Priority::Interactive).await?;
         let mut embeddings = todo.iter().copied().zip(shapes.into_iter().zip(vectors)).peekable();
         let mut reports = Vec::with_capacity(uploads.len());
         let mut items = Vec::new();
@@ -186,7 +230,7 @@ impl Catalog {
                 reports.push(report);
                 continue;
             };
-            let near = self.nearest_duplicate(&embedding)?;
+            let near = self.nearest_duplicate(&active.index, &embedding)?;
             if on_duplicate == OnDuplicate::Reject {
                 if let Some((existing, score)) = exact.map(|id| (id, 1.0)).or(near.map(|n| (n.id, n.score))) {
                     return Err(CatalogError::Duplicate { position, existing, score });
@@ -211,7 +255,7 @@ impl Catalog {
             });
         }
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
-        let inserted = self.gallery.insert(items, self.model()).await?;
+        let inserted = self.gallery.insert(items, active.version.model.clone()).await?;
         let mut stored = inserted.iter();
         for report in reports.iter_mut().filter(|r| r.status == "added") {
             let item = stored.next().expect("one stored item per added report");
@@ -219,33 +263,34 @@ impl Catalog {
             (report.id, report.duplicate_of) = (item.id, item.duplicate_of);
         }
         let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
-        self.blocking_index(move |index| index.insert(&entries)).await??;
+        blocking_index(&active.index, move |index| index.insert(&entries)).await??;
         Ok(reports)
     }
 
     /// The most similar stored item, when it is within the near-duplicate
     /// distance (a distance of 0 turns this off).
-    fn nearest_duplicate(&self, embedding: &[f32]) -> Result<Option<NearDuplicate>, CatalogError> {
+    fn nearest_duplicate(&self, index: &Index, embedding: &[f32]) -> Result<Option<NearDuplicate>, CatalogError> {
         if self.settings.near_duplicate_distance <= 0.0 {
             return Ok(None);
         }
         let threshold = 1.0 - self.settings.near_duplicate_distance;
-        let best = self.index.search(embedding, 1, None)?.into_iter().next();
+        let best = index.search(embedding, 1, None)?.into_iter().next();
         Ok(best.filter(|hit| hit.score >= threshold).map(|hit| NearDuplicate { id: hit.id, score: hit.score }))
     }
 
     /// The gallery items most similar to the image.
     pub async fn search(&self, bytes: Bytes, query: &SearchQuery) -> Result<SearchOutcome, CatalogError> {
         let start = Instant::now();
-        let prepared = self.prepare_all(vec![bytes]).await?.remove(0);
+        let active = self.active();
+        let prepared = active.prepare_all(vec![bytes]).await?.remove(0);
         let preprocessed = Instant::now();
-        let embedded = self.embedder.embed(prepared.pixels, Priority::Interactive).await?;
+        let embedded = active.embedder.embed(prepared.pixels, Priority::Interactive).await?;
         let after_embed = Instant::now();
         let allowed = match &query.label {
             Some(label) => Some(self.gallery.ids_with_label(label.clone()).await?),
             None => None,
         };
-        let mut hits = self.index.search(&embedded.vector, query.k, allowed.as_deref())?;
+        let mut hits = active.index.search(&embedded.vector, query.k, allowed.as_deref())?;
         if let Some(min) = query.min_score {
             hits.retain(|hit| hit.score >= min);
         }
@@ -263,18 +308,20 @@ impl Catalog {
             search_ms: ms(after_embed, searched),
             total_ms: ms(start, Instant::now()),
         };
-        Ok(SearchOutcome { results, timing })
+        Ok(SearchOutcome { model: active.version.model.clone(), results, timing })
     }
 
     /// Deletes an item: from the store (committed), then from results at once;
     /// compacts the index in the background once tombstones pile up.
     pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
+        let _writing = self.writes.read().await;
+        let active = self.active();
         if !self.gallery.delete(id).await? {
             return Ok(false);
         }
-        self.blocking_index(move |index| index.delete(&[id])).await?;
-        if self.index.needs_compaction(self.settings.compact_fraction) {
-            let index = self.index.clone();
+        blocking_index(&active.index, move |index| index.delete(&[id])).await?;
+        if active.index.needs_compaction(self.settings.compact_fraction) {
+            let index = active.index.clone();
             tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
                 let purged = index.compact();
@@ -284,86 +331,178 @@ impl Catalog {
         Ok(true)
     }
 
-    /// Makes the index match the store at start: reload the last dump of the
-    /// active model and reconcile it, or rebuild from stored embeddings. Images
-    /// are re-embedded only for items with no embedding of the active model.
-    pub async fn open_index(&mut self) -> Result<IndexStartup, CatalogError> {
+    /// Opens the catalog on the active model version: starts its workers,
+    /// embeds stored images that lack its embedding, then reloads the last
+    /// index dump and reconciles it with the store, or rebuilds the index from
+    /// stored embeddings.
+    pub async fn open(
+        gallery: Gallery,
+        registry: Registry,
+        settings: CatalogSettings,
+    ) -> Result<(Self, IndexStartup), CatalogError> {
         let started = Instant::now();
-        self.embed_missing().await?;
-        let model = self.model();
-        let (dir, dim) = (self.settings.index_dir.clone(), self.embedder.info().dim);
-        let (loaded, outcome) = tokio::task::spawn_blocking(move || Index::load(&dir, &model, dim))
-            .await
-            .map_err(|e| CatalogError::Task(e.to_string()))?;
-        let stored: HashSet<i64> = self.gallery.embedded_ids(self.model()).await?.into_iter().collect();
+        let version = {
+            let registry = registry.clone();
+            run_blocking(move || registry.active()).await??
+        };
+        let model = ActiveModel::start(version, &settings).await?;
+        model.embed_missing(&gallery, &|_| {}, &AtomicBool::new(false)).await?;
+        let (dir, key, dim) = (settings.index_dir.clone(), model.version.model.clone(), model.dim());
+        let (loaded, outcome) = run_blocking(move || Index::load(&dir, &key, dim)).await?;
         let (source, reason, index) = match (loaded, outcome) {
             (Some(index), Loaded::Reloaded { points, seconds }) => {
                 ("reloaded", format!("dump of {points} points read in {seconds:.2} s"), index)
             }
-            (_, Loaded::Missing) => ("rebuilt", "no index dump".to_string(), Index::new(dim, stored.len())),
-            (_, Loaded::Stale(why)) => ("rebuilt", format!("stale dump: {why}"), Index::new(dim, stored.len())),
-            (_, other) => ("rebuilt", format!("unusable dump: {other:?}"), Index::new(dim, stored.len())),
+            (_, Loaded::Missing) => ("rebuilt", "no index dump".to_string(), Index::new(dim, 0)),
+            (_, Loaded::Stale(why)) => ("rebuilt", format!("stale dump: {why}"), Index::new(dim, 0)),
+            (_, other) => ("rebuilt", format!("unusable dump: {other:?}"), Index::new(dim, 0)),
         };
-        self.index = index;
-        let in_index = self.index.live_ids();
-        let missing: Vec<i64> = stored.difference(&in_index).copied().collect();
-        let extra: Vec<i64> = in_index.difference(&stored).copied().collect();
-        for chunk in missing.chunks(4096) {
-            let vectors = self.gallery.embeddings_of(self.model(), chunk.to_vec()).await?;
-            self.blocking_index(move |index| index.insert(&vectors)).await??;
-        }
-        let removed = extra.len();
-        self.blocking_index(move |index| index.delete(&extra)).await?;
-        Ok(IndexStartup {
+        let model = ActiveModel { index, ..model };
+        let (added, removed) = reconcile(&gallery, &model).await?;
+        let startup = IndexStartup {
             source,
             reason,
-            items: self.index.len(),
-            added: missing.len(),
+            items: model.index.len(),
+            added,
             removed,
             seconds: started.elapsed().as_secs_f64(),
-        })
+        };
+        metrics::model_info(
+            &model.version.model,
+            &model.embedder.info().device,
+            &model.embedder.info().precision.to_string(),
+        );
+        let catalog = Self {
+            active: Arc::new(ArcSwap::from_pointee(model)),
+            gallery,
+            registry,
+            settings,
+            writes: Arc::default(),
+        };
+        Ok((catalog, startup))
     }
 
-    /// Dumps the index if it changed since the last dump.
+    /// The model serving now. Take it once per request and use it throughout.
+    pub fn active(&self) -> Arc<ActiveModel> {
+        self.active.load_full()
+    }
+
+    /// Makes `version` the active model without stopping service: starts its
+    /// workers, embeds (at bulk priority) every stored image that lacks its
+    /// embedding, builds its index from stored embeddings, then, with adds
+    /// and deletes held for the moment it takes, catches up with what changed
+    /// meanwhile, records the version as active and swaps. `progress` gets
+    /// the images embedded so far, `swapping` is called once the bulk of the
+    /// work is done; `cancel` stops the work before the swap.
+    pub async fn switch_to(
+        &self,
+        version: ModelVersion,
+        progress: &(dyn Fn(Progress) + Sync),
+        swapping: &(dyn Fn() + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Switched, CatalogError> {
+        let started = Instant::now();
+        let model = ActiveModel::start(version, &self.settings).await?;
+        let mut embedded = model.embed_missing(&self.gallery, progress, cancel).await?;
+        reconcile(&self.gallery, &model).await?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(CatalogError::Cancelled);
+        }
+        swapping();
+        let _exclusive = self.writes.write().await;
+        embedded += model.embed_missing(&self.gallery, progress, cancel).await?;
+        reconcile(&self.gallery, &model).await?;
+        let registry = self.registry.clone();
+        let version = model.version.version.clone();
+        run_blocking(move || registry.set_active(&version)).await??;
+        let info = model.embedder.info().clone();
+        let switched = Switched {
+            version: model.version.version.clone(),
+            model: model.version.model.clone(),
+            embedded,
+            items: model.index.len(),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let previous = self.active.swap(Arc::new(model));
+        drop(_exclusive);
+        metrics::model_info(&switched.model, &info.device, &info.precision.to_string());
+        tracing::info!(version = %switched.version, model = %switched.model, embedded, items = switched.items,
+            seconds = switched.seconds, "model switched");
+        // The old workers stop once the last request using them is done; joining them blocks.
+        tokio::task::spawn_blocking(move || drop(previous));
+        if let Err(error) = self.dump_index().await {
+            tracing::error!(%error, "could not dump the new index; the next start rebuilds it");
+        }
+        Ok(switched)
+    }
+
+    /// Dumps the active index if it changed since the last dump.
     pub async fn dump_index(&self) -> Result<(), CatalogError> {
-        if !self.index.is_dirty() {
+        let active = self.active();
+        if !active.index.is_dirty() {
             return Ok(());
         }
-        let (dir, model) = (self.settings.index_dir.clone(), self.model());
-        let report = self.blocking_index(move |index| index.dump(&dir, &model)).await??;
+        let (dir, model) = (self.settings.index_dir.clone(), active.version.model.clone());
+        let report = blocking_index(&active.index, move |index| index.dump(&dir, &model)).await??;
         tracing::info!(points = report.points, seconds = report.seconds, "index dumped");
         Ok(())
     }
+}
+
+/// How far a model switch's embedding has got.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub embedded: usize,
+    /// Images that had no embedding of the model when the switch looked.
+    pub to_embed: usize,
+}
+
+impl ActiveModel {
+    /// Starts the workers of a model version, with an empty index.
+    async fn start(version: ModelVersion, settings: &CatalogSettings) -> Result<Self, CatalogError> {
+        let mut config = settings.embedder.clone();
+        config.model_dir = version.dir.clone();
+        let manifest = version.manifest.clone();
+        let embedder = run_blocking(move || Embedder::start(&config, &manifest)).await??;
+        let preprocess = settings.preprocess.for_input(version.manifest.input.clone());
+        let index = Index::new(version.manifest.embedding.dim, 0);
+        Ok(Self { version, embedder, preprocess, index })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.version.manifest.embedding.dim
+    }
 
     /// Embeds, from their stored originals, the items that have no embedding
-    /// of the active model (a new model), at bulk priority.
-    async fn embed_missing(&self) -> Result<(), CatalogError> {
-        let model = self.model();
-        const CHUNK: usize = 64;
+    /// of this model, at bulk priority. Returns how many it embedded.
+    async fn embed_missing(
+        &self,
+        gallery: &Gallery,
+        progress: &(dyn Fn(Progress) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<usize, CatalogError> {
+        let model = self.version.model.clone();
+        let to_embed = (gallery.count().await? - gallery.count_embedded(model.clone()).await?) as usize;
+        if to_embed > 0 {
+            tracing::info!(count = to_embed, %model, "embedding stored images for the model");
+        }
+        const CHUNK: usize = 256;
+        let mut embedded = 0;
         loop {
-            let missing = self.gallery.missing_embeddings(model.clone(), CHUNK).await?;
-            if missing.is_empty() {
-                return Ok(());
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CatalogError::Cancelled);
             }
-            tracing::info!(count = missing.len(), %model, "embedding stored images for the active model");
+            let missing = gallery.missing_embeddings(model.clone(), CHUNK).await?;
+            if missing.is_empty() {
+                return Ok(embedded);
+            }
             let (ids, images): (Vec<i64>, Vec<Bytes>) = missing.into_iter().map(|(id, b)| (id, b.into())).unzip();
             let prepared = self.prepare_all(images).await?;
             let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Bulk).await?;
-            self.gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
+            embedded += ids.len();
+            gallery.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
+            progress(Progress { embedded, to_embed: to_embed.max(embedded) });
         }
-    }
-
-    fn model(&self) -> String {
-        self.embedder.info().model_key.clone()
-    }
-
-    /// Runs index work (graph inserts, dumps) off the async runtime.
-    async fn blocking_index<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Index) -> T + Send + 'static,
-    ) -> Result<T, CatalogError> {
-        let index = self.index.clone();
-        tokio::task::spawn_blocking(move || f(&index)).await.map_err(|e| CatalogError::Task(e.to_string()))
     }
 
     /// Preprocesses images on the bounded pool, all at once.
@@ -382,6 +521,37 @@ impl Catalog {
         let embedded: Vec<Result<Embedded, EmbedError>> = join_all(futures).await;
         embedded.into_iter().map(|r| r.map(|e| e.vector).map_err(CatalogError::from)).collect()
     }
+}
+
+/// Makes a model's index hold exactly the stored items embedded with it:
+/// inserts the missing ones from stored embeddings, tombstones the rest.
+/// Returns (added, removed).
+async fn reconcile(gallery: &Gallery, model: &ActiveModel) -> Result<(usize, usize), CatalogError> {
+    let key = model.version.model.clone();
+    let stored: HashSet<i64> = gallery.embedded_ids(key.clone()).await?.into_iter().collect();
+    let in_index = model.index.live_ids();
+    let missing: Vec<i64> = stored.difference(&in_index).copied().collect();
+    let extra: Vec<i64> = in_index.difference(&stored).copied().collect();
+    for chunk in missing.chunks(4096) {
+        let vectors = gallery.embeddings_of(key.clone(), chunk.to_vec()).await?;
+        blocking_index(&model.index, move |index| index.insert(&vectors)).await??;
+    }
+    let removed = extra.len();
+    blocking_index(&model.index, move |index| index.delete(&extra)).await?;
+    Ok((missing.len(), removed))
+}
+
+/// Runs index work (graph inserts, dumps) off the async runtime.
+async fn blocking_index<T: Send + 'static>(
+    index: &Index,
+    f: impl FnOnce(&Index) -> T + Send + 'static,
+) -> Result<T, CatalogError> {
+    let index = index.clone();
+    run_blocking(move || f(&index)).await
+}
+
+async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, CatalogError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| CatalogError::Task(e.to_string()))
 }
 
 fn neighbour(score: f32, item: &ItemSummary) -> Neighbour {

@@ -116,4 +116,13 @@ pub struct ServeConfig {
     /// Largest `k` a search may ask for.
     #[arg(long, env = "LOOKALIKE_MAX_K", default_value_t = 100)]
     pub max_k: usize,
+
+    /// Bearer token for the `/admin` routes (fine-tuning, model versions). With
+    /// neither this nor `--admin-token-file`, admin routes answer 403.
+    #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File holding the admin token (surrounding whitespace is trimmed); for secrets mounted as files.
+    #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
 }

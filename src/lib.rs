@@ -3,15 +3,18 @@
 //! durable gallery answers nearest-neighbour queries over HTTP.
 
 pub mod api;
+pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod embed;
 pub mod eval;
+pub mod finetune;
 pub mod gallery;
 pub mod import;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
 pub mod preprocess;
+pub mod registry;
 pub mod startup;
 pub mod telemetry;

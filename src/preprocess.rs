@@ -60,6 +60,16 @@ impl PreprocessPool {
         Self { preprocessor, permits: Arc::new(Semaphore::new(threads)) }
     }
 
+    /// The same thread budget, preparing input for another model.
+    pub fn for_input(&self, spec: InputSpec) -> Self {
+        Self { preprocessor: Preprocessor::new(spec, self.preprocessor.limits), permits: self.permits.clone() }
+    }
+
+    /// The synchronous preprocessor, for callers already on their own thread.
+    pub fn preprocessor(&self) -> &Preprocessor {
+        &self.preprocessor
+    }
+
     pub async fn prepare(&self, bytes: Bytes) -> Result<Prepared, PreprocessError> {
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
         let pre = self.preprocessor.clone();
@@ -87,6 +97,11 @@ pub struct Preprocessor {
 impl Preprocessor {
     pub fn new(spec: InputSpec, limits: ImageLimits) -> Self {
         Self { spec, limits }
+    }
+
+    /// Side, in pixels, of the prepared square image.
+    pub fn size(&self) -> u32 {
+        self.spec.size
     }
 
     /// Number of `f32` values in one prepared image.

@@ -9,14 +9,16 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState, RequestLimits};
+use crate::auth::AdminToken;
 use crate::catalog::{Catalog, CatalogSettings, IndexStartup};
 use crate::config::ServeConfig;
-use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
+use crate::embed::{BatchPolicy, EmbedderConfig};
+use crate::finetune::Jobs;
 use crate::gallery::Gallery;
-use crate::index::Index;
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
+use crate::registry::Registry;
 
 /// A bound listener and a ready state: everything but the serving loop.
 pub struct Application {
@@ -28,43 +30,44 @@ pub struct Application {
 
 /// Index dumps live here, inside the data directory.
 const INDEX_DIR: &str = "index";
+/// Fine-tuning jobs' records and scratch files.
+const JOBS_DIR: &str = "finetune";
 
 impl Application {
-    /// Loads the model, opens the store, rebuilds the index and binds the port.
+    /// Loads the active model, opens the store, makes the index ready and binds the port.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
-        let manifest = Manifest::load(&config.model)?;
+        let bundled = Manifest::load(&config.model)?;
         let metrics_handle = metrics::handle();
-        let embedder_config = embedder_config(&config)?;
-        let embedder = {
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || Embedder::start(&embedder_config, &manifest)).await??
-        };
-        let info = embedder.info();
-        tracing::info!(
-            model = %info.model_key, trained = manifest.trained, device = %info.device, workers = info.workers,
-            precision = %info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
-            cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
-            "encoder loaded"
-        );
-        metrics::model_info(&info.model_key, &info.device, &info.precision.to_string());
         let gallery = Gallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
-            PreprocessPool::new(Preprocessor::new(manifest.input.clone(), limits), config.preprocess_threads);
+            PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);
         let settings = CatalogSettings {
+            embedder: embedder_config(&config)?,
+            preprocess,
             index_dir: config.data_dir.join(INDEX_DIR),
             near_duplicate_distance: config.near_duplicate_distance,
             compact_fraction: config.compact_fraction,
         };
-        let index = Index::new(manifest.embedding.dim, 0);
-        let mut catalog = Catalog { embedder, index, gallery, preprocess, settings };
-        let startup = catalog.open_index().await?;
+        let registry = Registry::new(&config.model, &config.data_dir);
+        let (catalog, startup) = Catalog::open(gallery, registry, settings).await?;
+        let active = catalog.active();
+        let info = active.embedder.info();
+        tracing::info!(
+            model = %info.model_key, version = %active.version.version, bundled = active.version.bundled,
+            trained = active.version.manifest.trained, device = %info.device, workers = info.workers,
+            precision = %info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
+            cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
+            "encoder loaded"
+        );
         tracing::info!(
             source = startup.source, reason = %startup.reason, items = startup.items, added = startup.added,
             removed = startup.removed, seconds = startup.seconds, data_dir = %config.data_dir.display(),
             "index ready"
         );
+        let admin = AdminToken::from_config(&config)?;
+        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR))?;
 
         let listener = TcpListener::bind((config.host, config.port))
             .await
@@ -76,8 +79,14 @@ impl Application {
             max_k: config.max_k,
         };
         let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
-        let state =
-            AppState { catalog, limits: Arc::new(limits), metrics: metrics_handle, index_startup: Arc::new(startup) };
+        let state = AppState {
+            catalog,
+            limits: Arc::new(limits),
+            metrics: metrics_handle,
+            index_startup: Arc::new(startup),
+            admin: admin.map(Arc::new),
+            jobs,
+        };
         Ok(Self { listener, address, state, dump_interval })
     }
 
@@ -95,9 +104,11 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(address = %self.address, "listening");
         let catalog = self.state.catalog.clone();
+        let jobs = self.state.jobs.clone();
         let dumper = (!self.dump_interval.is_zero())
             .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
         let served = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await;
+        jobs.cancel_running();
         if let Some(dumper) = dumper {
             dumper.abort();
             let _ = dumper.await; // a dump in progress finishes on its blocking thread either way

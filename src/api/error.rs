@@ -11,6 +11,7 @@ use serde_json::json;
 
 use crate::catalog::CatalogError;
 use crate::embed::EmbedError;
+use crate::finetune::JobError;
 use crate::gallery::GalleryError;
 use crate::index::IndexError;
 use crate::preprocess::PreprocessError;
@@ -23,6 +24,12 @@ pub enum ApiError {
     /// 400: the request is malformed (bad multipart, bad query string, empty body, missing part).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
+    /// 401: an admin route without the right bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: admin routes are disabled (no admin token configured).
+    #[error("admin routes are disabled: start the service with LOOKALIKE_ADMIN_TOKEN or --admin-token-file")]
+    AdminDisabled,
     /// 404: no such route or item.
     #[error("{0}")]
     NotFound(String),
@@ -64,6 +71,8 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
@@ -90,6 +99,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(json!({ "error": { "code": code, "message": message } }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -149,10 +161,23 @@ impl From<CatalogError> for ApiError {
         match e {
             CatalogError::Image { position, source } => image_error(Some(position), source),
             CatalogError::Duplicate { .. } => Self::Conflict { code: "duplicate", message: e.to_string() },
-            CatalogError::Task(_) => Self::Internal(e.to_string()),
+            CatalogError::Task(_) | CatalogError::Models(_) => Self::Internal(e.to_string()),
+            CatalogError::Cancelled => Self::Conflict { code: "cancelled", message: e.to_string() },
             CatalogError::Embed(e) => e.into(),
             CatalogError::Store(e) => e.into(),
             CatalogError::Index(e) => e.into(),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
+            JobError::Data(_) => Self::invalid("insufficient_labels", e.to_string()),
+            JobError::Params(_) => Self::invalid("invalid_params", e.to_string()),
+            JobError::Catalog(e) => e.into(),
+            JobError::Io(_) => Self::Internal(e.to_string()),
         }
     }
 }

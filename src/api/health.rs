@@ -10,6 +10,7 @@ use super::AppState;
 pub struct Health {
     status: &'static str,
     model: String,
+    model_version: String,
     device: String,
     workers: usize,
     precision: String,
@@ -21,7 +22,8 @@ pub struct Health {
 }
 
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
-    let info = state.catalog.embedder.info();
+    let active = state.catalog.active();
+    let info = active.embedder.info();
     Json(Health {
         status: "ok",
         model: info.model_key.clone(),
@@ -30,7 +32,8 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         precision: info.precision.to_string(),
         max_batch: info.policy.max_batch,
         cuda_available: info.cuda.available,
-        indexed_items: state.catalog.index.len(),
+        model_version: active.version.version.clone(),
+        indexed_items: active.index.len(),
         index_source: state.index_startup.source,
     })
 }

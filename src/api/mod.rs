@@ -1,6 +1,7 @@
 //! HTTP layer: routes, shared state and middleware. Handlers parse, call the
 //! catalog and translate errors; the logic lives in the domain modules.
 
+mod admin;
 mod error;
 mod gallery;
 mod health;
@@ -24,7 +25,9 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
+use crate::auth::AdminToken;
 use crate::catalog::{Catalog, IndexStartup};
+use crate::finetune::Jobs;
 
 /// Per-request limits taken from the configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +44,9 @@ pub struct AppState {
     pub limits: Arc<RequestLimits>,
     pub metrics: PrometheusHandle,
     pub index_startup: Arc<IndexStartup>,
+    /// `None`: admin routes are disabled.
+    pub admin: Option<Arc<AdminToken>>,
+    pub jobs: Jobs,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -56,6 +62,10 @@ pub fn router(state: AppState) -> Router {
         .route("/gallery/{id}", get(gallery::get).delete(gallery::delete))
         .route("/gallery/{id}/image", get(gallery::image))
         .route("/search", post(search::search))
+        .route("/admin/finetune", post(admin::start).get(admin::list))
+        .route("/admin/finetune/{id}", get(admin::status).delete(admin::cancel))
+        .route("/admin/models", get(admin::models))
+        .route("/admin/models/{version}/activate", post(admin::activate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -46,9 +46,5 @@ pub async fn search(
     let image = read_query_image(request, &state).await?;
     let query = SearchQuery { k, label: params.label, min_score: params.min_score };
     let outcome = state.catalog.search(image, &query).await?;
-    Ok(Json(SearchResponse {
-        model: state.catalog.embedder.info().model_key.clone(),
-        results: outcome.results,
-        timing: outcome.timing,
-    }))
+    Ok(Json(SearchResponse { model: outcome.model, results: outcome.results, timing: outcome.timing }))
 }

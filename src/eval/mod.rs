@@ -7,7 +7,7 @@
 //! trained on) and all ten. Verification pairs come from seen-class test images.
 
 pub mod dataset;
-mod metrics;
+pub mod metrics;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

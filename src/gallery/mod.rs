@@ -205,6 +205,39 @@ impl Gallery {
         .await
     }
 
+    /// Every labelled item as `(id, label)`, ascending by id: the fine-tuning data.
+    pub async fn labelled(&self) -> Result<Vec<(i64, String)>, GalleryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT id, label FROM items WHERE label IS NOT NULL ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// The original bytes of the given items (those that still exist).
+    pub async fn images(&self, ids: Vec<i64>) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT image FROM items WHERE id = ?1")?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(image) = stmt.query_row([id], |r| r.get::<_, Vec<u8>>(0)).optional()? {
+                    out.push((id, image));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many items have an embedding under `model`.
+    pub async fn count_embedded(&self, model: String) -> Result<u64, GalleryError> {
+        self.with_conn(move |conn| {
+            Ok(conn.query_row("SELECT COUNT(*) FROM embeddings WHERE model = ?1", [model], |r| r.get(0))?)
+        })
+        .await
+    }
+
     pub async fn count(&self) -> Result<u64, GalleryError> {
         self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
     }

@@ -1,0 +1,160 @@
+//! `/admin`: fine-tuning jobs and model versions, behind the admin bearer token.
+
+use std::sync::atomic::AtomicBool;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::{AUTHORIZATION, LOCATION};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{ApiError, AppState};
+use crate::catalog::Switched;
+use crate::finetune::{FinetuneParams, JobStatus};
+use crate::registry::RegistryError;
+
+/// Proof that the request carried the admin token; handlers that take it are admin-only.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(token) = &state.admin else {
+            return Err(ApiError::AdminDisabled);
+        };
+        let presented =
+            parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(presented) if token.matches(presented.trim()) => Ok(Admin),
+            Some(_) => Err(ApiError::Unauthorized("the admin token is wrong".into())),
+            None => Err(ApiError::Unauthorized("admin routes need `Authorization: Bearer <token>`".into())),
+        }
+    }
+}
+
+/// `POST /admin/finetune`: JSON parameters (all optional; an empty body takes the defaults).
+pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let params: FinetuneParams = if body.iter().all(u8::is_ascii_whitespace) {
+        FinetuneParams::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::invalid("invalid_params", e.to_string()),
+            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
+        })?
+    };
+    let status = state.jobs.start(&state.catalog, params).await?;
+    let location = format!("/admin/finetune/{}", status.id);
+    Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
+}
+
+#[derive(Serialize)]
+pub struct JobList {
+    jobs: Vec<JobStatus>,
+}
+
+/// `GET /admin/finetune`: every job, newest first.
+pub async fn list(_: Admin, State(state): State<AppState>) -> Json<JobList> {
+    Json(JobList { jobs: state.jobs.list() })
+}
+
+/// `GET /admin/finetune/{id}`
+pub async fn status(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let job = state.jobs.get(&id).ok_or_else(|| no_job(&id))?;
+    Ok(Json(job.status()))
+}
+
+/// `DELETE /admin/finetune/{id}`: asks a running job to stop; 202 with its status.
+pub async fn cancel(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job = state.jobs.get(&id).ok_or_else(|| no_job(&id))?;
+    if job.status().state.is_finished() {
+        let message = format!("job {id} has already finished");
+        return Err(ApiError::Conflict { code: "job_finished", message });
+    }
+    job.cancel();
+    Ok((StatusCode::ACCEPTED, Json(job.status())).into_response())
+}
+
+#[derive(Serialize)]
+pub struct Models {
+    active: String,
+    versions: Vec<ModelEntry>,
+}
+
+#[derive(Serialize)]
+pub struct ModelEntry {
+    version: String,
+    model: String,
+    bundled: bool,
+    active: bool,
+    parent: Option<String>,
+    verification_threshold: Option<f32>,
+    /// Gallery items with a stored embedding of this version (activating it re-embeds the rest).
+    embedded_items: u64,
+    /// For fine-tuned versions: the job, its parameters and validation figures.
+    finetune: Option<Value>,
+}
+
+/// `GET /admin/models`
+pub async fn models(_: Admin, State(state): State<AppState>) -> Result<Json<Models>, ApiError> {
+    let registry = state.catalog.registry.clone();
+    let versions = tokio::task::spawn_blocking(move || registry.list())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let active = state.catalog.active().version.version.clone();
+    let mut entries = Vec::with_capacity(versions.len());
+    for v in versions {
+        let embedded_items = state.catalog.gallery.count_embedded(v.model.clone()).await?;
+        entries.push(ModelEntry {
+            active: v.version == active,
+            parent: v.manifest.extra.get("parent").and_then(Value::as_str).map(str::to_string),
+            verification_threshold: v.manifest.verification_threshold,
+            finetune: v.manifest.extra.get("finetune").cloned(),
+            embedded_items,
+            version: v.version,
+            model: v.model,
+            bundled: v.bundled,
+        });
+    }
+    Ok(Json(Models { active, versions: entries }))
+}
+
+/// `POST /admin/models/{version}/activate`: switches to a version, embedding
+/// the gallery with it first if its embeddings are not stored. Answers when done.
+pub async fn activate(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Json<Switched>, ApiError> {
+    let registry = state.catalog.registry.clone();
+    let wanted = version.clone();
+    let found = tokio::task::spawn_blocking(move || registry.get(&wanted))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let target = match found {
+        Ok(v) => v,
+        Err(RegistryError::Unknown(_)) => return Err(ApiError::NotFound(format!("no model version `{version}`"))),
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    };
+    let _slot = state.jobs.claim("activation")?;
+    let active = state.catalog.active();
+    if active.version.version == target.version {
+        let items = active.index.len();
+        return Ok(Json(Switched { version: target.version, model: target.model, embedded: 0, items, seconds: 0.0 }));
+    }
+    let switched = state.catalog.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await?;
+    Ok(Json(switched))
+}
+
+fn no_job(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no fine-tune job `{id}`"))
+}

@@ -1,0 +1,120 @@
+//! The parameters of `POST /admin/finetune`, with their defaults and ranges.
+
+use serde::{Deserialize, Serialize};
+
+/// How triplets are chosen within a PK batch (see `train::triplet_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mining {
+    SemiHard,
+    BatchHard,
+    BatchAll,
+}
+
+/// When a trained encoder becomes a new active version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Commit {
+    /// Only when it beats the active model on validation (Recall@1, then MAP@R).
+    IfBetter,
+    /// Whatever validation says (the best epoch, or the last when none was better).
+    Always,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FinetuneParams {
+    /// Passes over the training images (at most; early stopping may end sooner).
+    pub epochs: usize,
+    /// Steps per epoch; by default enough PK batches to see every training image once.
+    pub steps_per_epoch: Option<usize>,
+    pub learning_rate: f64,
+    /// Triplet margin, in Euclidean distance between unit embeddings (0 to 2).
+    pub margin: f64,
+    pub mining: Mining,
+    /// Labels per batch.
+    pub p: usize,
+    /// Images per label per batch.
+    pub k: usize,
+    /// Train on these labels only (default: every label with two or more images).
+    pub labels: Option<Vec<String>>,
+    /// Share of each label's images held out to validate (at least two per label stay to train).
+    pub validation_fraction: f64,
+    pub seed: u64,
+    /// Epochs without a better validation before training stops.
+    pub patience: usize,
+    /// Most labelled images used (drawn at random beyond it); bounds memory and time.
+    pub max_images: usize,
+    /// Random crops and horizontal flips.
+    pub augment: bool,
+    pub commit: Commit,
+}
+
+impl Default for FinetuneParams {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            steps_per_epoch: None,
+            learning_rate: 1e-4,
+            margin: 0.2,
+            mining: Mining::SemiHard,
+            p: 8,
+            k: 8,
+            labels: None,
+            validation_fraction: 0.2,
+            seed: 0,
+            patience: 3,
+            max_images: 20_000,
+            augment: true,
+            commit: Commit::IfBetter,
+        }
+    }
+}
+
+impl FinetuneParams {
+    /// Checks ranges; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
+        check((1..=1000).contains(&self.epochs), "epochs must be between 1 and 1000")?;
+        check(
+            self.steps_per_epoch.is_none_or(|s| (1..=100_000).contains(&s)),
+            "steps_per_epoch must be between 1 and 100000",
+        )?;
+        check(
+            self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 1.0,
+            "learning_rate must be above 0 and at most 1",
+        )?;
+        check(
+            self.margin.is_finite() && self.margin > 0.0 && self.margin <= 2.0,
+            "margin must be above 0 and at most 2",
+        )?;
+        check((2..=64).contains(&self.p), "p must be between 2 and 64")?;
+        check((2..=64).contains(&self.k), "k must be between 2 and 64")?;
+        check(self.p * self.k <= 1024, "p * k (the batch size) must be at most 1024")?;
+        check(
+            self.validation_fraction.is_finite() && (0.0..=0.5).contains(&self.validation_fraction),
+            "validation_fraction must be between 0 and 0.5",
+        )?;
+        check((1..=100).contains(&self.patience), "patience must be between 1 and 100")?;
+        check((4..=200_000).contains(&self.max_images), "max_images must be between 4 and 200000")?;
+        check(self.labels.as_ref().is_none_or(|l| !l.is_empty()), "labels, when given, must not be empty")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_ranges_are_enforced() {
+        assert!(FinetuneParams::default().validate().is_ok());
+        let bad = FinetuneParams { learning_rate: 0.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("learning_rate"));
+        let bad = FinetuneParams { p: 1, ..Default::default() };
+        assert!(bad.validate().unwrap_err().starts_with("p "));
+        let parsed: FinetuneParams = serde_json::from_str(r#"{"epochs": 3, "mining": "batch_hard"}"#).unwrap();
+        assert_eq!((parsed.epochs, parsed.mining, parsed.k), (3, Mining::BatchHard, 8));
+        assert!(serde_json::from_str::<FinetuneParams>(r#"{"epoch": 3}"#).is_err(), "unknown fields are refused");
+    }
+}

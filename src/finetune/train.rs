@@ -1,0 +1,370 @@
+//! The training loop, on its own thread: a trainable copy of the TorchScript
+//! encoder in a `VarStore`, Adam, PK batches with augmentation, triplet loss
+//! with online mining, validation after every epoch, early stopping.
+//!
+//! BatchNorm stays in evaluation mode throughout: its running statistics are
+//! frozen (its scale and shift still learn). Fine-tuning batches are small and
+//! drawn from a few labels, so batch statistics would be noisy and would drift
+//! the statistics the served model relies on; frozen BatchNorm also makes the
+//! training forward identical to the serving one.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Device, Kind, Tensor, TrainableCModule};
+
+use super::data::PkSampler;
+use super::params::{Commit, FinetuneParams, Mining};
+use crate::eval::metrics::{retrieval, verification};
+
+/// Pixels added on each side before a random crop back to the input size.
+const CROP_PADDING: i64 = 4;
+/// Images per forward pass when embedding for validation.
+const EVAL_BATCH: i64 = 256;
+/// Validation pairs scored to calibrate the verification threshold (rows are capped to fit).
+const MAX_PAIRS: usize = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// What the loop trains on: preprocessed images (`n x input_len`, flattened)
+/// with label indices, and which positions train and which validate.
+pub struct TrainData {
+    pub pixels: Vec<f32>,
+    pub size: i64,
+    pub labels: Vec<usize>,
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+}
+
+/// Retrieval of held-out items among the training items.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Validation {
+    pub recall_at_1: f64,
+    pub map_at_r: f64,
+    /// Cosine similarity that best separates same-label from different-label pairs.
+    pub threshold: f32,
+}
+
+impl Validation {
+    /// Better Recall@1, or the same Recall@1 and a better MAP@R.
+    pub fn beats(&self, other: &Validation) -> bool {
+        const EPS: f64 = 1e-9;
+        self.recall_at_1 > other.recall_at_1 + EPS
+            || ((self.recall_at_1 - other.recall_at_1).abs() <= EPS && self.map_at_r > other.map_at_r + EPS)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Mean training loss over the epoch's steps.
+    pub loss: f64,
+    /// Share of triplets that still violated the margin, over the epoch.
+    pub active_triplets: f64,
+    pub validation: Validation,
+    pub seconds: f64,
+}
+
+/// What the loop reports as it goes.
+pub enum Event {
+    Started { before: Validation, steps_per_epoch: usize },
+    Step { epoch: usize, step: usize, loss: f64, seconds_per_step: f64 },
+    Epoch(EpochRecord),
+}
+
+pub struct Outcome {
+    pub before: Validation,
+    /// The best epoch's figures, and where its weights were saved (none if no epoch beat `before`).
+    pub best: Option<(EpochRecord, PathBuf)>,
+    /// The last epoch's weights, for `commit: always` when no epoch beat `before`.
+    pub last: Option<(EpochRecord, PathBuf)>,
+    pub stopped_early: bool,
+}
+
+/// Fine-tunes the encoder at `encoder` on `data`, writing checkpoints into `scratch`.
+pub fn train(
+    encoder: &Path,
+    data: &TrainData,
+    params: &FinetuneParams,
+    scratch: &Path,
+    report: &mut dyn FnMut(Event),
+    cancel: &AtomicBool,
+) -> Result<Outcome, TrainError> {
+    let device = if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu };
+    tch::manual_seed(params.seed as i64);
+    let mut rng = StdRng::seed_from_u64(params.seed);
+    let vs = nn::VarStore::new(device);
+    let mut model = TrainableCModule::load(encoder, vs.root())?;
+    model.set_eval(); // frozen BatchNorm statistics, see the module comment
+    let mut optimizer = nn::Adam::default().build(&vs, params.learning_rate)?;
+
+    let n = data.labels.len() as i64;
+    let images = Tensor::from_slice(&data.pixels).view([n, 3, data.size, data.size]).to_device(device);
+    let labels: Vec<i64> = data.labels.iter().map(|&l| l as i64).collect();
+    let train_labels: Vec<usize> = data.train.iter().map(|&i| data.labels[i]).collect();
+    let sampler = PkSampler::new(&train_labels, params.p, params.k);
+    let steps_per_epoch =
+        params.steps_per_epoch.unwrap_or_else(|| data.train.len().div_ceil(params.p * params.k)).max(1);
+
+    let before = validate(&model, &images, &labels, data)?;
+    report(Event::Started { before, steps_per_epoch });
+    let mut best: Option<(EpochRecord, PathBuf)> = None;
+    let mut last_record = None;
+    let mut best_so_far = before;
+    let mut stale = 0;
+    let mut stopped_early = false;
+    for epoch in 1..=params.epochs {
+        let started = Instant::now();
+        let (mut loss_sum, mut active_sum) = (0.0, 0.0);
+        for step in 1..=steps_per_epoch {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled);
+            }
+            let positions = sampler.batch(&mut rng);
+            let index: Vec<i64> = positions.iter().map(|&p| data.train[p] as i64).collect();
+            let batch_labels: Vec<i64> = index.iter().map(|&i| labels[i as usize]).collect();
+            let mut x = images.index_select(0, &Tensor::from_slice(&index).to_device(device));
+            if params.augment {
+                x = augment(&x, &mut rng);
+            }
+            let embeddings = l2_normalized(&model.forward_t(&x, false));
+            let y = Tensor::from_slice(&batch_labels).to_device(device);
+            let (loss, active) = triplet_loss(&embeddings, &y, params.margin, params.mining);
+            optimizer.backward_step(&loss);
+            let loss = loss.double_value(&[]);
+            (loss_sum, active_sum) = (loss_sum + loss, active_sum + active);
+            let seconds_per_step = started.elapsed().as_secs_f64() / step as f64;
+            report(Event::Step { epoch, step, loss, seconds_per_step });
+        }
+        let validation = validate(&model, &images, &labels, data)?;
+        let record = EpochRecord {
+            epoch,
+            loss: loss_sum / steps_per_epoch as f64,
+            active_triplets: active_sum / steps_per_epoch as f64,
+            validation,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            epoch,
+            loss = record.loss,
+            active_triplets = record.active_triplets,
+            recall_at_1 = validation.recall_at_1,
+            map_at_r = validation.map_at_r,
+            seconds = record.seconds,
+            "fine-tune epoch"
+        );
+        report(Event::Epoch(record.clone()));
+        last_record = Some(record.clone());
+        if validation.beats(&best_so_far) {
+            let path = scratch.join("best.pt");
+            model.save(&path)?;
+            best_so_far = validation;
+            best = Some((record, path));
+            stale = 0;
+        } else {
+            stale += 1;
+            if stale >= params.patience {
+                stopped_early = epoch < params.epochs;
+                break;
+            }
+        }
+    }
+    // With `commit: always` and no epoch better than the start, the last weights are the result.
+    let last = match (params.commit, &best, last_record) {
+        (Commit::Always, None, Some(record)) => {
+            let path = scratch.join("last.pt");
+            model.save(&path)?;
+            Some((record, path))
+        }
+        _ => None,
+    };
+    Ok(Outcome { before, best, last, stopped_early })
+}
+
+/// Recall@1 and MAP@R of the validation items among the training items, and
+/// the verification threshold on their pairs.
+fn validate(
+    model: &TrainableCModule,
+    images: &Tensor,
+    labels: &[i64],
+    data: &TrainData,
+) -> Result<Validation, TrainError> {
+    let _no_grad = tch::no_grad_guard();
+    let embed = |positions: &[usize]| -> Result<Tensor, TrainError> {
+        let mut parts = Vec::new();
+        for chunk in positions.chunks(EVAL_BATCH as usize) {
+            let index: Vec<i64> = chunk.iter().map(|&p| p as i64).collect();
+            let x = images.index_select(0, &Tensor::from_slice(&index).to_device(images.device()));
+            parts.push(l2_normalized(&model.forward_ts(&[x])?));
+        }
+        Ok(Tensor::cat(&parts, 0).to_device(Device::Cpu))
+    };
+    let queries = embed(&data.validation)?;
+    let gallery = embed(&data.train)?;
+    let query_labels: Vec<i64> = data.validation.iter().map(|&i| labels[i]).collect();
+    let gallery_labels: Vec<i64> = data.train.iter().map(|&i| labels[i]).collect();
+    let metrics = retrieval(&queries, &query_labels, &gallery, &gallery_labels);
+
+    let rows = (MAX_PAIRS / gallery_labels.len().max(1)).clamp(1, query_labels.len());
+    let scores = queries.narrow(0, 0, rows as i64).matmul(&gallery.tr()).contiguous().view([-1]);
+    let scores: Vec<f32> = Vec::<f32>::try_from(&scores)?;
+    let same: Vec<bool> =
+        query_labels[..rows].iter().flat_map(|q| gallery_labels.iter().map(move |g| g == q)).collect();
+    let threshold = verification(&scores, &same).threshold;
+    Ok(Validation { recall_at_1: metrics.recall_at_1, map_at_r: metrics.map_at_r, threshold })
+}
+
+fn l2_normalized(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2.0, [1i64].as_slice(), true).clamp_min(1e-12)
+}
+
+/// Replicate-pads each image and crops it back at a random offset, then flips
+/// half of them horizontally (as the bundled model was trained).
+fn augment(x: &Tensor, rng: &mut StdRng) -> Tensor {
+    let size = x.size()[2];
+    let padded = x.pad([CROP_PADDING; 4], "replicate", None);
+    let crops: Vec<Tensor> = (0..x.size()[0])
+        .map(|i| {
+            let (dy, dx) = (rng.random_range(0..=2 * CROP_PADDING), rng.random_range(0..=2 * CROP_PADDING));
+            let crop = padded.get(i).narrow(1, dy, size).narrow(2, dx, size);
+            if rng.random_bool(0.5) {
+                crop.flip([2])
+            } else {
+                crop
+            }
+        })
+        .collect();
+    Tensor::stack(&crops, 0)
+}
+
+/// Euclidean distances between rows of unit vectors.
+fn pairwise_distance(e: &Tensor) -> Tensor {
+    let similarity = e.matmul(&e.tr());
+    (similarity * -2.0 + 2.0).clamp_min(1e-12).sqrt()
+}
+
+/// The triplet loss `max(d(a,p) - d(a,n) + margin, 0)` over the batch's
+/// mined triplets, and the share of candidate triplets that violate the margin.
+///
+/// - `batch_hard`: per anchor, its farthest positive and nearest negative.
+/// - `semi_hard` (FaceNet): per anchor-positive pair, the nearest negative
+///   that is still farther than the positive; when there is none, the
+///   farthest negative. Avoids the collapse batch-hard can cause.
+/// - `batch_all`: every valid triplet, averaged over those with a positive loss.
+pub fn triplet_loss(e: &Tensor, labels: &Tensor, margin: f64, mining: Mining) -> (Tensor, f64) {
+    let d = pairwise_distance(e);
+    let n = labels.size()[0];
+    let same = labels.unsqueeze(1).eq_tensor(&labels.unsqueeze(0));
+    let eye = Tensor::eye(n, (Kind::Bool, e.device()));
+    let positive = same.logical_and(&eye.logical_not());
+    let negative = same.logical_not();
+    // (a, p, n): d(a,p) - d(a,n) + margin, and which triplets are valid.
+    let gap = d.unsqueeze(2) - d.unsqueeze(1) + margin;
+    let valid = positive.unsqueeze(2).logical_and(&negative.unsqueeze(1));
+    let violated = gap.gt(0.0).logical_and(&valid).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+    let active = violated / valid.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]).max(1.0);
+    let loss = match mining {
+        Mining::BatchAll => {
+            let losses = gap.clamp_min(0.0) * valid.to_kind(Kind::Float);
+            losses.sum(Kind::Float) / (violated.max(1.0))
+        }
+        Mining::BatchHard => {
+            let hardest_positive = (&d * positive.to_kind(Kind::Float)).amax([1i64].as_slice(), false);
+            let hardest_negative = d.masked_fill(&negative.logical_not(), f64::INFINITY).amin([1i64].as_slice(), false);
+            let has_both = positive.any_dim(1, false).logical_and(&negative.any_dim(1, false)).to_kind(Kind::Float);
+            let losses = (hardest_positive - hardest_negative + margin).clamp_min(0.0) * &has_both;
+            losses.sum(Kind::Float) / has_both.sum(Kind::Float).clamp_min(1.0)
+        }
+        Mining::SemiHard => {
+            let d_ap = d.unsqueeze(2);
+            let d_an = d.unsqueeze(1).expand([n, n, n], false);
+            let semi_hard = valid.logical_and(&d_an.gt_tensor(&d_ap));
+            let nearest_semi_hard =
+                d_an.masked_fill(&semi_hard.logical_not(), f64::INFINITY).amin([2i64].as_slice(), false);
+            let farthest = d_an.masked_fill(&valid.logical_not(), f64::NEG_INFINITY).amax([2i64].as_slice(), false);
+            let has_semi_hard = semi_hard.any_dim(2, false);
+            let chosen = nearest_semi_hard.where_self(&has_semi_hard, &farthest);
+            let pairs = positive.logical_and(&negative.any_dim(1, true)).to_kind(Kind::Float);
+            let losses = (&d - chosen.nan_to_num(0.0, 0.0, 0.0) + margin).clamp_min(0.0) * &pairs;
+            losses.sum(Kind::Float) / pairs.sum(Kind::Float).clamp_min(1.0)
+        }
+    };
+    (loss, active)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unit vectors at the given angles (radians) on a circle.
+    fn on_circle(angles: &[f64]) -> Tensor {
+        let flat: Vec<f32> = angles.iter().flat_map(|a| [a.cos() as f32, a.sin() as f32]).collect();
+        Tensor::from_slice(&flat).view([angles.len() as i64, 2])
+    }
+
+    fn chord(angle: f64) -> f64 {
+        2.0 * (angle / 2.0).sin()
+    }
+
+    fn loss(e: &Tensor, labels: &[i64], mining: Mining) -> f64 {
+        triplet_loss(e, &Tensor::from_slice(labels), 0.2, mining).0.double_value(&[])
+    }
+
+    #[test]
+    fn well_separated_classes_cost_nothing() {
+        let e = on_circle(&[0.0, 0.05, 3.0, 3.05]);
+        for mining in [Mining::BatchAll, Mining::BatchHard, Mining::SemiHard] {
+            assert!(loss(&e, &[0, 0, 1, 1], mining).abs() < 1e-6, "{mining:?}");
+        }
+    }
+
+    #[test]
+    fn batch_hard_takes_the_farthest_positive_and_nearest_negative() {
+        // Anchor 0 at 0 rad; its positive at 0.6; a negative at 0.3 (closer than the positive).
+        let e = on_circle(&[0.0, 0.6, 0.3, 3.0]);
+        let labels = [0, 0, 1, 1];
+        let d = |a: f64, b: f64| chord((a - b).abs());
+        let per_anchor = [
+            (d(0.0, 0.6) - d(0.0, 0.3) + 0.2).max(0.0),
+            (d(0.6, 0.0) - d(0.6, 0.3) + 0.2).max(0.0),
+            (d(0.3, 3.0) - d(0.3, 0.0) + 0.2).max(0.0),
+            (d(3.0, 0.3) - d(3.0, 0.6) + 0.2).max(0.0),
+        ];
+        let expected = per_anchor.iter().sum::<f64>() / 4.0;
+        assert!((loss(&e, &labels, Mining::BatchHard) - expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn semi_hard_prefers_a_negative_beyond_the_positive() {
+        // Anchor 0 at 0; positive at 0.2; negatives at 0.1 (hard) and 0.3 (semi-hard).
+        let e = on_circle(&[0.0, 0.2, 0.1, 0.3]);
+        let labels = Tensor::from_slice(&[0i64, 0, 1, 1]);
+        let (semi, _) = triplet_loss(&e, &labels, 0.2, Mining::SemiHard);
+        let (hard, _) = triplet_loss(&e, &labels, 0.2, Mining::BatchHard);
+        assert!(semi.double_value(&[]) > 0.0);
+        assert!(semi.double_value(&[]) < hard.double_value(&[]), "semi-hard negatives are easier than the hardest");
+        // Pair (0, 1): semi-hard negative is 0.3 -> d(0,0.2) - d(0,0.3) + 0.2.
+        let expected_01 = chord(0.2) - chord(0.3) + 0.2;
+        assert!(expected_01 > 0.0);
+    }
+
+    #[test]
+    fn loss_has_gradients_for_training() {
+        let e = on_circle(&[0.0, 0.6, 0.3, 3.0]).set_requires_grad(true);
+        let (l, active) = triplet_loss(&e, &Tensor::from_slice(&[0i64, 0, 1, 1]), 0.2, Mining::SemiHard);
+        l.backward();
+        assert!(active > 0.0);
+        assert!(e.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+}
