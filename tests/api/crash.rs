@@ -18,15 +18,19 @@ use sha2::{Digest, Sha256};
 
 use crate::helpers::fixtures;
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Server {
     /// Starts the release binary on a free port; periodic index dumps every
     /// second, so kills also land during and between dumps.
     async fn start(data_dir: &Path, log_name: &str) -> Self {
+        Self::start_with_env(data_dir, log_name, &[]).await
+    }
+
+    pub(crate) async fn start_with_env(data_dir: &Path, log_name: &str, env: &[(&str, &str)]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = std::fs::File::create(data_dir.join(log_name)).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_lookalike"))
@@ -35,6 +39,7 @@ impl Server {
             .arg(data_dir)
             .stdout(Stdio::null())
             .stderr(log)
+            .envs(env.iter().copied())
             .spawn()
             .expect("the lookalike binary starts");
         let server = Self { child, url: format!("http://127.0.0.1:{port}") };
@@ -51,7 +56,7 @@ impl Server {
         panic!("the server did not become healthy; see {}", data_dir.join(log_name).display());
     }
 
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
         self.child.wait().unwrap();
     }

@@ -43,14 +43,22 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         compact_fraction: 0.1,
         max_images_per_request: 16,
         max_k: 50,
+        admin_token: None,
+        admin_token_file: None,
     }
 }
 
 /// Starts the app on a fresh data directory. Logs only with `TEST_LOG=1`.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the app on a fresh data directory with a changed configuration.
+pub async fn spawn_app_with(change: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().to_path_buf();
-    let mut app = spawn_with(config(&path)).await;
+    let mut config = config(dir.path());
+    change(&mut config);
+    let mut app = spawn_with(config).await;
     app._data_guard = Some(dir);
     app
 }

@@ -3,6 +3,7 @@
 mod batching;
 mod crash;
 mod errors;
+mod finetune;
 mod formats;
 mod gallery;
 mod helpers;

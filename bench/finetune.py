@@ -1,0 +1,165 @@
+"""Does one POST /admin/finetune teach the encoder classes it never saw?
+
+Starts the release binary on a fresh data directory, fills the gallery over
+HTTP with labelled Fashion-MNIST *training* images of every class (the
+bundled model was trained on classes 0-6 only; 7-9 are unseen), and measures
+retrieval over HTTP with *test* images (never in the gallery) as queries:
+Recall@1 and MAP@R on the unseen classes 7-9 and on the seen classes 0-6.
+Then it runs one fine-tune job through HTTP, waits for the swap, and
+measures again. Prints a table and the job's wall time.
+
+    make bench-finetune            # or: .venv/bin/python bench/finetune.py [--per-class 300 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+import fashion_mnist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-" + uuid.uuid4().hex
+SEEN, UNSEEN = range(0, 7), range(7, 10)
+
+
+def png(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def multipart(images: list[bytes], label: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for i, data in enumerate(images):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.png"\r\n'
+                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="label"\r\n\r\n{label}\r\n'.encode())
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def pick(labels: np.ndarray, classes, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    return np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes])
+
+
+def evaluate(base: str, queries: list[tuple[bytes, int]], per_class: int) -> dict:
+    """Recall@1 and MAP@R (R = gallery images of the query's class) over HTTP."""
+
+    def one(query: tuple[bytes, int]) -> tuple[int, float, float]:
+        data, label = query
+        hits = request(f"{base}/search?k={per_class}", "POST", data, {"content-type": "image/png"})["results"]
+        relevant = [h["label"] == str(label) for h in hits[:per_class]]
+        precision_sum, found = 0.0, 0
+        for rank, hit in enumerate(relevant, 1):
+            if hit:
+                found += 1
+                precision_sum += found / rank
+        return label, float(relevant[0]), precision_sum / per_class
+
+    with ThreadPoolExecutor(8) as pool:
+        scored = list(pool.map(one, queries))
+    out = {}
+    for name, classes in (("unseen", UNSEEN), ("seen", SEEN)):
+        rows = [(r1, ap) for label, r1, ap in scored if label in classes]
+        out[name] = {"recall_at_1": float(np.mean([r for r, _ in rows])), "map_at_r": float(np.mean([a for _, a in rows]))}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", type=Path, default=ROOT / "target/release/lookalike")
+    ap.add_argument("--per-class", type=int, default=300, help="gallery (training) images per class")
+    ap.add_argument("--queries-per-class", type=int, default=300, help="test images per class used as queries")
+    ap.add_argument("--params", default="{}", help="JSON parameters of POST /admin/finetune")
+    ap.add_argument("--port", type=int, default=8181)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    train_x, train_y = fashion_mnist.load("train")
+    test_x, test_y = fashion_mnist.load("test")
+    gallery = pick(train_y, range(10), args.per_class, rng)
+    queries = [(png(test_x[i]), int(test_y[i])) for i in pick(test_y, range(10), args.queries_per_class, rng)]
+
+    data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-finetune-"))
+    env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=TOKEN)
+    cmd = [str(args.binary), "serve", "--data-dir", str(data_dir), "--port", str(args.port),
+           "--max-k", str(args.per_class), "--index-dump-interval-secs", "0"]
+    log = open(data_dir / "service.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{args.port}"
+    admin = {"authorization": f"Bearer {TOKEN}"}
+    try:
+        for _ in range(600):
+            try:
+                request(f"{base}/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        for label in range(10):
+            ids = [i for i in gallery if train_y[i] == label]
+            for start in range(0, len(ids), 32):
+                body, content_type = multipart([png(train_x[i]) for i in ids[start:start + 32]], str(label))
+                request(f"{base}/gallery", "POST", body, {"content-type": content_type})
+        before = evaluate(base, queries, args.per_class)
+
+        params = json.loads(args.params)
+        job = request(f"{base}/admin/finetune", "POST", json.dumps(params).encode(),
+                      {**admin, "content-type": "application/json"})
+        while not job["state"] in ("done", "failed", "cancelled"):
+            time.sleep(2)
+            job = request(f"{base}/admin/finetune/{job['id']}", headers=admin)
+        after = evaluate(base, queries, args.per_class)
+        health = request(f"{base}/health")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+    print(f"gallery: {len(gallery)} Fashion-MNIST training images ({args.per_class} per class, labelled); "
+          f"queries: {len(queries)} test images; job parameters: {json.dumps(job['params'])}")
+    print(f"job: {job['state']}, {job['elapsed_seconds']:.0f} s wall time, {len(job['history'])} epochs, "
+          f"result: {job.get('result') or job.get('error')}; active model after: {health['model']}")
+    val = job["validation"]
+    if val.get("before") and val.get("best"):
+        print(f"validation (held-out gallery items): Recall@1 {val['before']['recall_at_1']:.3f} -> "
+              f"{val['best']['recall_at_1']:.3f}, MAP@R {val['before']['map_at_r']:.3f} -> {val['best']['map_at_r']:.3f}")
+    print()
+    print("| classes | metric | before | after | change |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in ("unseen", "seen"):
+        for metric in ("recall_at_1", "map_at_r"):
+            b, a = before[name][metric], after[name][metric]
+            print(f"| {name} {'7-9' if name == 'unseen' else '0-6'} | {metric} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"before": before, "after": after, "job": job}, indent=2))
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

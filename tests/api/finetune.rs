@@ -1,0 +1,294 @@
+//! Fine-tuning over HTTP with the real model: admin auth, validation of the
+//! request and the data, a job that commits and swaps while searches and
+//! uploads keep being answered, one that finds nothing better, cancellation,
+//! rollback, and a restart in the middle of a job.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use reqwest::{Client, RequestBuilder};
+use serde_json::{json, Value};
+
+use crate::crash::Server;
+use crate::helpers::{assert_error, fixtures, spawn_app, spawn_app_with, TestApp};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+async fn admin_app() -> TestApp {
+    spawn_app_with(|c| c.admin_token = Some(TOKEN.into())).await
+}
+
+fn admin(request: RequestBuilder) -> RequestBuilder {
+    request.bearer_auth(TOKEN)
+}
+
+/// The committed fixtures, each stored with its class as label.
+async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
+    let all = fixtures();
+    for (class, bytes) in &all {
+        let form =
+            Form::new().part("image", Part::bytes(bytes.clone()).file_name("x.png")).text("label", class.clone());
+        let response = client.post(format!("{url}/gallery")).multipart(form).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    all.len()
+}
+
+async fn start_job(app: &TestApp, params: Value) -> reqwest::Response {
+    admin(app.client.post(app.url("/admin/finetune"))).json(&params).send().await.unwrap()
+}
+
+async fn job_status(client: &Client, url: &str, id: &str) -> Value {
+    let response = client.get(format!("{url}/admin/finetune/{id}")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// Polls until the job finishes; returns its last status and every state seen.
+async fn wait_for_job(client: &Client, url: &str, id: &str) -> (Value, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut states: Vec<String> = Vec::new();
+    loop {
+        let status = job_status(client, url, id).await;
+        let state = status["state"].as_str().unwrap().to_string();
+        if states.last() != Some(&state) {
+            states.push(state.clone());
+        }
+        if ["done", "failed", "cancelled"].contains(&state.as_str()) {
+            return (status, states);
+        }
+        assert!(Instant::now() < deadline, "the job did not finish: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_json(app: &TestApp, path: &str) -> Value {
+    let response = admin(app.client.get(app.url(path))).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn admin_routes_need_the_configured_token() {
+    let open = spawn_app().await;
+    let response = open.client.post(open.url("/admin/finetune")).json(&json!({})).send().await.unwrap();
+    assert_error(response, 403, "admin_disabled").await;
+    let response = admin(open.client.get(open.url("/admin/models"))).send().await.unwrap();
+    assert_error(response, 403, "admin_disabled").await;
+    open.stop().await;
+
+    let app = admin_app().await;
+    for (method, path) in [("POST", "/admin/finetune"), ("GET", "/admin/models"), ("POST", "/admin/models/1/activate")]
+    {
+        let request = app.client.request(method.parse().unwrap(), app.url(path));
+        let response = request.try_clone().unwrap().send().await.unwrap();
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        assert_error(response, 401, "unauthorized").await;
+        let response = request.bearer_auth("not-the-token-at-all").send().await.unwrap();
+        assert_error(response, 401, "unauthorized").await;
+    }
+    let models = get_json(&app, "/admin/models").await;
+    assert_eq!(models["active"], "1");
+    assert_eq!(models["versions"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn finetune_requests_and_data_are_checked() {
+    let app = admin_app().await;
+    // Only one label with images: no triplets can be formed.
+    let bags: Vec<Vec<u8>> = fixtures().into_iter().filter(|(c, _)| c == "bag").map(|(_, b)| b).collect();
+    assert_eq!(app.add_images(&bags, Some("bag"), None).await.status(), 201);
+    let response = start_job(&app, json!({})).await;
+    assert_error(response, 422, "insufficient_labels").await;
+    let response = start_job(&app, json!({"epochs": 0})).await;
+    assert_error(response, 422, "invalid_params").await;
+    let response = start_job(&app, json!({"epoch": 3})).await;
+    assert_error(response, 422, "invalid_params").await;
+    let response = admin(app.client.post(app.url("/admin/finetune"))).body("{\"epochs\": ").send().await.unwrap();
+    assert_error(response, 400, "invalid_json").await;
+    let response = admin(app.client.get(app.url("/admin/finetune/no-such-job"))).send().await.unwrap();
+    assert_error(response, 404, "not_found").await;
+    let response = admin(app.client.post(app.url("/admin/models/77/activate"))).send().await.unwrap();
+    assert_error(response, 404, "not_found").await;
+    app.stop().await;
+}
+
+/// Searches and unlabelled uploads in a loop until `stop`; counts answers that are not 2xx.
+fn background_load(
+    app: &TestApp,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (errors, uploads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (client, base) = (app.client.clone(), app.address.clone());
+    let (task_errors, task_uploads) = (errors.clone(), uploads.clone());
+    let task = tokio::spawn(async move {
+        let images = fixtures();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let (_, bytes) = &images[n % images.len()];
+            let search =
+                client.post(format!("{base}/search?k=3")).header("content-type", "image/png").body(bytes.clone());
+            let upload = Form::new().part("image", Part::bytes(bytes.clone()).file_name("u.png"));
+            let upload = client.post(format!("{base}/gallery")).multipart(upload);
+            let (searched, uploaded) = tokio::join!(search.send(), upload.send());
+            for status in [searched.map(|r| r.status()), uploaded.map(|r| r.status())] {
+                if !status.is_ok_and(|s| s.is_success()) {
+                    task_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            task_uploads.fetch_add(1, Ordering::Relaxed);
+            n += 1;
+        }
+    });
+    (task, errors, uploads)
+}
+
+#[tokio::test]
+async fn a_finetune_commits_and_swaps_while_search_and_uploads_keep_answering() {
+    let app = admin_app().await;
+    let labelled = add_labelled_fixtures(&app.client, &app.address).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, errors, uploads) = background_load(&app, stop.clone());
+
+    let params = json!({"epochs": 2, "p": 4, "k": 2, "validation_fraction": 0.34, "seed": 1, "commit": "always"});
+    let response = start_job(&app, params.clone()).await;
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/admin/finetune/{id}"));
+    assert_eq!(job["data"]["labels"].as_array().unwrap().len(), 4);
+    assert_eq!(job["data"]["validation_images"], 4, "one of each label's three images is held out");
+    assert_error(start_job(&app, params).await, 409, "job_running").await;
+
+    let (status, states) = wait_for_job(&app.client, &app.address, &id).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["result"]["committed"], true, "{status}");
+    assert_eq!(status["result"]["version"], "2");
+    assert!(states.contains(&"re_embedding".to_string()) || states.contains(&"swapping".to_string()), "{states:?}");
+    assert_eq!(status["history"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        status["step_losses"].as_array().unwrap().len(),
+        2 * status["steps_per_epoch"].as_u64().unwrap() as usize
+    );
+    assert!(status["validation"]["before"]["recall_at_1"].is_number());
+    assert!(status["elapsed_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "every search and upload during the job succeeded");
+    assert!(uploads.load(Ordering::Relaxed) > 0);
+
+    // The new version serves, over every item, including those uploaded during the job.
+    let items = labelled + uploads.load(Ordering::Relaxed);
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["model_version"], "2");
+    assert_eq!(health["indexed_items"], items);
+    let models = get_json(&app, "/admin/models").await;
+    assert_eq!(models["active"], "2");
+    let v2 = &models["versions"][1];
+    assert_eq!(
+        (v2["version"].as_str(), v2["parent"].as_str(), v2["active"].as_bool()),
+        (Some("2"), Some("1"), Some(true))
+    );
+    assert_eq!(v2["embedded_items"], items);
+    assert!(v2["verification_threshold"].is_number());
+    assert_eq!(v2["finetune"]["job"], id.as_str());
+    let (_, query) = &fixtures()[0];
+    let found: Value = app.search_raw(query, "1", "image/png").await.json().await.unwrap();
+    assert_eq!(found["model"], v2["model"]);
+    assert!(found["results"][0]["score"].as_f64().unwrap() > 0.99, "an identical stored image comes first: {found}");
+
+    // Roll back: only items uploaded after the swap lack a version-1 embedding; only they are embedded.
+    let stored_v1 = models["versions"][0]["embedded_items"].as_u64().unwrap();
+    assert!(stored_v1 >= labelled as u64);
+    let response = admin(app.client.post(app.url("/admin/models/1/activate"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let switched: Value = response.json().await.unwrap();
+    assert_eq!(switched["version"], "1");
+    assert_eq!(switched["embedded"].as_u64().unwrap(), items as u64 - stored_v1);
+    assert_eq!(switched["items"], items);
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["model_version"], "1");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_finetune_that_does_not_improve_changes_nothing() {
+    let app = admin_app().await;
+    add_labelled_fixtures(&app.client, &app.address).await;
+    // A step size far too small to move any embedding enough to change a ranking.
+    let params = json!({"epochs": 1, "p": 4, "k": 2, "validation_fraction": 0.34, "learning_rate": 1e-9});
+    let response = start_job(&app, params).await;
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let (status, _) = wait_for_job(&app.client, &app.address, &id).await;
+    assert_eq!(status["state"], "done", "{status}");
+    assert_eq!(status["result"]["committed"], false);
+    assert!(status["result"]["reason"].as_str().unwrap().contains("nothing was swapped"), "{status}");
+    assert_eq!(get_json(&app, "/admin/models").await["versions"].as_array().unwrap().len(), 1);
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["model_version"], "1");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_finetune_can_be_cancelled() {
+    let app = admin_app().await;
+    add_labelled_fixtures(&app.client, &app.address).await;
+    let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
+    let response = start_job(&app, params).await;
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job_status(&app.client, &app.address, &id).await["step"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "the job never started training");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = admin(app.client.delete(app.url(&format!("/admin/finetune/{id}")))).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let (status, _) = wait_for_job(&app.client, &app.address, &id).await;
+    assert_eq!(status["state"], "cancelled");
+    let response = admin(app.client.delete(app.url(&format!("/admin/finetune/{id}")))).send().await.unwrap();
+    assert_error(response, 409, "job_finished").await;
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["model_version"], "1");
+    // The slot is free again.
+    let listed = get_json(&app, "/admin/finetune").await;
+    assert_eq!(listed["jobs"][0]["id"], id.as_str());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_in_the_middle_of_a_job_marks_it_failed_and_keeps_the_active_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let server = Server::start_with_env(dir.path(), "first.log", &env).await;
+    let client = Client::new();
+    add_labelled_fixtures(&client, &server.url).await;
+    let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
+    let response =
+        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job_status(&client, &server.url, &id).await["state"] != "training" {
+        assert!(Instant::now() < deadline, "the job never started training");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill();
+
+    let server = Server::start_with_env(dir.path(), "second.log", &env).await;
+    let status = job_status(&client, &server.url, &id).await;
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(status["error"].as_str().unwrap().contains("interrupted by a restart"), "{status}");
+    let health: Value = client.get(format!("{}/health", server.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["model_version"], "1");
+    assert_eq!(health["indexed_items"], fixtures().len());
+    // A new job may start: the slot is not held by the dead one.
+    let response =
+        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    server.kill();
+}
