@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index
+.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
 
 setup: $(STAMP)
 
@@ -97,3 +97,10 @@ bench-http: build bench-setup dataset
 bench-index: bench-setup dataset
 	cargo bench --locked --bench index_scale
 	$(VENV)/bin/python bench/index_hnswlib.py
+
+# One POST /admin/finetune over HTTP: unseen-class retrieval before and after,
+# the job's wall time, and search latency while it runs (about 8 minutes).
+bench-finetune: build dataset
+	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)'
+
+FINETUNE_PARAMS ?= {}

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +90,43 @@ def evaluate(base: str, queries: list[tuple[bytes, int]], per_class: int) -> dic
     return out
 
 
+class SearchProbe(threading.Thread):
+    """One client searching back to back until stopped: latency and errors while a job runs."""
+
+    def __init__(self, base: str, queries: list[tuple[bytes, int]]):
+        super().__init__(daemon=True)
+        self.base, self.queries = base, queries
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            data, _ = self.queries[n % len(self.queries)]
+            started = time.perf_counter()
+            try:
+                request(f"{self.base}/search?k=10", "POST", data, {"content-type": "image/png"})
+                self.latencies.append(time.perf_counter() - started)
+            except (urllib.error.URLError, ConnectionError):
+                self.errors += 1
+            n += 1
+
+    def summary(self) -> str:
+        ms = np.array(self.latencies) * 1e3
+        return (f"{len(ms)} searches, {self.errors} errors, p50 {np.percentile(ms, 50):.1f} ms, "
+                f"p99 {np.percentile(ms, 99):.1f} ms")
+
+
+def probe(base: str, queries: list[tuple[bytes, int]], seconds: float) -> SearchProbe:
+    p = SearchProbe(base, queries)
+    p.start()
+    time.sleep(seconds)
+    p.stop.set()
+    p.join()
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", type=Path, default=ROOT / "target/release/lookalike")
@@ -127,13 +165,18 @@ def main() -> None:
                 body, content_type = multipart([png(train_x[i]) for i in ids[start:start + 32]], str(label))
                 request(f"{base}/gallery", "POST", body, {"content-type": content_type})
         before = evaluate(base, queries, args.per_class)
+        idle = probe(base, queries, 10)
 
         params = json.loads(args.params)
+        during = SearchProbe(base, queries)
         job = request(f"{base}/admin/finetune", "POST", json.dumps(params).encode(),
                       {**admin, "content-type": "application/json"})
+        during.start()
         while not job["state"] in ("done", "failed", "cancelled"):
             time.sleep(2)
             job = request(f"{base}/admin/finetune/{job['id']}", headers=admin)
+        during.stop.set()
+        during.join()
         after = evaluate(base, queries, args.per_class)
         health = request(f"{base}/health")
     finally:
@@ -149,6 +192,8 @@ def main() -> None:
     if val.get("before") and val.get("best"):
         print(f"validation (held-out gallery items): Recall@1 {val['before']['recall_at_1']:.3f} -> "
               f"{val['best']['recall_at_1']:.3f}, MAP@R {val['before']['map_at_r']:.3f} -> {val['best']['map_at_r']:.3f}")
+    print(f"one client searching back to back, 10 s before the job: {idle.summary()}")
+    print(f"the same during the whole job: {during.summary()}")
     print()
     print("| classes | metric | before | after | change |")
     print("| --- | --- | --- | --- | --- |")

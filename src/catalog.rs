@@ -367,11 +367,8 @@ impl Catalog {
             removed,
             seconds: started.elapsed().as_secs_f64(),
         };
-        metrics::model_info(
-            &model.version.model,
-            &model.embedder.info().device,
-            &model.embedder.info().precision.to_string(),
-        );
+        let info = model.embedder.info();
+        metrics::model_info(&info.model_key, &info.device, &info.precision.to_string(), true);
         let catalog = Self {
             active: Arc::new(ArcSwap::from_pointee(model)),
             gallery,
@@ -403,18 +400,13 @@ impl Catalog {
     ) -> Result<Switched, CatalogError> {
         let started = Instant::now();
         let model = ActiveModel::start(version, &self.settings).await?;
-        let mut embedded = model.embed_missing(&self.gallery, progress, cancel).await?;
-        reconcile(&self.gallery, &model).await?;
-        if cancel.load(Ordering::Relaxed) {
-            return Err(CatalogError::Cancelled);
-        }
-        swapping();
-        let _exclusive = self.writes.write().await;
-        embedded += model.embed_missing(&self.gallery, progress, cancel).await?;
-        reconcile(&self.gallery, &model).await?;
-        let registry = self.registry.clone();
-        let version = model.version.version.clone();
-        run_blocking(move || registry.set_active(&version)).await??;
+        let (embedded, exclusive) = match self.prepare_switch(&model, progress, swapping, cancel).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                retire(model);
+                return Err(error);
+            }
+        };
         let info = model.embedder.info().clone();
         let switched = Switched {
             version: model.version.version.clone(),
@@ -424,16 +416,44 @@ impl Catalog {
             seconds: started.elapsed().as_secs_f64(),
         };
         let previous = self.active.swap(Arc::new(model));
-        drop(_exclusive);
-        metrics::model_info(&switched.model, &info.device, &info.precision.to_string());
+        drop(exclusive);
+        let old = previous.embedder.info();
+        metrics::model_info(&old.model_key, &old.device, &old.precision.to_string(), false);
+        metrics::model_info(&switched.model, &info.device, &info.precision.to_string(), true);
         tracing::info!(version = %switched.version, model = %switched.model, embedded, items = switched.items,
             seconds = switched.seconds, "model switched");
-        // The old workers stop once the last request using them is done; joining them blocks.
-        tokio::task::spawn_blocking(move || drop(previous));
+        retire(previous);
         if let Err(error) = self.dump_index().await {
             tracing::error!(%error, "could not dump the new index; the next start rebuilds it");
         }
         Ok(switched)
+    }
+
+    /// Everything before the swap: embeds and indexes the gallery with the new
+    /// model, then takes the writers' lock, catches up with what changed
+    /// meanwhile and records the version as active. Returns the images
+    /// embedded and the lock, to be held until the swap. Once it holds the
+    /// lock it no longer looks at `cancel`: the switch completes.
+    async fn prepare_switch(
+        &self,
+        model: &ActiveModel,
+        progress: &(dyn Fn(Progress) + Sync),
+        swapping: &(dyn Fn() + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<(usize, tokio::sync::OwnedRwLockWriteGuard<()>), CatalogError> {
+        let mut embedded = model.embed_missing(&self.gallery, progress, cancel).await?;
+        reconcile(&self.gallery, model).await?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(CatalogError::Cancelled);
+        }
+        swapping();
+        let exclusive = self.writes.clone().write_owned().await;
+        embedded += model.embed_missing(&self.gallery, progress, &AtomicBool::new(false)).await?;
+        reconcile(&self.gallery, model).await?;
+        let registry = self.registry.clone();
+        let version = model.version.version.clone();
+        run_blocking(move || registry.set_active(&version)).await??;
+        Ok((embedded, exclusive))
     }
 
     /// Dumps the active index if it changed since the last dump.
@@ -548,6 +568,12 @@ async fn blocking_index<T: Send + 'static>(
 ) -> Result<T, CatalogError> {
     let index = index.clone();
     run_blocking(move || f(&index)).await
+}
+
+/// Drops a model off the async runtime: its workers stop once the last
+/// request using them is done, and joining them blocks.
+fn retire<M: Send + 'static>(model: M) {
+    tokio::task::spawn_blocking(move || drop(model));
 }
 
 async fn run_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, CatalogError> {

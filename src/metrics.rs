@@ -98,9 +98,10 @@ pub fn preprocess(elapsed: Duration) {
     histogram!("lookalike_preprocess_seconds").record(elapsed);
 }
 
-pub fn model_info(model: &str, device: &str, precision: &str) {
+/// 1 for the model serving now, 0 for one a switch replaced.
+pub fn model_info(model: &str, device: &str, precision: &str, active: bool) {
     let labels = [("model", model.to_string()), ("device", device.to_string()), ("precision", precision.to_string())];
-    gauge!("lookalike_model_info", &labels).set(1.0);
+    gauge!("lookalike_model_info", &labels).set(if active { 1.0 } else { 0.0 });
 }
 
 pub fn index_items(count: usize) {

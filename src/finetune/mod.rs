@@ -359,8 +359,9 @@ async fn run_steps(
         (None, Some(last), Commit::Always) => last.clone(),
         _ => {
             let reason = format!(
-                "no epoch beat the active model on validation (Recall@1 {:.4}, MAP@R {:.4}); nothing was swapped",
-                trained.before.recall_at_1, trained.before.map_at_r
+                "no epoch beat the active model's validation {} (before: Recall@1 {:.4}, MAP@R {:.4}); \
+                 nothing was swapped",
+                params.select_by, trained.before.recall_at_1, trained.before.map_at_r
             );
             return Ok(JobResult { committed: false, version: None, reason });
         }
@@ -403,31 +404,27 @@ fn prepare(
     images: Vec<(i64, Vec<u8>)>,
 ) -> Result<train::TrainData, Stop> {
     let bytes: BTreeMap<i64, Vec<u8>> = images.into_iter().collect();
-    let mut data = train::TrainData {
-        pixels: Vec::new(),
-        size: preprocessor.size() as i64,
-        labels: Vec::new(),
-        train: Vec::new(),
-        validation: Vec::new(),
-    };
+    let (mut pixels, mut labels, mut train, mut validation) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (set, is_train) in [(&split.train, true), (&split.validation, false)] {
         for (id, label) in set {
             // An item deleted since the split, or one that no longer decodes, is left out.
-            let Some(pixels) = bytes.get(id).and_then(|b| preprocessor.prepare(b).ok()) else { continue };
-            let position = data.labels.len();
-            data.pixels.extend_from_slice(&pixels.pixels);
-            data.labels.push(*label);
+            let Some(prepared) = bytes.get(id).and_then(|b| preprocessor.prepare(b).ok()) else { continue };
+            let position = labels.len();
+            pixels.extend_from_slice(&prepared.pixels);
+            labels.push(*label);
             if is_train {
-                data.train.push(position)
+                train.push(position)
             } else {
-                data.validation.push(position)
+                validation.push(position)
             }
         }
     }
-    if data.validation.is_empty() || data.train.len() < 4 {
+    if validation.is_empty() || train.len() < 4 {
         return Err(Stop::Failed("too few of the selected images could be read".into()));
     }
-    Ok(data)
+    let size = preprocessor.size() as i64;
+    let images = tch::Tensor::from_slice(&pixels).view([labels.len() as i64, 3, size, size]);
+    Ok(train::TrainData { images, labels, train, validation })
 }
 
 /// Folds a training event into the job's status.
@@ -450,7 +447,7 @@ fn on_event(job: &Job, event: train::Event) {
         train::Event::Epoch(record) => job.update(true, |s| {
             s.validation.latest = Some(record.validation);
             let best = s.validation.best.or(s.validation.before);
-            if best.is_none_or(|b| record.validation.beats(&b)) {
+            if best.is_none_or(|b| record.validation.beats(&b, s.params.select_by)) {
                 s.validation.best = Some(record.validation);
             }
             s.history.push(record);

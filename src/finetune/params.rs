@@ -11,11 +11,31 @@ pub enum Mining {
     BatchAll,
 }
 
+/// The validation metric that picks the best epoch and decides whether the
+/// result beats the active model (the other one breaks ties).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectBy {
+    /// Ranks every held-out item's whole label: moves smoothly even with a
+    /// few dozen held-out items, where Recall@1 moves in steps of 1/n.
+    MapAtR,
+    RecallAt1,
+}
+
+impl std::fmt::Display for SelectBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MapAtR => "MAP@R",
+            Self::RecallAt1 => "Recall@1",
+        })
+    }
+}
+
 /// When a trained encoder becomes a new active version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Commit {
-    /// Only when it beats the active model on validation (Recall@1, then MAP@R).
+    /// Only when it beats the active model on validation (`select_by`).
     IfBetter,
     /// Whatever validation says (the best epoch, or the last when none was better).
     Always,
@@ -48,14 +68,15 @@ pub struct FinetuneParams {
     /// Random crops and horizontal flips.
     pub augment: bool,
     pub commit: Commit,
+    pub select_by: SelectBy,
 }
 
 impl Default for FinetuneParams {
     fn default() -> Self {
         Self {
-            epochs: 10,
+            epochs: 30,
             steps_per_epoch: None,
-            learning_rate: 1e-4,
+            learning_rate: 3e-4,
             margin: 0.2,
             mining: Mining::SemiHard,
             p: 8,
@@ -63,10 +84,11 @@ impl Default for FinetuneParams {
             labels: None,
             validation_fraction: 0.2,
             seed: 0,
-            patience: 3,
+            patience: 6,
             max_images: 20_000,
             augment: true,
             commit: Commit::IfBetter,
+            select_by: SelectBy::MapAtR,
         }
     }
 }

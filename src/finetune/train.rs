@@ -19,7 +19,7 @@ use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor, TrainableCModule};
 
 use super::data::PkSampler;
-use super::params::{Commit, FinetuneParams, Mining};
+use super::params::{Commit, FinetuneParams, Mining, SelectBy};
 use crate::eval::metrics::{retrieval, verification};
 
 /// Pixels added on each side before a random crop back to the input size.
@@ -37,11 +37,10 @@ pub enum TrainError {
     Cancelled,
 }
 
-/// What the loop trains on: preprocessed images (`n x input_len`, flattened)
-/// with label indices, and which positions train and which validate.
+/// What the loop trains on: preprocessed images (`n x 3 x size x size`, on
+/// the CPU) with label indices, and which positions train and which validate.
 pub struct TrainData {
-    pub pixels: Vec<f32>,
-    pub size: i64,
+    pub images: Tensor,
     pub labels: Vec<usize>,
     pub train: Vec<usize>,
     pub validation: Vec<usize>,
@@ -57,11 +56,14 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// Better Recall@1, or the same Recall@1 and a better MAP@R.
-    pub fn beats(&self, other: &Validation) -> bool {
+    /// Better on the chosen metric, or equal on it and better on the other.
+    pub fn beats(&self, other: &Validation, by: SelectBy) -> bool {
         const EPS: f64 = 1e-9;
-        self.recall_at_1 > other.recall_at_1 + EPS
-            || ((self.recall_at_1 - other.recall_at_1).abs() <= EPS && self.map_at_r > other.map_at_r + EPS)
+        let (mine, theirs) = match by {
+            SelectBy::MapAtR => ((self.map_at_r, self.recall_at_1), (other.map_at_r, other.recall_at_1)),
+            SelectBy::RecallAt1 => ((self.recall_at_1, self.map_at_r), (other.recall_at_1, other.map_at_r)),
+        };
+        mine.0 > theirs.0 + EPS || ((mine.0 - theirs.0).abs() <= EPS && mine.1 > theirs.1 + EPS)
     }
 }
 
@@ -109,8 +111,7 @@ pub fn train(
     model.set_eval(); // frozen BatchNorm statistics, see the module comment
     let mut optimizer = nn::Adam::default().build(&vs, params.learning_rate)?;
 
-    let n = data.labels.len() as i64;
-    let images = Tensor::from_slice(&data.pixels).view([n, 3, data.size, data.size]).to_device(device);
+    let images = data.images.to_device(device);
     let labels: Vec<i64> = data.labels.iter().map(|&l| l as i64).collect();
     let train_labels: Vec<usize> = data.train.iter().map(|&i| data.labels[i]).collect();
     let sampler = PkSampler::new(&train_labels, params.p, params.k);
@@ -166,7 +167,7 @@ pub fn train(
         );
         report(Event::Epoch(record.clone()));
         last_record = Some(record.clone());
-        if validation.beats(&best_so_far) {
+        if validation.beats(&best_so_far, params.select_by) {
             let path = scratch.join("best.pt");
             model.save(&path)?;
             best_so_far = validation;
