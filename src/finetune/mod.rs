@@ -233,7 +233,7 @@ impl Jobs {
     pub fn list(&self) -> Vec<JobStatus> {
         let jobs: Vec<Arc<Job>> = self.inner.lock().expect("jobs lock").jobs.values().cloned().collect();
         let mut statuses: Vec<JobStatus> = jobs.iter().map(|j| j.status()).collect();
-        statuses.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        statuses.sort_by_key(|s| std::cmp::Reverse(s.created_at));
         statuses
     }
 
