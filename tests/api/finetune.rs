@@ -12,7 +12,9 @@ use reqwest::{Client, RequestBuilder};
 use serde_json::{json, Value};
 
 use crate::crash::Server;
-use crate::helpers::{assert_error, fixtures, spawn_app, spawn_app_with, TestApp};
+use lookalike::config::ServeConfig;
+
+use crate::helpers::{assert_error, config, fixtures, spawn_app, spawn_app_with, spawn_with, TestApp};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -201,6 +203,14 @@ async fn a_finetune_commits_and_swaps_while_search_and_uploads_keep_answering() 
     assert_eq!(found["model"], v2["model"]);
     assert!(found["results"][0]["score"].as_f64().unwrap() > 0.99, "an identical stored image comes first: {found}");
 
+    // A restart comes back on the active version, with its index reloaded from the dump taken at the swap.
+    let data_dir = app.data_dir.clone();
+    let guard = app.stop().await;
+    let app = spawn_with(ServeConfig { admin_token: Some(TOKEN.into()), ..config(&data_dir) }).await;
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!((health["model_version"].as_str(), health["index_source"].as_str()), (Some("2"), Some("reloaded")));
+    assert_eq!(health["indexed_items"], items);
+
     // Roll back: only items uploaded after the swap lack a version-1 embedding; only they are embedded.
     let stored_v1 = models["versions"][0]["embedded_items"].as_u64().unwrap();
     assert!(stored_v1 >= labelled as u64);
@@ -213,6 +223,7 @@ async fn a_finetune_commits_and_swaps_while_search_and_uploads_keep_answering() 
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["model_version"], "1");
     app.stop().await;
+    drop(guard);
 }
 
 #[tokio::test]
