@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
+.PHONY: browser-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ test: build
 	cargo test $(CARGO_FLAGS)
 	cargo bench --locked --no-run   # benchmarks are not run in CI, but must keep compiling
 	@$(MAKE) --no-print-directory check-cuda-link
+	@$(MAKE) --no-print-directory browser-test
+
+# The web page driven in headless Chromium (Debian's package) by playwright-core
+# (npm, pinned in tests/browser/package-lock.json); screenshots land in
+# target/browser-artifacts/.
+browser-test: build
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	cd tests/browser && npm ci --no-audit --no-fund --silent
+	node tests/browser/e2e.mjs
 
 # When the wheel ships libtorch_cuda, the binary must keep it linked (build.rs),
 # or libtorch would never see a GPU.

@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::embed::{EmbedError, Embedded, Embedder, EmbedderConfig, Priority};
 use crate::gallery::{content_hash, Gallery, GalleryError, ItemSummary, NewItem};
 use crate::index::{Index, IndexError, Loaded};
+use crate::knn::{self, Prediction};
 use crate::metrics;
 use crate::preprocess::{Prepared, PreprocessError, PreprocessPool};
 use crate::registry::{ModelVersion, Registry, RegistryError};
@@ -132,7 +133,22 @@ pub struct SearchOutcome {
     /// The model that embedded the query.
     pub model: String,
     pub results: Vec<Neighbour>,
+    pub prediction: Prediction,
     pub timing: Timing,
+}
+
+/// A pair of images compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub model: String,
+    /// Cosine similarity of the two embeddings, -1 to 1.
+    pub similarity: f32,
+    /// Euclidean distance between the unit embeddings, 0 to 2 (what training measures).
+    pub distance: f32,
+    /// Similarity at or above which the pair is the same; from the model's manifest.
+    pub threshold: Option<f32>,
+    /// `None` when the model has no calibrated threshold.
+    pub same: Option<bool>,
 }
 
 /// How the index was made ready at start.
@@ -191,6 +207,11 @@ pub struct CatalogSettings {
     pub near_duplicate_distance: f32,
     /// Tombstones, as a fraction of the graph, that trigger a compaction.
     pub compact_fraction: f64,
+    /// Labelled neighbours that vote for a search's predicted label.
+    pub knn_k: usize,
+    /// Cosine distance beyond which the nearest labelled neighbour means
+    /// `unknown`; `None` takes 1 - the active model's verification threshold.
+    pub unknown_distance: Option<f32>,
 }
 
 impl Catalog {
@@ -278,7 +299,7 @@ impl Catalog {
         Ok(best.filter(|hit| hit.score >= threshold).map(|hit| NearDuplicate { id: hit.id, score: hit.score }))
     }
 
-    /// The gallery items most similar to the image.
+    /// The gallery items most similar to the image, and the label its labelled neighbours vote for.
     pub async fn search(&self, bytes: Bytes, query: &SearchQuery) -> Result<SearchOutcome, CatalogError> {
         let start = Instant::now();
         let active = self.active();
@@ -286,29 +307,80 @@ impl Catalog {
         let preprocessed = Instant::now();
         let embedded = active.embedder.embed(prepared.pixels, Priority::Interactive).await?;
         let after_embed = Instant::now();
-        let allowed = match &query.label {
-            Some(label) => Some(self.gallery.ids_with_label(label.clone()).await?),
-            None => None,
-        };
-        let mut hits = active.index.search(&embedded.vector, query.k, allowed.as_deref())?;
-        if let Some(min) = query.min_score {
-            hits.retain(|hit| hit.score >= min);
-        }
-        let searched = Instant::now();
-        let summaries = self.gallery.summaries(hits.iter().map(|h| h.id).collect()).await?;
-        // An item deleted between the index search and here is simply left out.
-        let results =
-            hits.into_iter().filter_map(|hit| summaries.get(&hit.id).map(|item| neighbour(hit.score, item))).collect();
+        let (results, prediction) = self.neighbours(&active, &embedded.vector, query, None).await?;
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let timing = Timing {
             preprocess_ms: ms(start, preprocessed),
             embed_ms: ms(preprocessed, after_embed),
             queue_ms: embedded.queue_wait.as_secs_f64() * 1e3,
             batch_size: embedded.batch_size,
-            search_ms: ms(after_embed, searched),
+            search_ms: ms(after_embed, Instant::now()),
             total_ms: ms(start, Instant::now()),
         };
-        Ok(SearchOutcome { model: active.version.model.clone(), results, timing })
+        Ok(SearchOutcome { model: active.version.model.clone(), results, prediction, timing })
+    }
+
+    /// The items most similar to a stored item (itself left out), from its
+    /// stored embedding; `None` if there is no such item.
+    pub async fn search_by_id(&self, id: i64, query: &SearchQuery) -> Result<Option<SearchOutcome>, CatalogError> {
+        let start = Instant::now();
+        let active = self.active();
+        let Some((_, vector)) = self.gallery.embeddings_of(active.version.model.clone(), vec![id]).await?.pop() else {
+            return Ok(None);
+        };
+        let (results, prediction) = self.neighbours(&active, &vector, query, Some(id)).await?;
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let timing = Timing { search_ms: total_ms, total_ms, ..Timing::default() };
+        Ok(Some(SearchOutcome { model: active.version.model.clone(), results, prediction, timing }))
+    }
+
+    /// Searches the index (fetching enough for the label vote), reads the
+    /// hits' labels and metadata, votes, then applies `min_score` and `k`.
+    async fn neighbours(
+        &self,
+        active: &ActiveModel,
+        vector: &[f32],
+        query: &SearchQuery,
+        exclude: Option<i64>,
+    ) -> Result<(Vec<Neighbour>, Prediction), CatalogError> {
+        let allowed = match &query.label {
+            Some(label) => Some(self.gallery.ids_with_label(label.clone()).await?),
+            None => None,
+        };
+        let fetch = query.k.max(self.settings.knn_k) + usize::from(exclude.is_some());
+        let mut hits = active.index.search(vector, fetch, allowed.as_deref())?;
+        hits.retain(|hit| Some(hit.id) != exclude);
+        let summaries = self.gallery.summaries(hits.iter().map(|h| h.id).collect()).await?;
+        // An item deleted between the index search and here is simply left out.
+        let found: Vec<Neighbour> =
+            hits.into_iter().filter_map(|hit| summaries.get(&hit.id).map(|item| neighbour(hit.score, item))).collect();
+        let unknown_distance = self
+            .settings
+            .unknown_distance
+            .or(active.version.manifest.verification_threshold.map(|t| 1.0 - t))
+            .unwrap_or(f32::INFINITY);
+        let votes = found.iter().map(|n| (n.score, n.label.as_deref()));
+        let prediction = knn::predict(votes, self.settings.knn_k, unknown_distance);
+        let min_score = query.min_score.unwrap_or(f32::NEG_INFINITY);
+        let results = found.into_iter().filter(|n| n.score >= min_score).take(query.k).collect();
+        Ok((results, prediction))
+    }
+
+    /// Whether two images show the same thing: their similarity against the
+    /// active model's verification threshold.
+    pub async fn verify(&self, a: Bytes, b: Bytes) -> Result<Verified, CatalogError> {
+        let active = self.active();
+        let prepared = active.prepare_all(vec![a, b]).await?;
+        let vectors = active.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Interactive).await?;
+        let similarity = vectors[0].iter().zip(&vectors[1]).map(|(x, y)| x * y).sum::<f32>().clamp(-1.0, 1.0);
+        let threshold = active.version.manifest.verification_threshold;
+        Ok(Verified {
+            model: active.version.model.clone(),
+            similarity,
+            distance: (2.0 - 2.0 * similarity).max(0.0).sqrt(),
+            same: threshold.map(|t| similarity >= t),
+            threshold,
+        })
     }
 
     /// Deletes an item: from the store (committed), then from results at once;

@@ -117,6 +117,20 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_K", default_value_t = 100)]
     pub max_k: usize,
 
+    /// Labelled neighbours that vote for the label a search predicts.
+    #[arg(long, env = "LOOKALIKE_KNN_K", default_value_t = 10)]
+    pub knn_k: usize,
+
+    /// Cosine distance beyond which a search's nearest labelled neighbour means the label is
+    /// `unknown`. Default: 1 - the active model's verification threshold.
+    #[arg(long, env = "LOOKALIKE_UNKNOWN_DISTANCE")]
+    pub unknown_distance: Option<f32>,
+
+    /// Origins allowed to call the API from a browser (CORS), comma-separated, or `*` for any.
+    /// Default: none (same-origin only).
+    #[arg(long, env = "LOOKALIKE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
     /// Bearer token for the `/admin` routes (fine-tuning, model versions). With
     /// neither this nor `--admin-token-file`, admin routes answer 403.
     #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN", hide_env_values = true)]

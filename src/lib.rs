@@ -12,6 +12,7 @@ pub mod finetune;
 pub mod gallery;
 pub mod import;
 pub mod index;
+pub mod knn;
 pub mod manifest;
 pub mod metrics;
 pub mod preprocess;

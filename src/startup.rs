@@ -36,6 +36,11 @@ const JOBS_DIR: &str = "finetune";
 impl Application {
     /// Loads the active model, opens the store, makes the index ready and binds the port.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(config.knn_k >= 1, "--knn-k must be at least 1");
+        anyhow::ensure!(
+            config.unknown_distance.is_none_or(|d| (0.0..=2.0).contains(&d)),
+            "--unknown-distance must be between 0 and 2"
+        );
         let bundled = Manifest::load(&config.model)?;
         let metrics_handle = metrics::handle();
         let gallery = Gallery::open(&config.data_dir)
@@ -49,6 +54,8 @@ impl Application {
             index_dir: config.data_dir.join(INDEX_DIR),
             near_duplicate_distance: config.near_duplicate_distance,
             compact_fraction: config.compact_fraction,
+            knn_k: config.knn_k,
+            unknown_distance: config.unknown_distance,
         };
         let registry = Registry::new(&config.model, &config.data_dir);
         let (catalog, startup) = Catalog::open(gallery, registry, settings).await?;
@@ -86,6 +93,7 @@ impl Application {
             index_startup: Arc::new(startup),
             admin: admin.map(Arc::new),
             jobs,
+            cors_origins: config.cors_origins.clone().into(),
         };
         Ok(Self { listener, address, state, dump_interval })
     }

@@ -113,10 +113,15 @@ impl From<PreprocessError> for ApiError {
     }
 }
 
-/// Names the offending image when a request carries several.
-fn image_error(position: Option<usize>, e: PreprocessError) -> ApiError {
-    let message = match position {
-        Some(p) => format!("image {p}: {e}"),
+/// An image error naming the form part it came from.
+pub fn image_part_error(part: &str, e: PreprocessError) -> ApiError {
+    image_error(Some(format!("part {part}")), e)
+}
+
+/// Names the offending image (`image 2`, `part a`) when a request carries several.
+fn image_error(which: Option<String>, e: PreprocessError) -> ApiError {
+    let message = match which {
+        Some(which) => format!("{which}: {e}"),
         None => e.to_string(),
     };
     match e {
@@ -159,7 +164,7 @@ impl From<IndexError> for ApiError {
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
-            CatalogError::Image { position, source } => image_error(Some(position), source),
+            CatalogError::Image { position, source } => image_error(Some(format!("image {position}")), source),
             CatalogError::Duplicate { .. } => Self::Conflict { code: "duplicate", message: e.to_string() },
             CatalogError::Task(_) | CatalogError::Models(_) => Self::Internal(e.to_string()),
             CatalogError::Cancelled => Self::Conflict { code: "cancelled", message: e.to_string() },

@@ -118,10 +118,10 @@ pub async fn delete(
     }
 }
 
-fn item_id(id: Result<Path<i64>, PathRejection>) -> Result<i64, ApiError> {
+pub(super) fn item_id(id: Result<Path<i64>, PathRejection>) -> Result<i64, ApiError> {
     id.map(|Path(id)| id).map_err(|_| ApiError::bad_request("invalid_id", "item ids are integers"))
 }
 
-fn no_item(id: i64) -> ApiError {
+pub(super) fn no_item(id: i64) -> ApiError {
     ApiError::NotFound(format!("no gallery item {id}"))
 }

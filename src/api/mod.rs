@@ -12,7 +12,7 @@ mod upload;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{header, HeaderName, Request};
+use axum::http::{header, HeaderName, HeaderValue, Method, Request};
 use axum::middleware;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -20,6 +20,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -47,6 +48,8 @@ pub struct AppState {
     /// `None`: admin routes are disabled.
     pub admin: Option<Arc<AdminToken>>,
     pub jobs: Jobs,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_origins: Arc<[String]>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -55,13 +58,16 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     Router::new()
+        .route("/", get(web_page))
         .route("/health", get(health::health))
         .route("/metrics", get(metrics::render))
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add).get(gallery::list))
         .route("/gallery/{id}", get(gallery::get).delete(gallery::delete))
         .route("/gallery/{id}/image", get(gallery::image))
+        .route("/gallery/{id}/similar", get(search::similar))
         .route("/search", post(search::search))
+        .route("/verify", post(search::verify))
         .route("/admin/finetune", post(admin::start).get(admin::list))
         .route("/admin/finetune/{id}", get(admin::status).delete(admin::cancel))
         .route("/admin/models", get(admin::models))
@@ -69,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(cors(&state.cors_origins))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
@@ -84,6 +91,38 @@ pub fn router(state: AppState) -> Router {
                 })),
         )
         .with_state(state)
+}
+
+/// CORS for browser frontends on other origins: the configured origins may
+/// call every route with the methods and headers the API uses, and read the
+/// request id and `Location`. With none configured, no CORS headers are sent.
+fn cors(origins: &[String]) -> CorsLayer {
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .expose_headers([REQUEST_ID, header::LOCATION])
+        .max_age(std::time::Duration::from_secs(3600))
+}
+
+/// The web page: one self-contained file embedded in the binary (no CDN), so
+/// the service and its page are always the same version. The policy keeps
+/// the page to its own origin.
+async fn web_page() -> impl IntoResponse {
+    const POLICY: &str = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; \
+                          script-src 'unsafe-inline'; connect-src 'self'";
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CONTENT_SECURITY_POLICY, POLICY)],
+        include_str!("../../static/index.html"),
+    )
 }
 
 /// The API contract, embedded at build time so it always matches this binary.

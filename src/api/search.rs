@@ -1,14 +1,17 @@
 //! `/search`: the most similar gallery items to an uploaded image.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Multipart, Path, Query, Request, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
-use super::upload::read_query_image;
+use super::error::{image_part_error, ApiError};
+use super::gallery::{item_id, no_item};
+use super::upload::{read_pair_form, read_query_image};
 use super::AppState;
-use crate::catalog::{Neighbour, SearchQuery, Timing};
+use crate::catalog::{CatalogError, Neighbour, SearchOutcome, SearchQuery, Timing, Verified};
+use crate::knn::Prediction;
 
 const DEFAULT_K: usize = 10;
 
@@ -26,7 +29,15 @@ pub struct SearchParams {
 pub struct SearchResponse {
     model: String,
     results: Vec<Neighbour>,
+    /// The label the labelled neighbours vote for, or `unknown`.
+    prediction: Prediction,
     timing: Timing,
+}
+
+impl From<SearchOutcome> for SearchResponse {
+    fn from(o: SearchOutcome) -> Self {
+        Self { model: o.model, results: o.results, prediction: o.prediction, timing: o.timing }
+    }
 }
 
 /// `POST /search?k=N` with an image as a multipart `image` part or a raw body.
@@ -35,7 +46,24 @@ pub async fn search(
     params: Result<Query<SearchParams>, QueryRejection>,
     request: Request,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let Query(params) = params?;
+    let query = search_query(params?.0, &state)?;
+    let image = read_query_image(request, &state).await?;
+    Ok(Json(state.catalog.search(image, &query).await?.into()))
+}
+
+/// `GET /gallery/{id}/similar?k=N`: the items most similar to a stored one, itself left out.
+pub async fn similar(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+    params: Result<Query<SearchParams>, QueryRejection>,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let id = item_id(id)?;
+    let query = search_query(params?.0, &state)?;
+    let outcome = state.catalog.search_by_id(id, &query).await?;
+    Ok(Json(outcome.ok_or_else(|| no_item(id))?.into()))
+}
+
+fn search_query(params: SearchParams, state: &AppState) -> Result<SearchQuery, ApiError> {
     let k = params.k.unwrap_or(DEFAULT_K);
     if k == 0 || k > state.limits.max_k {
         return Err(ApiError::invalid("invalid_k", format!("k must be between 1 and {}", state.limits.max_k)));
@@ -43,8 +71,18 @@ pub async fn search(
     if params.min_score.is_some_and(|m| !(-1.0..=1.0).contains(&m)) {
         return Err(ApiError::invalid("invalid_min_score", "min_score must be between -1 and 1"));
     }
-    let image = read_query_image(request, &state).await?;
-    let query = SearchQuery { k, label: params.label, min_score: params.min_score };
-    let outcome = state.catalog.search(image, &query).await?;
-    Ok(Json(SearchResponse { model: outcome.model, results: outcome.results, timing: outcome.timing }))
+    Ok(SearchQuery { k, label: params.label, min_score: params.min_score })
+}
+
+/// `POST /verify`: two images, parts `a` and `b`.
+pub async fn verify(
+    State(state): State<AppState>,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Verified>, ApiError> {
+    let (a, b) = read_pair_form(form?).await?;
+    match state.catalog.verify(a, b).await {
+        Ok(verified) => Ok(Json(verified)),
+        Err(CatalogError::Image { position, source }) => Err(image_part_error(["a", "b"][position], source)),
+        Err(other) => Err(other.into()),
+    }
 }

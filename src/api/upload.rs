@@ -78,6 +78,26 @@ async fn raw_body(request: Request, state: &AppState) -> Result<Bytes, ApiError>
     Ok(body)
 }
 
+/// Reads a `POST /verify` form: exactly one `a` and one `b` image part.
+pub async fn read_pair_form(mut form: Multipart) -> Result<(Bytes, Bytes), ApiError> {
+    let (mut a, mut b) = (None, None);
+    while let Some(field) = form.next_field().await? {
+        let slot = match field.name().unwrap_or_default() {
+            "a" => &mut a,
+            "b" => &mut b,
+            other => return Err(unknown_field(other, "a, b")),
+        };
+        if slot.is_some() {
+            return Err(duplicate_field(field.name().unwrap_or_default()));
+        }
+        *slot = Some(field.bytes().await?);
+    }
+    match (a, b) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(ApiError::bad_request("missing_image", "the form needs two image parts, `a` and `b`")),
+    }
+}
+
 async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> {
     let mut image = None;
     while let Some(field) = form.next_field().await? {

@@ -45,6 +45,9 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         max_k: 50,
         admin_token: None,
         admin_token_file: None,
+        knn_k: 10,
+        unknown_distance: None,
+        cors_origins: Vec::new(),
     }
 }
 

@@ -8,4 +8,5 @@ mod formats;
 mod gallery;
 mod helpers;
 mod import;
+mod labels;
 mod search;

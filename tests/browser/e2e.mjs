@@ -1,0 +1,119 @@
+// End-to-end test of the web page in headless Chromium: starts the release
+// binary on a fresh data directory, then, through the page only: adds
+// labelled images, searches and sees the expected item first with the right
+// predicted label, verifies a pair, deletes an item. Screenshots of each step
+// go to target/browser-artifacts/ (kept as test artefacts).
+//
+//   node tests/browser/e2e.mjs        (after `cargo build --release`; `make browser-test` does both)
+
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { chromium } from "playwright-core";
+
+const root = resolve(import.meta.dirname, "../..");
+const fixture = (name) => join(root, "tests/fixtures/fmnist", `${name}.png`);
+const artifacts = join(root, "target/browser-artifacts");
+mkdirSync(artifacts, { recursive: true });
+
+const freePort = () =>
+  new Promise((ok) => {
+    const server = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => ok(port));
+    });
+  });
+
+async function waitHealthy(url) {
+  for (let i = 0; i < 600; i++) {
+    try {
+      if ((await fetch(`${url}/health`)).ok) return;
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error("the service did not become healthy");
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(`check failed: ${message}`);
+  console.log(`ok: ${message}`);
+}
+
+const dataDir = mkdtempSync(join(tmpdir(), "lookalike-browser-"));
+const port = await freePort();
+const url = `http://127.0.0.1:${port}`;
+const service = spawn(join(root, "target/release/lookalike"), ["serve", "--port", String(port), "--data-dir", dataDir], {
+  stdio: ["ignore", "ignore", "inherit"],
+  env: { ...process.env, RUST_LOG: "warn" },
+});
+let browser;
+try {
+  await waitHealthy(url);
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync"],
+  });
+  for (const [name, viewport] of [["laptop", { width: 1280, height: 800 }], ["phone", { width: 390, height: 844 }]]) {
+    const page = await browser.newPage({ viewport });
+    const failed = [];
+    page.on("requestfailed", (r) => failed.push(r.url()));
+    page.on("pageerror", (e) => failed.push(`page error: ${e.message}`));
+    await page.goto(url);
+    await page.waitForFunction(() => document.getElementById("health").textContent.includes("items"));
+
+    if (name === "laptop") {
+      // Add: two T-shirts, then a pair of trousers, each batch with its label.
+      await page.click('nav button[data-tab="add"]');
+      for (const [files, label] of [[["tshirt-0", "tshirt-1"], "tshirt"], [["trouser-0", "trouser-1"], "trouser"], [["bag-0"], "bag"]]) {
+        await page.setInputFiles("#add-files", files.map(fixture));
+        await page.fill("#add-label", label);
+        await page.click("#add-submit");
+        await page.waitForSelector("#add-status.ok");
+      }
+      await page.screenshot({ path: join(artifacts, "1-added.png"), fullPage: true });
+    }
+
+    // Search with a T-shirt that is not stored: a T-shirt comes first and the prediction says so.
+    await page.click('nav button[data-tab="search"]');
+    await page.setInputFiles("#search-file", fixture("tshirt-2"));
+    await page.waitForSelector("#search-status.ok");
+    const first = await page.textContent("#search-results .card:first-child .label");
+    check(first === "tshirt", `${name}: the first result is a T-shirt (got ${first})`);
+    const prediction = await page.textContent("#search-prediction");
+    check(prediction.includes("tshirt"), `${name}: the predicted label is tshirt (${prediction.trim()})`);
+    await page.screenshot({ path: join(artifacts, `2-search-${name}.png`), fullPage: true });
+
+    if (name === "laptop") {
+      // Verify: two T-shirts are the same thing, a T-shirt and trousers are not.
+      await page.click('nav button[data-tab="verify"]');
+      await page.setInputFiles("#verify-a", fixture("tshirt-0"));
+      await page.setInputFiles("#verify-b", fixture("tshirt-2"));
+      await page.waitForFunction(() => document.getElementById("verify-status").textContent.includes("similarity"));
+      check((await page.textContent("#verify-status")).startsWith("the same"), "two T-shirts verify as the same");
+      await page.setInputFiles("#verify-b", fixture("trouser-2"));
+      await page.waitForFunction(() => document.getElementById("verify-status").textContent.startsWith("different"));
+      await page.screenshot({ path: join(artifacts, "3-verify.png"), fullPage: true });
+
+      // Gallery: five items; delete one, and it is gone from the page and from the service.
+      await page.click('nav button[data-tab="gallery"]');
+      await page.waitForSelector("#gallery-items .card");
+      check((await page.locator("#gallery-items .card").count()) === 5, "the gallery shows the five items");
+      await page.click('#gallery-items .card[data-id="5"] button');
+      await page.waitForSelector("#gallery-status.ok");
+      check((await page.locator("#gallery-items .card").count()) === 4, "a deleted item leaves the page");
+      const response = await fetch(`${url}/gallery/5`);
+      check(response.status === 404, "and the service");
+      await page.screenshot({ path: join(artifacts, "4-gallery-after-delete.png"), fullPage: true });
+    }
+    check(failed.length === 0, `${name}: no failed requests or page errors (${failed.join(", ")})`);
+    await page.close();
+  }
+  console.log(`browser test passed; screenshots in ${artifacts}`);
+} finally {
+  await browser?.close();
+  service.kill("SIGTERM");
+  rmSync(dataDir, { recursive: true, force: true });
+}
