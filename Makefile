@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
 
 setup: $(STAMP)
 
@@ -32,7 +32,23 @@ test: build
 	cargo test $(CARGO_FLAGS)
 	cargo bench --locked --no-run   # benchmarks are not run in CI, but must keep compiling
 	@$(MAKE) --no-print-directory check-cuda-link
-	@$(MAKE) --no-print-directory browser-test
+	@$(MAKE) --no-print-directory readme-test contract-test browser-test
+
+# The README's marked shell examples, run verbatim against a live server.
+readme-test: build
+	$(VENV)/bin/python tests/readme_examples.py
+
+# schemathesis (PyPI, pinned) generates requests from openapi.yaml against a
+# live server and checks every answer against it.
+CONTRACT_STAMP := $(VENV)/.contract-$(shell sha256sum tests/contract/requirements.txt | cut -c1-16)
+
+$(CONTRACT_STAMP): tests/contract/requirements.txt $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/contract/requirements.txt
+	rm -f $(VENV)/.contract-*
+	touch $@
+
+contract-test: build $(CONTRACT_STAMP)
+	$(VENV)/bin/python tests/contract/run.py
 
 # The web page driven in headless Chromium (Debian's package) by playwright-core
 # (npm, pinned in tests/browser/package-lock.json); screenshots land in

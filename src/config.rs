@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the HTTP service.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Measure a model's retrieval quality on Fashion-MNIST (seen, unseen and
     /// all classes, next to raw pixels) and its pair-verification threshold.
     Eval(crate::eval::EvalConfig),

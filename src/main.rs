@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     lookalike::telemetry::init("info");
     match cli.command {
         Command::Serve(config) => {
-            let app = Application::build(config).await?;
+            let app = Application::build(*config).await?;
             app.run_until_stopped(shutdown_signal()).await?;
         }
         Command::Import(config) => {

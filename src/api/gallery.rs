@@ -83,6 +83,9 @@ pub async fn list(
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid("invalid_limit", format!("limit must be between 1 and {MAX_PAGE}")));
     }
+    if params.cursor.is_some_and(|c| c < 0) {
+        return Err(ApiError::invalid("invalid_cursor", "cursor is a `next_cursor` from a previous page, 0 or more"));
+    }
     let items = state.catalog.gallery.list(params.label, params.cursor.unwrap_or(0), limit).await?;
     let next_cursor = if items.len() == limit { items.last().map(|i| i.id) } else { None };
     Ok(Json(ListResponse { items, next_cursor }))

@@ -110,9 +110,11 @@ async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> 
     image.ok_or_else(|| ApiError::bad_request("missing_image", "the form has no `image` part"))
 }
 
+/// 1 to 200 characters as sent, not only whitespace (U+FEFF counts, as in the
+/// spec's regular expression), no control characters; stored trimmed.
 fn parse_label(text: &str) -> Result<String, ApiError> {
-    let label = text.trim();
-    if label.is_empty() || label.chars().count() > MAX_LABEL_CHARS || label.chars().any(char::is_control) {
+    let label = text.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if label.is_empty() || text.chars().count() > MAX_LABEL_CHARS || text.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "invalid_label",
             format!("a label is 1 to {MAX_LABEL_CHARS} printable characters"),

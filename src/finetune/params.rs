@@ -19,6 +19,7 @@ pub enum SelectBy {
     /// Ranks every held-out item's whole label: moves smoothly even with a
     /// few dozen held-out items, where Recall@1 moves in steps of 1/n.
     MapAtR,
+    #[serde(rename = "recall_at_1")]
     RecallAt1,
 }
 
@@ -138,5 +139,7 @@ mod tests {
         let parsed: FinetuneParams = serde_json::from_str(r#"{"epochs": 3, "mining": "batch_hard"}"#).unwrap();
         assert_eq!((parsed.epochs, parsed.mining, parsed.k), (3, Mining::BatchHard, 8));
         assert!(serde_json::from_str::<FinetuneParams>(r#"{"epoch": 3}"#).is_err(), "unknown fields are refused");
+        let by_recall: FinetuneParams = serde_json::from_str(r#"{"select_by": "recall_at_1"}"#).unwrap();
+        assert_eq!(by_recall.select_by, SelectBy::RecallAt1);
     }
 }

@@ -2,6 +2,7 @@
 //! store) on a loopback port, with a fresh data directory per test.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use lookalike::config::{ServeConfig, BUNDLED_MODEL_DIR};
 use lookalike::startup::Application;
@@ -12,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub struct TestApp {
+    /// The checking proxy in front of the service (see `spec.rs`).
     pub address: String,
     pub client: Client,
     pub data_dir: PathBuf,
@@ -19,6 +21,8 @@ pub struct TestApp {
     _data_guard: Option<TempDir>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    /// Answers that broke the OpenAPI contract.
+    violations: Arc<Mutex<Vec<String>>>,
 }
 
 pub fn config(data_dir: &Path) -> ServeConfig {
@@ -72,16 +76,26 @@ pub async fn spawn_with(config: ServeConfig) -> TestApp {
     }
     let data_dir = config.data_dir.clone();
     let app = Application::build(config).await.expect("the application builds");
-    let address = format!("http://{}", app.address());
+    let (proxy, violations) = crate::spec::start_proxy(app.address()).await;
+    let address = format!("http://{proxy}");
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    TestApp { address, client: Client::new(), data_dir, _data_guard: None, stop: Some(stop), server: Some(server) }
+    TestApp {
+        address,
+        client: Client::new(),
+        data_dir,
+        _data_guard: None,
+        stop: Some(stop),
+        server: Some(server),
+        violations,
+    }
 }
 
 impl TestApp {
-    /// Stops serving and waits until the server has let go of its state.
+    /// Stops serving and waits until the server has let go of its state;
+    /// fails if any answer broke the OpenAPI contract.
     pub async fn stop(mut self) -> Option<TempDir> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -89,6 +103,8 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.expect("server task").expect("server exits cleanly");
         }
+        let violations = self.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "answers that break openapi.yaml:\n{}", violations.join("\n"));
         self._data_guard.take()
     }
 

@@ -10,3 +10,4 @@ mod helpers;
 mod import;
 mod labels;
 mod search;
+mod spec;

@@ -114,6 +114,9 @@ try {
   console.log(`browser test passed; screenshots in ${artifacts}`);
 } finally {
   await browser?.close();
+  // A graceful stop dumps the index into the data directory: wait for it before removing it.
+  const exited = service.exitCode !== null ? Promise.resolve() : new Promise((ok) => service.once("exit", ok));
   service.kill("SIGTERM");
+  await exited;
   rmSync(dataDir, { recursive: true, force: true });
 }
