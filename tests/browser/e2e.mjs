@@ -41,12 +41,13 @@ function check(condition, message) {
   console.log(`ok: ${message}`);
 }
 
+const token = `browser-test-${process.pid}-0123456789`;
 const dataDir = mkdtempSync(join(tmpdir(), "lookalike-browser-"));
 const port = await freePort();
 const url = `http://127.0.0.1:${port}`;
 const service = spawn(join(root, "target/release/lookalike"), ["serve", "--port", String(port), "--data-dir", dataDir], {
   stdio: ["ignore", "ignore", "inherit"],
-  env: { ...process.env, RUST_LOG: "warn" },
+  env: { ...process.env, RUST_LOG: "warn", LOOKALIKE_ADMIN_TOKEN: token },
 });
 let browser;
 try {
@@ -67,7 +68,9 @@ try {
     if (name === "laptop") {
       // Add: two T-shirts, then a pair of trousers, each batch with its label.
       await page.click('nav button[data-tab="add"]');
-      for (const [files, label] of [[["tshirt-0", "tshirt-1"], "tshirt"], [["trouser-0", "trouser-1"], "trouser"], [["bag-0"], "bag"]]) {
+      const batches = [[["tshirt-0", "tshirt-1"], "tshirt"], [["trouser-0", "trouser-1"], "trouser"], [["bag-0"], "bag"],
+                       [["sandal-0", "sandal-1", "sandal-2"], "sandal"]];
+      for (const [files, label] of batches) {
         await page.setInputFiles("#add-files", files.map(fixture));
         await page.fill("#add-label", label);
         await page.click("#add-submit");
@@ -97,13 +100,13 @@ try {
       await page.waitForFunction(() => document.getElementById("verify-status").textContent.startsWith("different"));
       await page.screenshot({ path: join(artifacts, "3-verify.png"), fullPage: true });
 
-      // Gallery: five items; delete one, and it is gone from the page and from the service.
+      // Gallery: eight items; delete one (the bag), and it is gone from the page and from the service.
       await page.click('nav button[data-tab="gallery"]');
       await page.waitForSelector("#gallery-items .card");
-      check((await page.locator("#gallery-items .card").count()) === 5, "the gallery shows the five items");
+      check((await page.locator("#gallery-items .card").count()) === 8, "the gallery shows the eight items");
       await page.click('#gallery-items .card[data-id="5"] button');
       await page.waitForSelector("#gallery-status.ok");
-      check((await page.locator("#gallery-items .card").count()) === 4, "a deleted item leaves the page");
+      check((await page.locator("#gallery-items .card").count()) === 7, "a deleted item leaves the page");
       const response = await fetch(`${url}/gallery/5`);
       check(response.status === 404, "and the service");
       await page.screenshot({ path: join(artifacts, "4-gallery-after-delete.png"), fullPage: true });
@@ -111,6 +114,26 @@ try {
     check(failed.length === 0, `${name}: no failed requests or page errors (${failed.join(", ")})`);
     await page.close();
   }
+
+  // Admin, last (a committed fine-tune changes the model): type the token, see
+  // the versions, start a fine-tune and watch it to its end with its loss chart.
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  await page.goto(url);
+  await page.click('nav button[data-tab="admin"]');
+  await page.fill("#admin-token", token);
+  await page.dispatchEvent("#admin-token", "change");
+  await page.waitForSelector("#models-status.ok");
+  check((await page.textContent("#models")).includes("active"), "the model versions are listed, one active");
+  await page.fill("#ft-epochs", "3");
+  await page.click("#ft-start");
+  await page.waitForFunction(() => /^(done|failed|cancelled)/.test(document.getElementById("ft-status").textContent), null,
+    { timeout: 120_000 });
+  const status = await page.textContent("#ft-status");
+  check(status.startsWith("done"), `the fine-tune ran to its end (${status})`);
+  check((await page.locator("#ft-chart polyline").count()) === 1, "the loss chart is drawn");
+  check(/Recall@1 before\d\.\d{3}/.test(await page.textContent("#ft-figures")), "Recall@1 before training is shown");
+  await page.screenshot({ path: join(artifacts, "5-admin-finetune.png"), fullPage: true });
+  await page.close();
   console.log(`browser test passed; screenshots in ${artifacts}`);
 } finally {
   await browser?.close();
