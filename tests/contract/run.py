@@ -9,25 +9,14 @@ gallery and an admin token), checking every response against the spec: no
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from live_server import ROOT, live_server  # noqa: E402
 
 
 def add_images(url: str) -> None:
@@ -48,35 +37,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-examples", type=int, default=100)
     args = ap.parse_args()
-    port, token = free_port(), secrets.token_hex(16)
-    url = f"http://127.0.0.1:{port}"
-    data = Path(tempfile.mkdtemp(prefix="lookalike-contract-"))
-    env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=token, RUST_LOG="warn")
-    server = subprocess.Popen([str(ROOT / "target/release/lookalike"), "serve", "--port", str(port),
-                               "--data-dir", str(data)], env=env)
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        add_images(url)
+    with live_server() as server:
+        add_images(server.url)
         st = Path(sys.executable).with_name("st")
         result = subprocess.run([
             str(st), "--config-file", str(ROOT / "tests/contract/schemathesis.toml"),
-            "run", str(ROOT / "openapi.yaml"), "--url", url,
-            "--header", f"Authorization: Bearer {token}",
+            "run", str(ROOT / "openapi.yaml"), "--url", server.url,
+            "--header", f"Authorization: Bearer {server.token}",
             "--max-examples", str(args.max_examples),  # every check runs, as configured in schemathesis.toml
             "--generation-deterministic", "--no-color",
         ], cwd=ROOT)
-        if server.poll() is not None:
+        if server.process.poll() is not None:
             sys.exit("the service died during the contract test")
-        sys.exit(result.returncode)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
+    sys.exit(result.returncode)
 
 
 if __name__ == "__main__":
