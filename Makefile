@@ -55,6 +55,7 @@ contract-test: build $(CONTRACT_STAMP)
 # target/browser-artifacts/.
 browser-test: build
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	node tests/browser/e2e.mjs
 
