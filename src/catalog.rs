@@ -417,7 +417,7 @@ impl Catalog {
             let registry = registry.clone();
             run_blocking(move || registry.active()).await??
         };
-        let model = ActiveModel::start(version, &settings).await?;
+        let model = ActiveModel::start(version, &settings, gallery.count().await? as usize).await?;
         model.embed_missing(&gallery, &|_| {}, &AtomicBool::new(false)).await?;
         let (dir, key, dim) = (settings.index_dir.clone(), model.version.model.clone(), model.dim());
         let (loaded, outcome) = run_blocking(move || Index::load(&dir, &key, dim)).await?;
@@ -425,9 +425,9 @@ impl Catalog {
             (Some(index), Loaded::Reloaded { points, seconds }) => {
                 ("reloaded", format!("dump of {points} points read in {seconds:.2} s"), index)
             }
-            (_, Loaded::Missing) => ("rebuilt", "no index dump".to_string(), Index::new(dim, 0)),
-            (_, Loaded::Stale(why)) => ("rebuilt", format!("stale dump: {why}"), Index::new(dim, 0)),
-            (_, other) => ("rebuilt", format!("unusable dump: {other:?}"), Index::new(dim, 0)),
+            (_, Loaded::Missing) => ("rebuilt", "no index dump".to_string(), model.index),
+            (_, Loaded::Stale(why)) => ("rebuilt", format!("stale dump: {why}"), model.index),
+            (_, other) => ("rebuilt", format!("unusable dump: {other:?}"), model.index),
         };
         let model = ActiveModel { index, ..model };
         let (added, removed) = reconcile(&gallery, &model).await?;
@@ -471,7 +471,7 @@ impl Catalog {
         cancel: &AtomicBool,
     ) -> Result<Switched, CatalogError> {
         let started = Instant::now();
-        let model = ActiveModel::start(version, &self.settings).await?;
+        let model = ActiveModel::start(version, &self.settings, self.gallery.count().await? as usize).await?;
         let (embedded, exclusive) = match self.prepare_switch(&model, progress, swapping, cancel).await {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -550,14 +550,14 @@ pub struct Progress {
 }
 
 impl ActiveModel {
-    /// Starts the workers of a model version, with an empty index.
-    async fn start(version: ModelVersion, settings: &CatalogSettings) -> Result<Self, CatalogError> {
+    /// Starts the workers of a model version, with an empty index sized for `capacity` items.
+    async fn start(version: ModelVersion, settings: &CatalogSettings, capacity: usize) -> Result<Self, CatalogError> {
         let mut config = settings.embedder.clone();
         config.model_dir = version.dir.clone();
         let manifest = version.manifest.clone();
         let embedder = run_blocking(move || Embedder::start(&config, &manifest)).await??;
         let preprocess = settings.preprocess.for_input(version.manifest.input.clone());
-        let index = Index::new(version.manifest.embedding.dim, 0);
+        let index = Index::new(version.manifest.embedding.dim, capacity);
         Ok(Self { version, embedder, preprocess, index })
     }
 
@@ -574,7 +574,8 @@ impl ActiveModel {
         cancel: &AtomicBool,
     ) -> Result<usize, CatalogError> {
         let model = self.version.model.clone();
-        let to_embed = (gallery.count().await? - gallery.count_embedded(model.clone()).await?) as usize;
+        // Saturating: an item added between the two counts is embedded already.
+        let to_embed = gallery.count().await?.saturating_sub(gallery.count_embedded(model.clone()).await?) as usize;
         if to_embed > 0 {
             tracing::info!(count = to_embed, %model, "embedding stored images for the model");
         }

@@ -4,14 +4,13 @@ use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Multipart, Path, Query, Request, State};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::error::{image_part_error, ApiError};
 use super::gallery::{item_id, no_item};
 use super::upload::{read_pair_form, read_query_image};
 use super::AppState;
-use crate::catalog::{CatalogError, Neighbour, SearchOutcome, SearchQuery, Timing, Verified};
-use crate::knn::Prediction;
+use crate::catalog::{CatalogError, SearchOutcome, SearchQuery, Verified};
 
 const DEFAULT_K: usize = 10;
 
@@ -25,30 +24,15 @@ pub struct SearchParams {
     min_score: Option<f32>,
 }
 
-#[derive(Serialize)]
-pub struct SearchResponse {
-    model: String,
-    results: Vec<Neighbour>,
-    /// The label the labelled neighbours vote for, or `unknown`.
-    prediction: Prediction,
-    timing: Timing,
-}
-
-impl From<SearchOutcome> for SearchResponse {
-    fn from(o: SearchOutcome) -> Self {
-        Self { model: o.model, results: o.results, prediction: o.prediction, timing: o.timing }
-    }
-}
-
 /// `POST /search?k=N` with an image as a multipart `image` part or a raw body.
 pub async fn search(
     State(state): State<AppState>,
     params: Result<Query<SearchParams>, QueryRejection>,
     request: Request,
-) -> Result<Json<SearchResponse>, ApiError> {
+) -> Result<Json<SearchOutcome>, ApiError> {
     let query = search_query(params?.0, &state)?;
     let image = read_query_image(request, &state).await?;
-    Ok(Json(state.catalog.search(image, &query).await?.into()))
+    Ok(Json(state.catalog.search(image, &query).await?))
 }
 
 /// `GET /gallery/{id}/similar?k=N`: the items most similar to a stored one, itself left out.
@@ -56,11 +40,11 @@ pub async fn similar(
     State(state): State<AppState>,
     id: Result<Path<i64>, PathRejection>,
     params: Result<Query<SearchParams>, QueryRejection>,
-) -> Result<Json<SearchResponse>, ApiError> {
+) -> Result<Json<SearchOutcome>, ApiError> {
     let id = item_id(id)?;
     let query = search_query(params?.0, &state)?;
     let outcome = state.catalog.search_by_id(id, &query).await?;
-    Ok(Json(outcome.ok_or_else(|| no_item(id))?.into()))
+    Ok(Json(outcome.ok_or_else(|| no_item(id))?))
 }
 
 fn search_query(params: SearchParams, state: &AppState) -> Result<SearchQuery, ApiError> {
