@@ -218,7 +218,7 @@ impl Catalog {
     /// Decodes, embeds and stores the uploads, then indexes them. Either every
     /// stored image is committed or none is.
     pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
-        let _writing = self.writes.read().await;
+        let writing = self.writes.clone().read_owned().await;
         let active = self.active();
         let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
         let existing = self.gallery.oldest_with_hashes(hashes.clone()).await?;
@@ -276,15 +276,24 @@ impl Catalog {
             });
         }
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
-        let inserted = self.gallery.insert(items, active.version.model.clone()).await?;
+        // From the store's commit to the index insert on a task of its own: a
+        // request dropped meanwhile (timeout, client gone) cannot leave the
+        // index behind the store.
+        let (gallery, index, model) = (self.gallery.clone(), active.index.clone(), active.version.model.clone());
+        let committed = tokio::spawn(async move {
+            let _writing = writing;
+            let inserted = gallery.insert(items, model).await?;
+            let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
+            blocking_index(&index, move |index| index.insert(&entries)).await??;
+            Ok::<_, CatalogError>(inserted)
+        });
+        let inserted = committed.await.map_err(|e| CatalogError::Task(e.to_string()))??;
         let mut stored = inserted.iter();
         for report in reports.iter_mut().filter(|r| r.status == "added") {
             let item = stored.next().expect("one stored item per added report");
             // The store's answer also covers byte duplicates inside this very request.
             (report.id, report.duplicate_of) = (item.id, item.duplicate_of);
         }
-        let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
-        blocking_index(&active.index, move |index| index.insert(&entries)).await??;
         Ok(reports)
     }
 
@@ -386,12 +395,21 @@ impl Catalog {
     /// Deletes an item: from the store (committed), then from results at once;
     /// compacts the index in the background once tombstones pile up.
     pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
-        let _writing = self.writes.read().await;
+        let writing = self.writes.clone().read_owned().await;
         let active = self.active();
-        if !self.gallery.delete(id).await? {
+        // The store's delete and the index's on their own task, as in `add`.
+        let (gallery, index) = (self.gallery.clone(), active.index.clone());
+        let committed = tokio::spawn(async move {
+            let _writing = writing;
+            if !gallery.delete(id).await? {
+                return Ok(false);
+            }
+            blocking_index(&index, move |index| index.delete(&[id])).await?;
+            Ok::<_, CatalogError>(true)
+        });
+        if !committed.await.map_err(|e| CatalogError::Task(e.to_string()))?? {
             return Ok(false);
         }
-        blocking_index(&active.index, move |index| index.delete(&[id])).await?;
         if active.index.needs_compaction(self.settings.compact_fraction) {
             let index = active.index.clone();
             tokio::task::spawn_blocking(move || {
@@ -529,6 +547,12 @@ impl Catalog {
     }
 
     /// Dumps the active index if it changed since the last dump.
+    /// Waits for writes under way (including those whose request is gone) to
+    /// reach the store and the index.
+    pub async fn settle(&self) {
+        drop(self.writes.write().await);
+    }
+
     pub async fn dump_index(&self) -> Result<(), CatalogError> {
         let active = self.active();
         if !active.index.is_dirty() {

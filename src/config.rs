@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Default model folder: the bundled encoder, found relative to the crate so
 /// `make run` and the tests work from a fresh clone without configuration.
@@ -109,6 +109,33 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_COMPACT_FRACTION", default_value_t = 0.1)]
     pub compact_fraction: f64,
 
+    /// Most parts one multipart form may carry. The form rules already refuse an unknown or
+    /// repeated part when it arrives, so this bites below `--max-images-per-request` + 2.
+    #[arg(long, env = "LOOKALIKE_MAX_FORM_PARTS", default_value_t = 80)]
+    pub max_form_parts: usize,
+
+    /// Largest image part of a multipart form, in bytes.
+    #[arg(long, env = "LOOKALIKE_MAX_PART_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_part_bytes: usize,
+
+    /// Largest text part of a multipart form (`label`, `metadata`), in bytes.
+    #[arg(long, env = "LOOKALIKE_MAX_TEXT_PART_BYTES", default_value_t = 64 * 1024)]
+    pub max_text_part_bytes: usize,
+
+    /// Seconds a request may take, reading its body included, before it is answered 408.
+    /// Admin routes are exempt (an activation re-embeds the gallery). 0 disables it.
+    #[arg(long, env = "LOOKALIKE_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Requests handled at once; beyond this, requests get 503 with Retry-After.
+    /// `/health`, `/ready` and `/metrics` are not counted, so probes answer under load.
+    #[arg(long, env = "LOOKALIKE_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// Seconds SIGTERM waits for in-flight requests and a running fine-tune job to finish.
+    #[arg(long, env = "LOOKALIKE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Most images one `POST /gallery` request may carry.
     #[arg(long, env = "LOOKALIKE_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
     pub max_images_per_request: usize,
@@ -131,6 +158,10 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// Log format: `text` (human-readable) or `json` (one object per line, for collectors).
+    #[arg(long, env = "LOOKALIKE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Bearer token for the `/admin` routes (fine-tuning, model versions). With
     /// neither this nor `--admin-token-file`, admin routes answer 403.
     #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN", hide_env_values = true)]
@@ -139,4 +170,10 @@ pub struct ServeConfig {
     /// File holding the admin token (surrounding whitespace is trimmed); for secrets mounted as files.
     #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }

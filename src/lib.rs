@@ -9,6 +9,7 @@ pub mod config;
 pub mod embed;
 pub mod eval;
 pub mod finetune;
+pub mod fuzzing;
 pub mod gallery;
 pub mod import;
 pub mod index;

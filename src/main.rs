@@ -1,12 +1,16 @@
 use clap::Parser;
 
-use lookalike::config::{Cli, Command};
+use lookalike::config::{Cli, Command, LogFormat};
 use lookalike::startup::{shutdown_signal, Application};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    lookalike::telemetry::init("info");
+    let log_format = match &cli.command {
+        Command::Serve(config) => config.log_format,
+        _ => LogFormat::Text,
+    };
+    lookalike::telemetry::init("info", log_format);
     match cli.command {
         Command::Serve(config) => {
             let app = Application::build(*config).await?;

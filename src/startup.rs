@@ -1,13 +1,16 @@
 //! Building the application from its configuration and running it.
 
 use std::future::Future;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::api::upload::FormLimits;
 use crate::api::{self, AppState, RequestLimits};
 use crate::auth::AdminToken;
 use crate::catalog::{Catalog, CatalogSettings, IndexStartup};
@@ -26,6 +29,8 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     dump_interval: Duration,
+    /// How long shutdown waits for requests in flight, then for a running job.
+    grace: Duration,
 }
 
 /// Index dumps live here, inside the data directory.
@@ -82,8 +87,15 @@ impl Application {
         let address = listener.local_addr()?;
         let limits = RequestLimits {
             max_body_bytes: config.max_body_bytes,
-            max_images_per_request: config.max_images_per_request,
             max_k: config.max_k,
+            form: FormLimits {
+                max_parts: config.max_form_parts,
+                max_part_bytes: config.max_part_bytes,
+                max_text_part_bytes: config.max_text_part_bytes,
+                max_images: config.max_images_per_request,
+            },
+            request_timeout: Duration::from_secs(config.request_timeout_secs),
+            max_concurrent_requests: config.max_concurrent_requests,
         };
         let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
         let state = AppState {
@@ -94,8 +106,10 @@ impl Application {
             admin: admin.map(Arc::new),
             jobs,
             cors_origins: config.cors_origins.clone().into(),
+            draining: Arc::default(),
         };
-        Ok(Self { listener, address, state, dump_interval })
+        let grace = Duration::from_secs(config.shutdown_grace_secs);
+        Ok(Self { listener, address, state, dump_interval, grace })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -107,22 +121,50 @@ impl Application {
         &self.state.index_startup
     }
 
-    /// Serves until `shutdown` resolves, lets in-flight requests finish, then
-    /// dumps the index so the next start reloads it.
+    /// Serves until `shutdown` resolves, then stops in order: `/ready` turns
+    /// 503 and no connection is accepted; requests in flight finish (up to
+    /// the grace period); a running fine-tune job stops and records how (up
+    /// to the grace period again); the index is dumped, so the next start
+    /// reloads it; the store folds its write-ahead log in. Every write that
+    /// was answered 2xx is committed to the store before its answer, so
+    /// nothing acknowledged depends on this order, only how fast the next start is.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(address = %self.address, "listening");
-        let catalog = self.state.catalog.clone();
-        let jobs = self.state.jobs.clone();
+        let (catalog, jobs, grace) = (self.state.catalog.clone(), self.state.jobs.clone(), self.grace);
         let dumper = (!self.dump_interval.is_zero())
             .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
-        let served = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(shutdown).await;
-        jobs.cancel_running();
+        let draining = self.state.draining.clone();
+        let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            draining.store(true, Ordering::Relaxed);
+            let _ = stopping_tx.send(());
+        };
+        let serve = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(signal);
+        let served = tokio::select! {
+            served = serve.into_future() => served,
+            _ = async { let _ = stopping.await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period are dropped");
+                Ok(())
+            }
+        };
+        tracing::info!("no longer serving requests");
+        if !jobs.stop_running(grace).await {
+            tracing::warn!("the fine-tune job did not stop within the grace period; the next start records it failed");
+        }
         if let Some(dumper) = dumper {
             dumper.abort();
             let _ = dumper.await; // a dump in progress finishes on its blocking thread either way
         }
+        catalog.settle().await;
         if let Err(error) = catalog.dump_index().await {
             tracing::error!(%error, "could not dump the index at shutdown; the next start rebuilds it");
+        }
+        match catalog.gallery.checkpoint().await {
+            Ok(()) => tracing::info!("gallery store closed"),
+            Err(error) => {
+                tracing::error!(%error, "could not checkpoint the gallery store; the next start recovers its log")
+            }
         }
         served
     }

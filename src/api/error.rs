@@ -36,6 +36,9 @@ pub enum ApiError {
     /// 405: the route exists but not with this method.
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    /// 408: the request took longer than the configured timeout.
+    #[error("the request took longer than {}s; a slow upload or a busy service, retry", .0.as_secs_f64())]
+    Timeout(std::time::Duration),
     /// 409: the request conflicts with what is stored (a refused duplicate).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -51,6 +54,12 @@ pub enum ApiError {
     /// 503: the embedding queue is full; retry shortly.
     #[error("the service is overloaded, retry shortly")]
     Overloaded,
+    /// 503: the concurrent-request limit is reached; retry shortly.
+    #[error("too many requests are being handled at once, retry shortly")]
+    TooManyRequests,
+    /// 503: from `/ready`: the service should not be sent traffic now.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// 503: a part the request needs is not running.
     #[error("{0}")]
     Unavailable(String),
@@ -68,6 +77,16 @@ impl ApiError {
         Self::Invalid { code, message: message.into() }
     }
 
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    /// The stable `error.code` of the body.
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
@@ -75,11 +94,14 @@ impl ApiError {
             Self::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
             Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::TooManyRequests => (StatusCode::SERVICE_UNAVAILABLE, "too_many_requests"),
+            Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -43,7 +43,7 @@ pub async fn add(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<AddResponse>), ApiError> {
     let Query(params) = params?;
-    let form = read_gallery_form(form?, state.limits.max_images_per_request).await?;
+    let form = read_gallery_form(form?, state.limits.form).await?;
     let metadata = form.metadata.unwrap_or_else(|| serde_json::json!({}));
     let uploads = form
         .images

@@ -5,11 +5,14 @@ mod admin;
 mod error;
 mod gallery;
 mod health;
+mod limits;
 mod metrics;
 mod search;
-mod upload;
+pub mod upload;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request};
@@ -18,24 +21,31 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::Level;
 
 pub use error::ApiError;
 
 use crate::auth::AdminToken;
 use crate::catalog::{Catalog, IndexStartup};
 use crate::finetune::Jobs;
+use upload::FormLimits;
 
 /// Per-request limits taken from the configuration.
 #[derive(Debug, Clone)]
 pub struct RequestLimits {
     pub max_body_bytes: usize,
-    pub max_images_per_request: usize,
     pub max_k: usize,
+    pub form: FormLimits,
+    /// Zero: no timeout.
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
 }
 
 /// What every handler can reach; cheap to clone.
@@ -50,6 +60,8 @@ pub struct AppState {
     pub jobs: Jobs,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Arc<[String]>,
+    /// Set once shutdown begins: `/ready` then answers 503.
+    pub draining: Arc<AtomicBool>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -57,9 +69,12 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
+    let timeout = state.limits.request_timeout;
+    let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests.max(1)));
     Router::new()
         .route("/", get(web_page))
         .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::render))
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add).get(gallery::list))
@@ -75,14 +90,21 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(timeout, limits::timeout))
+        .layer(middleware::from_fn_with_state(slots, limits::concurrency))
         .layer(cors(&state.cors_origins))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                    let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
-                    tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
-                }))
+                // One line per request at info, in the request's span (so with its id).
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|request: &Request<_>| {
+                            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
+                        })
+                        .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Millis)),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(middleware::from_fn(metrics::record))
                 // A panic (a bug) answers 500 in the usual error shape instead of dropping the connection.

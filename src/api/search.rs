@@ -63,7 +63,7 @@ pub async fn verify(
     State(state): State<AppState>,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Verified>, ApiError> {
-    let (a, b) = read_pair_form(form?).await?;
+    let (a, b) = read_pair_form(form?, state.limits.form).await?;
     match state.catalog.verify(a, b).await {
         Ok(verified) => Ok(Json(verified)),
         Err(CatalogError::Image { position, source }) => Err(image_part_error(["a", "b"][position], source)),

@@ -3,6 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
+use bytes::BytesMut;
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -10,6 +11,19 @@ use super::AppState;
 
 /// Longest label accepted, in characters.
 const MAX_LABEL_CHARS: usize = 200;
+
+/// Bounds on one multipart form, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct FormLimits {
+    /// Parts of any kind.
+    pub max_parts: usize,
+    /// Bytes of one image part.
+    pub max_part_bytes: usize,
+    /// Bytes of one text part (`label`, `metadata`).
+    pub max_text_part_bytes: usize,
+    /// `image` parts of a gallery form.
+    pub max_images: usize,
+}
 
 /// A `POST /gallery` form: images plus a label and metadata applying to all of them.
 #[derive(Debug, Default)]
@@ -19,26 +33,66 @@ pub struct GalleryForm {
     pub metadata: Option<Value>,
 }
 
+/// A multipart form read part by part under its limits: each part is
+/// counted and read chunk by chunk, so an oversized one is refused before
+/// it is buffered whole.
+struct FormReader {
+    form: Multipart,
+    parts: usize,
+    limits: FormLimits,
+}
+
+impl FormReader {
+    fn new(form: Multipart, limits: FormLimits) -> Self {
+        Self { form, parts: 0, limits }
+    }
+
+    /// The next part's name and bytes; text parts get the smaller text limit.
+    async fn next(&mut self, is_text: impl Fn(&str) -> bool) -> Result<Option<(String, Bytes)>, ApiError> {
+        let Some(mut field) = self.form.next_field().await? else { return Ok(None) };
+        self.parts += 1;
+        if self.parts > self.limits.max_parts {
+            return Err(ApiError::TooLarge {
+                code: "too_many_parts",
+                message: format!("a form may have at most {} parts", self.limits.max_parts),
+            });
+        }
+        let name = field.name().unwrap_or_default().to_string();
+        let limit = if is_text(&name) { self.limits.max_text_part_bytes } else { self.limits.max_part_bytes };
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = field.chunk().await? {
+            if bytes.len() + chunk.len() > limit {
+                return Err(ApiError::TooLarge {
+                    code: "part_too_large",
+                    message: format!("form part `{name}` is larger than {limit} bytes"),
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some((name, bytes.freeze())))
+    }
+}
+
 /// Reads a gallery form: `image` parts (repeatable), optional `label` text and
 /// optional `metadata` (a JSON object).
-pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result<GalleryForm, ApiError> {
+pub async fn read_gallery_form(form: Multipart, limits: FormLimits) -> Result<GalleryForm, ApiError> {
+    let mut form = FormReader::new(form, limits);
     let mut out = GalleryForm::default();
-    while let Some(field) = form.next_field().await? {
-        let name = field.name().unwrap_or_default().to_string();
+    while let Some((name, bytes)) = form.next(|name| name == "label" || name == "metadata").await? {
         match name.as_str() {
             "image" => {
-                if out.images.len() == max_images {
+                if out.images.len() == limits.max_images {
                     return Err(ApiError::TooLarge {
                         code: "too_many_images",
-                        message: format!("at most {max_images} images per request"),
+                        message: format!("at most {} images per request", limits.max_images),
                     });
                 }
-                out.images.push(field.bytes().await?);
+                out.images.push(bytes);
             }
             "label" if out.label.is_some() => return Err(duplicate_field("label")),
-            "label" => out.label = Some(parse_label(&field.text().await?)?),
+            "label" => out.label = Some(parse_label(&text(&name, &bytes)?)?),
             "metadata" if out.metadata.is_some() => return Err(duplicate_field("metadata")),
-            "metadata" => out.metadata = Some(parse_metadata(&field.text().await?)?),
+            "metadata" => out.metadata = Some(parse_metadata(&text(&name, &bytes)?)?),
             other => return Err(unknown_field(other, "image, label, metadata")),
         }
     }
@@ -46,6 +100,18 @@ pub async fn read_gallery_form(mut form: Multipart, max_images: usize) -> Result
         return Err(ApiError::bad_request("missing_image", "the form has no `image` part"));
     }
     Ok(out)
+}
+
+/// Parses a whole `POST /gallery` body as the handler does; for the fuzz
+/// targets and their regression tests, which have bytes rather than a request.
+pub async fn parse_gallery_body(content_type: &str, body: Bytes, limits: FormLimits) -> Result<GalleryForm, ApiError> {
+    let request = Request::builder()
+        .method("POST")
+        .header(CONTENT_TYPE, content_type)
+        .body(axum::body::Body::from(body))
+        .map_err(|e| ApiError::bad_request("invalid_multipart", e.to_string()))?;
+    let form = Multipart::from_request(request, &()).await?;
+    read_gallery_form(form, limits).await
 }
 
 /// Reads the single query image of a request: a multipart form with one
@@ -56,7 +122,7 @@ pub async fn read_query_image(request: Request, state: &AppState) -> Result<Byte
     match content_type.as_deref() {
         Some(ct) if ct.starts_with("multipart/form-data") => {
             let form = Multipart::from_request(request, state).await?;
-            read_single_image_form(form).await
+            read_single_image_form(FormReader::new(form, state.limits.form)).await
         }
         None => raw_body(request, state).await,
         Some(ct) if ct.starts_with("image/") || ct.starts_with("application/octet-stream") => raw_body(request, state).await,
@@ -79,18 +145,19 @@ async fn raw_body(request: Request, state: &AppState) -> Result<Bytes, ApiError>
 }
 
 /// Reads a `POST /verify` form: exactly one `a` and one `b` image part.
-pub async fn read_pair_form(mut form: Multipart) -> Result<(Bytes, Bytes), ApiError> {
+pub async fn read_pair_form(form: Multipart, limits: FormLimits) -> Result<(Bytes, Bytes), ApiError> {
+    let mut form = FormReader::new(form, limits);
     let (mut a, mut b) = (None, None);
-    while let Some(field) = form.next_field().await? {
-        let slot = match field.name().unwrap_or_default() {
+    while let Some((name, bytes)) = form.next(|_| false).await? {
+        let slot = match name.as_str() {
             "a" => &mut a,
             "b" => &mut b,
             other => return Err(unknown_field(other, "a, b")),
         };
         if slot.is_some() {
-            return Err(duplicate_field(field.name().unwrap_or_default()));
+            return Err(duplicate_field(&name));
         }
-        *slot = Some(field.bytes().await?);
+        *slot = Some(bytes);
     }
     match (a, b) {
         (Some(a), Some(b)) => Ok((a, b)),
@@ -98,16 +165,21 @@ pub async fn read_pair_form(mut form: Multipart) -> Result<(Bytes, Bytes), ApiEr
     }
 }
 
-async fn read_single_image_form(mut form: Multipart) -> Result<Bytes, ApiError> {
+async fn read_single_image_form(mut form: FormReader) -> Result<Bytes, ApiError> {
     let mut image = None;
-    while let Some(field) = form.next_field().await? {
-        match field.name().unwrap_or_default() {
+    while let Some((name, bytes)) = form.next(|_| false).await? {
+        match name.as_str() {
             "image" if image.is_some() => return Err(duplicate_field("image")),
-            "image" => image = Some(field.bytes().await?),
+            "image" => image = Some(bytes),
             other => return Err(unknown_field(other, "image")),
         }
     }
     image.ok_or_else(|| ApiError::bad_request("missing_image", "the form has no `image` part"))
+}
+
+fn text(name: &str, bytes: &[u8]) -> Result<String, ApiError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("invalid_multipart", format!("form part `{name}` is not UTF-8 text")))
 }
 
 /// 1 to 200 characters as sent, not only whitespace (U+FEFF counts, as in the

@@ -152,6 +152,12 @@ impl Embedder {
         &self.inner.info
     }
 
+    /// Whether every worker and the batcher are still running (a thread that
+    /// ended would leave its share of requests unanswered).
+    pub fn is_running(&self) -> bool {
+        self.inner.threads.iter().all(|thread| !thread.is_finished())
+    }
+
     /// Embeds one preprocessed image. Interactive requests fail fast with
     /// `Overloaded` when the queue is full; bulk ones wait for room.
     pub async fn embed(&self, pixels: Vec<f32>, priority: Priority) -> Result<Embedded, EmbedError> {

@@ -18,7 +18,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -119,6 +119,8 @@ pub struct JobStatus {
 pub struct Job {
     status: Mutex<JobStatus>,
     cancel: AtomicBool,
+    /// The cancel came from a shutdown, not from a client.
+    shutdown: AtomicBool,
     started: Instant,
     record: PathBuf,
 }
@@ -217,6 +219,7 @@ impl Jobs {
             let job = Job {
                 status: Mutex::new(status.clone()),
                 cancel: AtomicBool::new(false),
+                shutdown: AtomicBool::new(false),
                 started: Instant::now(),
                 record: path,
             };
@@ -247,12 +250,29 @@ impl Jobs {
         Ok(Slot { jobs: self.clone() })
     }
 
-    /// Asks the running job, if any, to stop (at shutdown).
-    pub fn cancel_running(&self) {
-        let inner = self.inner.lock().expect("jobs lock");
-        if let Some(job) = inner.busy.as_ref().and_then(|id| inner.jobs.get(id)) {
+    /// At shutdown: asks the running job, if any, to stop, and waits up to
+    /// `grace` for it (or an activation) to end and record how. A job stops
+    /// at its next training step, or before its swap; past the grace it is
+    /// abandoned, and the next start records it failed. Returns whether the
+    /// slot was free in time.
+    pub async fn stop_running(&self, grace: Duration) -> bool {
+        let running = {
+            let inner = self.inner.lock().expect("jobs lock");
+            inner.busy.as_ref().and_then(|id| inner.jobs.get(id)).cloned()
+        };
+        if let Some(job) = running {
+            tracing::info!(job = %job.status().id, "stopping the fine-tune job for shutdown");
+            job.shutdown.store(true, Ordering::Relaxed);
             job.cancel();
         }
+        let deadline = Instant::now() + grace;
+        while self.inner.lock().expect("jobs lock").busy.is_some() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
     }
 
     /// Checks the parameters and the data, then starts a job in the background.
@@ -291,6 +311,7 @@ impl Jobs {
         let job = Arc::new(Job {
             status: Mutex::new(status.clone()),
             cancel: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
             started: Instant::now(),
             record,
         });
@@ -311,9 +332,10 @@ async fn run(catalog: &Catalog, job: &Arc<Job>, base: ModelVersion, split: data:
     match run_steps(catalog, job, base, split, scratch).await {
         Ok(result) => job.finish(JobState::Done, Some(result), None),
         Err(Stop::Cancelled(version)) => {
+            let why = if job.shutdown.load(Ordering::Relaxed) { "stopped by a shutdown" } else { "cancelled" };
             let reason = match &version {
-                Some(v) => format!("cancelled before the swap; version {v} is saved and can be activated"),
-                None => "cancelled".to_string(),
+                Some(v) => format!("{why} before the swap; version {v} is saved and can be activated"),
+                None => format!("{why}; nothing was swapped"),
             };
             job.finish(JobState::Cancelled, Some(JobResult { committed: false, version, reason }), None)
         }

@@ -170,6 +170,17 @@ impl Gallery {
     }
 
     /// Deletes an item and its embeddings; `false` if there was none.
+    /// A trivial query: whether the store answers.
+    pub async fn ping(&self) -> Result<(), GalleryError> {
+        self.with_conn(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+
+    /// Folds the write-ahead log into the database file, so a stopped service
+    /// leaves one self-contained file; later calls still work (the connection stays open).
+    pub async fn checkpoint(&self) -> Result<(), GalleryError> {
+        self.with_conn(|conn| Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)).await
+    }
+
     pub async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
         self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
     }

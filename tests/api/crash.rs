@@ -56,6 +56,25 @@ impl Server {
         panic!("the server did not become healthy; see {}", data_dir.join(log_name).display());
     }
 
+    /// Sends SIGTERM and waits for the process to exit; its exit status.
+    pub(crate) async fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        assert!(sent.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit within {within:?} of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub(crate) fn address(&self) -> std::net::SocketAddr {
+        self.url.trim_start_matches("http://").parse().unwrap()
+    }
+
     pub(crate) fn kill(mut self) {
         self.child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
         self.child.wait().unwrap();
@@ -74,20 +93,20 @@ fn unique_image(base: &[u8], n: usize) -> Vec<u8> {
     out
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
 #[derive(Default, Clone)]
-struct Ledger {
+pub(crate) struct Ledger {
     /// id → bytes, for every upload answered 201.
-    acked: HashMap<i64, Vec<u8>>,
+    pub(crate) acked: HashMap<i64, Vec<u8>>,
     /// Hashes of everything ever sent, acknowledged or not.
-    sent: HashSet<String>,
+    pub(crate) sent: HashSet<String>,
 }
 
 /// Two clients upload 1-3 images per request until the server dies.
-async fn stream_uploads(url: String, ledger: Arc<Mutex<Ledger>>, first: usize) {
+pub(crate) async fn stream_uploads(url: String, ledger: Arc<Mutex<Ledger>>, first: usize) {
     let bases: Vec<Vec<u8>> = fixtures().into_iter().map(|(_, png)| png).collect();
     let clients = (0..2).map(|c| {
         let (url, ledger, bases) = (url.clone(), ledger.clone(), bases.clone());
@@ -117,7 +136,7 @@ async fn stream_uploads(url: String, ledger: Arc<Mutex<Ledger>>, first: usize) {
     futures::future::join_all(clients).await;
 }
 
-async fn verify(url: &str, ledger: &Ledger) {
+pub(crate) async fn verify(url: &str, ledger: &Ledger) {
     let client = Client::new();
     for (id, bytes) in &ledger.acked {
         let image = client.get(format!("{url}/gallery/{id}/image")).send().await.unwrap();

@@ -1,9 +1,17 @@
 //! Every bad input gets its 4xx and a JSON error body, and the server stays up.
 
+use std::io::{Cursor, Write};
+
+use flate2::write::ZlibEncoder;
+use flate2::Compression;
+use image::codecs::gif::GifEncoder;
+use image::{Frame, ImageFormat};
 use reqwest::multipart::{Form, Part};
+use reqwest::RequestBuilder;
 use serde_json::Value;
 
-use crate::helpers::{assert_error, fixtures, spawn_app, TestApp};
+use crate::finetune::TOKEN;
+use crate::helpers::{assert_error, fixtures, spawn_app, spawn_app_with, TestApp};
 
 fn png() -> Vec<u8> {
     fixtures().remove(0).1
@@ -16,73 +24,436 @@ async fn assert_still_healthy(app: &TestApp) {
     assert_eq!(body["status"], "ok");
 }
 
-#[tokio::test]
-async fn bad_search_inputs() {
-    let app = spawn_app().await;
-    let image = png();
-    assert_error(app.search_raw(b"definitely not an image", "3", "image/png").await, 415, "unsupported_image").await;
-    assert_error(app.search_raw(&image[..image.len() / 2], "3", "image/png").await, 422, "invalid_image").await;
-    assert_error(app.search_raw(b"", "3", "image/png").await, 400, "empty_body").await;
-    assert_error(app.search_raw(&image, "abc", "image/png").await, 400, "invalid_query").await;
-    assert_error(app.search_raw(&image, "-1", "image/png").await, 400, "invalid_query").await;
-    assert_error(app.search_raw(&image, "0", "image/png").await, 422, "invalid_k").await;
-    assert_error(app.search_raw(&image, "100000", "image/png").await, 422, "invalid_k").await;
-    assert_error(app.search_raw(&image, "3", "text/plain").await, 415, "unsupported_media_type").await;
-    let empty_form = app
-        .client
-        .post(app.url("/search"))
-        .header("content-type", "multipart/form-data; boundary=XYZ")
-        .body("--XYZ--\r\n")
-        .send()
-        .await
-        .unwrap();
-    assert_error(empty_form, 400, "missing_image").await;
-    let stray = Form::new().part("image", Part::bytes(image.clone())).text("label", "x");
-    assert_error(app.post_form("/search", stray).await, 400, "unknown_field").await;
-    let two = Form::new().part("image", Part::bytes(image.clone())).part("image", Part::bytes(image.clone()));
-    assert_error(app.post_form("/search", two).await, 400, "duplicate_field").await;
-    assert_still_healthy(&app).await;
+/// One bad request and the error it must get.
+struct Case {
+    name: &'static str,
+    request: RequestBuilder,
+    status: u16,
+    code: &'static str,
 }
 
-#[tokio::test]
-async fn bad_gallery_inputs_store_nothing() {
-    let app = spawn_app().await;
-    let image = png();
-    let good_and_bad = vec![image.clone(), image[..image.len() / 2].to_vec()];
-    assert_error(app.add_images(&good_and_bad, Some("x"), None).await, 422, "invalid_image").await;
-    assert_error(
-        app.add_images(std::slice::from_ref(&image), Some("x"), Some("{not json")).await,
-        400,
-        "invalid_metadata",
-    )
-    .await;
-    assert_error(
-        app.add_images(std::slice::from_ref(&image), Some("x"), Some("[1, 2]")).await,
-        422,
-        "invalid_metadata",
-    )
-    .await;
-    assert_error(app.add_images(std::slice::from_ref(&image), Some("   "), None).await, 422, "invalid_label").await;
-    assert_error(app.add_images(&[], Some("x"), None).await, 400, "missing_image").await;
-    assert_error(app.add_images(&[b"GIF89a".to_vec()], None, None).await, 422, "invalid_image").await;
-    let stray = Form::new().part("image", Part::bytes(image.clone())).text("colour", "red");
-    assert_error(app.post_form("/gallery", stray).await, 400, "unknown_field").await;
-    let not_multipart = app.client.post(app.url("/gallery")).body(image.clone()).send().await.unwrap();
-    assert_error(not_multipart, 400, "invalid_multipart").await;
-    let broken = app
-        .client
-        .post(app.url("/gallery"))
-        .header("content-type", "multipart/form-data; boundary=XYZ")
-        .body("--XYZ\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc")
-        .send()
-        .await
-        .unwrap();
-    assert_error(broken, 400, "invalid_multipart").await;
-    let too_many = vec![image.clone(); 17];
-    assert_error(app.add_images(&too_many, None, None).await, 413, "too_many_images").await;
+fn raw(app: &TestApp, path: &str, content_type: Option<&str>, body: Vec<u8>) -> RequestBuilder {
+    let request = app.client.post(app.url(path)).body(body);
+    match content_type {
+        Some(ct) => request.header("content-type", ct),
+        None => request,
+    }
+}
 
-    let health: Value = app.health().await.json().await.unwrap();
-    assert_eq!(health["indexed_items"], 0, "a rejected request stores nothing");
+fn form(app: &TestApp, path: &str, form: Form) -> RequestBuilder {
+    app.client.post(app.url(path)).multipart(form)
+}
+
+fn image_part(bytes: &[u8]) -> Part {
+    Part::bytes(bytes.to_vec()).file_name("x.png")
+}
+
+/// Every kind of bad input the issue lists, against a gallery with items:
+/// each gets its status and JSON error, and afterwards the service is
+/// healthy and ready and the gallery holds exactly what it held before.
+#[tokio::test]
+async fn bad_input_matrix() {
+    // 17 parts: one more than the 16 images, so both image and part limits can be reached.
+    let app = spawn_app_with(|c| (c.admin_token, c.max_form_parts) = (Some(TOKEN.into()), 17)).await;
+    let image = png();
+    let jpeg = reencode(&image, ImageFormat::Jpeg);
+    let seeded: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, png)| png).collect();
+    assert_eq!(app.add_images(&seeded, Some("seed"), None).await.status(), 201);
+    let before = gallery_listing(&app).await;
+
+    let multipart = "multipart/form-data; boundary=XYZ";
+    let cases = vec![
+        // Bodies and content types.
+        Case {
+            name: "empty search body",
+            request: raw(&app, "/search", Some("image/png"), vec![]),
+            status: 400,
+            code: "empty_body",
+        },
+        Case {
+            name: "empty gallery body",
+            request: raw(&app, "/gallery", Some(multipart), vec![]),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        Case {
+            name: "empty verify body",
+            request: raw(&app, "/verify", Some(multipart), vec![]),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        Case {
+            name: "text/plain search",
+            request: raw(&app, "/search", Some("text/plain"), image.clone()),
+            status: 415,
+            code: "unsupported_media_type",
+        },
+        Case {
+            name: "gallery without content type",
+            request: raw(&app, "/gallery", None, image.clone()),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        Case {
+            name: "gallery as JSON",
+            request: raw(&app, "/gallery", Some("application/json"), b"{}".to_vec()),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        // Images.
+        Case {
+            name: "truncated PNG",
+            request: raw(&app, "/search", Some("image/png"), image[..image.len() / 2].to_vec()),
+            status: 422,
+            code: "invalid_image",
+        },
+        Case {
+            name: "truncated JPEG",
+            request: raw(&app, "/search", Some("image/jpeg"), jpeg[..jpeg.len() / 2].to_vec()),
+            status: 422,
+            code: "invalid_image",
+        },
+        Case {
+            name: "text sent as an image",
+            request: raw(&app, "/search", Some("image/jpeg"), b"definitely not an image".to_vec()),
+            status: 415,
+            code: "unsupported_image",
+        },
+        Case {
+            name: "PNG header claiming 100000 x 100000",
+            request: raw(&app, "/search", Some("image/png"), png_claiming(100_000, 100_000)),
+            status: 413,
+            code: "image_too_large",
+        },
+        Case {
+            name: "decompression bomb",
+            request: raw(&app, "/search", Some("image/png"), decompression_bomb(20_000)),
+            status: 413,
+            code: "image_too_large",
+        },
+        Case {
+            name: "truncated image among good ones",
+            request: form(
+                &app,
+                "/gallery",
+                Form::new().part("image", image_part(&image)).part("image", image_part(&image[..100])),
+            ),
+            status: 422,
+            code: "invalid_image",
+        },
+        Case {
+            name: "GIF header only",
+            request: form(&app, "/gallery", Form::new().part("image", image_part(b"GIF89a"))),
+            status: 422,
+            code: "invalid_image",
+        },
+        // Multipart forms.
+        Case {
+            name: "unterminated multipart",
+            request: raw(
+                &app,
+                "/gallery",
+                Some(multipart),
+                b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc".to_vec(),
+            ),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        Case {
+            name: "multipart without boundary",
+            request: raw(&app, "/gallery", Some("multipart/form-data"), image.clone()),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        Case {
+            name: "form without image",
+            request: raw(&app, "/search", Some(multipart), b"--XYZ--\r\n".to_vec()),
+            status: 400,
+            code: "missing_image",
+        },
+        Case {
+            name: "gallery form without image",
+            request: form(&app, "/gallery", Form::new().text("label", "x")),
+            status: 400,
+            code: "missing_image",
+        },
+        Case {
+            name: "verify without b",
+            request: form(&app, "/verify", Form::new().part("a", image_part(&image))),
+            status: 400,
+            code: "missing_image",
+        },
+        Case {
+            name: "two search images",
+            request: form(
+                &app,
+                "/search",
+                Form::new().part("image", image_part(&image)).part("image", image_part(&image)),
+            ),
+            status: 400,
+            code: "duplicate_field",
+        },
+        Case {
+            name: "two labels",
+            request: form(
+                &app,
+                "/gallery",
+                Form::new().part("image", image_part(&image)).text("label", "a").text("label", "b"),
+            ),
+            status: 400,
+            code: "duplicate_field",
+        },
+        Case {
+            name: "two verify a parts",
+            request: form(&app, "/verify", Form::new().part("a", image_part(&image)).part("a", image_part(&image))),
+            status: 400,
+            code: "duplicate_field",
+        },
+        Case {
+            name: "unknown part",
+            request: form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("colour", "red")),
+            status: 400,
+            code: "unknown_field",
+        },
+        Case {
+            name: "metadata not JSON",
+            request: form(
+                &app,
+                "/gallery",
+                Form::new().part("image", image_part(&image)).text("metadata", "{not json"),
+            ),
+            status: 400,
+            code: "invalid_metadata",
+        },
+        Case {
+            name: "metadata not an object",
+            request: form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", "[1, 2]")),
+            status: 422,
+            code: "invalid_metadata",
+        },
+        Case {
+            name: "blank label",
+            request: form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "   ")),
+            status: 422,
+            code: "invalid_label",
+        },
+        Case {
+            name: "label not UTF-8",
+            request: form(
+                &app,
+                "/gallery",
+                Form::new().part("image", image_part(&image)).part("label", Part::bytes(vec![0xff, 0xfe])),
+            ),
+            status: 400,
+            code: "invalid_multipart",
+        },
+        // Limits (the test configuration: 16 images, 17 parts here, 2 MiB a part, 4 KiB a text part, 4 MiB a body).
+        Case {
+            name: "17 images",
+            request: form(&app, "/gallery", (0..17).fold(Form::new(), |f, _| f.part("image", image_part(&image)))),
+            status: 413,
+            code: "too_many_images",
+        },
+        Case {
+            name: "18 parts",
+            request: form(
+                &app,
+                "/gallery",
+                (0..16).fold(Form::new().text("label", "x").text("metadata", "{}"), |f, _| {
+                    f.part("image", image_part(&image))
+                }),
+            ),
+            status: 413,
+            code: "too_many_parts",
+        },
+        Case {
+            name: "3 MiB image part",
+            request: form(&app, "/gallery", Form::new().part("image", image_part(&vec![0; 3 << 20]))),
+            status: 413,
+            code: "part_too_large",
+        },
+        Case {
+            name: "5 KiB metadata",
+            request: form(
+                &app,
+                "/gallery",
+                Form::new()
+                    .part("image", image_part(&image))
+                    .text("metadata", format!("{{\"a\": \"{}\"}}", "x".repeat(5000))),
+            ),
+            status: 413,
+            code: "part_too_large",
+        },
+        Case {
+            name: "5 MiB body",
+            request: raw(&app, "/search", Some("image/png"), vec![0; 5 << 20]),
+            status: 413,
+            code: "body_too_large",
+        },
+        // Query parameters.
+        Case {
+            name: "k of 0",
+            request: raw(&app, "/search?k=0", Some("image/png"), image.clone()),
+            status: 422,
+            code: "invalid_k",
+        },
+        Case {
+            name: "negative k",
+            request: raw(&app, "/search?k=-1", Some("image/png"), image.clone()),
+            status: 400,
+            code: "invalid_query",
+        },
+        Case {
+            name: "enormous k",
+            request: raw(&app, "/search?k=99999999999999999999", Some("image/png"), image.clone()),
+            status: 400,
+            code: "invalid_query",
+        },
+        Case {
+            name: "k above the limit",
+            request: raw(&app, "/search?k=100000", Some("image/png"), image.clone()),
+            status: 422,
+            code: "invalid_k",
+        },
+        Case {
+            name: "k not a number",
+            request: raw(&app, "/search?k=abc", Some("image/png"), image.clone()),
+            status: 400,
+            code: "invalid_query",
+        },
+        // Unknown ids and routes.
+        Case {
+            name: "unknown item",
+            request: app.client.get(app.url("/gallery/999999")),
+            status: 404,
+            code: "not_found",
+        },
+        Case {
+            name: "unknown item image",
+            request: app.client.get(app.url("/gallery/999999/image")),
+            status: 404,
+            code: "not_found",
+        },
+        Case {
+            name: "unknown item similar",
+            request: app.client.get(app.url("/gallery/999999/similar")),
+            status: 404,
+            code: "not_found",
+        },
+        Case {
+            name: "delete unknown item",
+            request: app.client.delete(app.url("/gallery/999999")),
+            status: 404,
+            code: "not_found",
+        },
+        Case {
+            name: "id not a number",
+            request: app.client.get(app.url("/gallery/abc")),
+            status: 400,
+            code: "invalid_id",
+        },
+        Case { name: "unknown route", request: app.client.get(app.url("/nope")), status: 404, code: "not_found" },
+        Case {
+            name: "wrong method",
+            request: app.client.get(app.url("/search")),
+            status: 405,
+            code: "method_not_allowed",
+        },
+        // Admin routes without the right token: a search client gets nowhere.
+        Case {
+            name: "fine-tune without token",
+            request: app.client.post(app.url("/admin/finetune")).json(&serde_json::json!({})),
+            status: 401,
+            code: "unauthorized",
+        },
+        Case {
+            name: "fine-tune with a wrong token",
+            request: app
+                .client
+                .post(app.url("/admin/finetune"))
+                .bearer_auth("not-the-admin-token-at-all")
+                .json(&serde_json::json!({})),
+            status: 401,
+            code: "unauthorized",
+        },
+        Case {
+            name: "models with a basic auth",
+            request: app.client.get(app.url("/admin/models")).basic_auth("admin", Some(TOKEN)),
+            status: 401,
+            code: "unauthorized",
+        },
+        Case {
+            name: "activate without token",
+            request: app.client.post(app.url("/admin/models/1/activate")),
+            status: 401,
+            code: "unauthorized",
+        },
+        Case {
+            name: "fine-tune with invalid JSON",
+            request: app
+                .client
+                .post(app.url("/admin/finetune"))
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body("{"),
+            status: 400,
+            code: "invalid_json",
+        },
+    ];
+    for case in cases {
+        let response = case.request.send().await.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or_else(|e| panic!("{}: no JSON body: {e}", case.name));
+        assert_eq!((status, body["error"]["code"].as_str()), (case.status, Some(case.code)), "{}: {body}", case.name);
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}: {body}", case.name);
+    }
+
+    // A GIF of thousands of frames is not refused, but only its first frame is decoded.
+    let gif = animated_gif(3000);
+    let response = raw(&app, "/search?k=1", Some("image/gif"), gif).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    assert_still_healthy(&app).await;
+    let ready = app.client.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(gallery_listing(&app).await, before, "the bad requests changed the gallery");
+    app.stop().await;
+}
+
+/// Every item of the gallery as listed (ids, hashes, labels).
+async fn gallery_listing(app: &TestApp) -> Value {
+    let page: Value = app.client.get(app.url("/gallery?limit=200")).send().await.unwrap().json().await.unwrap();
+    page["items"].clone()
+}
+
+fn reencode(png: &[u8], format: ImageFormat) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::load_from_memory(png).unwrap().to_rgb8().write_to(&mut Cursor::new(&mut out), format).unwrap();
+    out
+}
+
+/// A real PNG of `side` x `side` black pixels: a few hundred kB that would
+/// decode to `side`² bytes.
+fn decompression_bomb(side: u32) -> Vec<u8> {
+    let mut zipped = ZlibEncoder::new(Vec::new(), Compression::best());
+    let row = vec![0u8; side as usize + 1]; // filter byte + pixels
+    for _ in 0..side {
+        zipped.write_all(&row).unwrap();
+    }
+    png_with(side, side, &zipped.finish().unwrap())
+}
+
+/// A GIF of `frames` 16 x 16 frames.
+fn animated_gif(frames: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut encoder = GifEncoder::new(&mut out);
+        for n in 0..frames {
+            let pixels = image::RgbaImage::from_pixel(16, 16, image::Rgba([(n % 256) as u8, 0, 0, 255]));
+            encoder.encode_frame(Frame::new(pixels)).unwrap();
+        }
+    }
+    out
 }
 
 #[tokio::test]
@@ -112,11 +483,16 @@ async fn unknown_routes_and_methods() {
 
 /// A PNG of a few dozen bytes whose header claims `width` x `height` pixels.
 fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    png_with(width, height, &[])
+}
+
+/// An 8-bit greyscale PNG with the given compressed pixel data.
+fn png_with(width: u32, height: u32, idat: &[u8]) -> Vec<u8> {
     let mut ihdr = width.to_be_bytes().to_vec();
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit greyscale
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &[]), (b"IEND", &[])] {
+    for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", idat), (b"IEND", &[])] {
         out.extend_from_slice(&(data.len() as u32).to_be_bytes());
         let mut chunk = kind.to_vec();
         chunk.extend_from_slice(data);

@@ -16,7 +16,7 @@ use lookalike::config::ServeConfig;
 
 use crate::helpers::{assert_error, config, fixtures, spawn_app, spawn_app_with, spawn_with, TestApp};
 
-const TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const TOKEN: &str = "test-admin-token-0123456789";
 
 async fn admin_app() -> TestApp {
     spawn_app_with(|c| c.admin_token = Some(TOKEN.into())).await
@@ -27,7 +27,7 @@ fn admin(request: RequestBuilder) -> RequestBuilder {
 }
 
 /// The committed fixtures, each stored with its class as label.
-async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
+pub(crate) async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
     let all = fixtures();
     for (class, bytes) in &all {
         let form =
@@ -42,7 +42,7 @@ async fn start_job(app: &TestApp, params: Value) -> reqwest::Response {
     admin(app.client.post(app.url("/admin/finetune"))).json(&params).send().await.unwrap()
 }
 
-async fn job_status(client: &Client, url: &str, id: &str) -> Value {
+pub(crate) async fn job_status(client: &Client, url: &str, id: &str) -> Value {
     let response = client.get(format!("{url}/admin/finetune/{id}")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
@@ -94,6 +94,18 @@ async fn admin_routes_need_the_configured_token() {
     let models = get_json(&app, "/admin/models").await;
     assert_eq!(models["active"], "1");
     assert_eq!(models["versions"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_token_can_come_from_a_file() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), format!("  {TOKEN}\n")).unwrap();
+    let path = secret.path().to_path_buf();
+    let app = spawn_app_with(move |c| c.admin_token_file = Some(path)).await;
+    assert_eq!(get_json(&app, "/admin/models").await["active"], "1", "the trimmed file contents are the token");
+    let response = app.client.get(app.url("/admin/models")).bearer_auth(format!("{TOKEN}0")).send().await;
+    assert_error(response.unwrap(), 401, "unauthorized").await;
     app.stop().await;
 }
 

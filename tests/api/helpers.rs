@@ -15,6 +15,8 @@ use tokio::task::JoinHandle;
 pub struct TestApp {
     /// The checking proxy in front of the service (see `spec.rs`).
     pub address: String,
+    /// The service itself, for raw-socket tests the buffering proxy would hide.
+    pub direct: std::net::SocketAddr,
     pub client: Client,
     pub data_dir: PathBuf,
     /// Kept so the directory lives as long as the app (`None` when borrowed).
@@ -52,6 +54,13 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         knn_k: 10,
         unknown_distance: None,
         cors_origins: Vec::new(),
+        max_form_parts: 24,
+        max_part_bytes: 2 * 1024 * 1024,
+        max_text_part_bytes: 4096,
+        request_timeout_secs: 30,
+        max_concurrent_requests: 64,
+        shutdown_grace_secs: 10,
+        log_format: lookalike::config::LogFormat::Text,
     }
 }
 
@@ -72,11 +81,12 @@ pub async fn spawn_app_with(change: impl FnOnce(&mut ServeConfig)) -> TestApp {
 
 pub async fn spawn_with(config: ServeConfig) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
-        lookalike::telemetry::init("info");
+        lookalike::telemetry::init("info", lookalike::config::LogFormat::Text);
     }
     let data_dir = config.data_dir.clone();
     let app = Application::build(config).await.expect("the application builds");
-    let (proxy, violations) = crate::spec::start_proxy(app.address()).await;
+    let direct = app.address();
+    let (proxy, violations) = crate::spec::start_proxy(direct).await;
     let address = format!("http://{proxy}");
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(app.run_until_stopped(async {
@@ -84,6 +94,7 @@ pub async fn spawn_with(config: ServeConfig) -> TestApp {
     }));
     TestApp {
         address,
+        direct,
         client: Client::new(),
         data_dir,
         _data_guard: None,
@@ -173,4 +184,54 @@ pub async fn assert_error(response: Response, status: u16, code: &str) {
     let body: serde_json::Value = response.json().await.expect("a JSON error body");
     assert_eq!(body["error"]["code"], code, "error body: {body}");
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "error body: {body}");
+}
+
+/// A request written by hand on a raw socket: the head and the first
+/// `sent` bytes of the body now, the rest when `finish` is called. For
+/// slow-client tests (timeouts, drains, concurrency slots).
+pub struct SlowRequest {
+    stream: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowRequest {
+    pub async fn start(
+        address: std::net::SocketAddr,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+        sent: usize,
+    ) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("write the head");
+        stream.write_all(&body[..sent]).await.expect("write the first bytes");
+        Self { stream, rest: body[sent..].to_vec() }
+    }
+
+    /// Reads the answer without sending the rest: `(status, body)`.
+    pub async fn answer(mut self) -> (u16, serde_json::Value) {
+        use tokio::io::AsyncReadExt;
+        let mut raw = Vec::new();
+        let _ = self.stream.read_to_end(&mut raw).await;
+        parse_answer(&raw)
+    }
+
+    /// Sends the rest of the body and reads the answer.
+    pub async fn finish(mut self) -> (u16, serde_json::Value) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(&self.rest).await.expect("write the rest");
+        self.answer().await
+    }
+}
+
+fn parse_answer(raw: &[u8]) -> (u16, serde_json::Value) {
+    let text = String::from_utf8_lossy(raw);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no answer: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
 }

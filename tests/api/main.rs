@@ -9,5 +9,7 @@ mod gallery;
 mod helpers;
 mod import;
 mod labels;
+mod limits;
 mod search;
+mod shutdown;
 mod spec;

@@ -1,0 +1,44 @@
+//! Request-wide limits with slow clients on raw sockets: a request that takes
+//! too long is answered 408, requests past the concurrency limit get 503
+//! while probes still answer, and both leave the service serving.
+
+use serde_json::Value;
+
+use crate::helpers::{fixtures, spawn_app_with, SlowRequest};
+
+#[tokio::test]
+async fn a_request_slower_than_the_timeout_gets_408() {
+    let app = spawn_app_with(|c| c.request_timeout_secs = 1).await;
+    let image = fixtures().remove(0).1;
+    // Half a body, then nothing: the client stalls.
+    let stalled = SlowRequest::start(app.direct, "/search?k=1", "image/png", &image, image.len() / 2).await;
+    let (status, body) = stalled.answer().await;
+    assert_eq!((status, body["error"]["code"].as_str()), (408, Some("request_timeout")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("1s"), "{body}");
+    // A normal request is served.
+    assert_eq!(app.search_raw(&image, "1", "image/png").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
+    let app = spawn_app_with(|c| c.max_concurrent_requests = 1).await;
+    let image = fixtures().remove(0).1;
+    // The one slot, held by a client still sending its body.
+    let holder = SlowRequest::start(app.direct, "/search?k=1", "image/png", &image, 10).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let refused = app.search_raw(&image, "1", "image/png").await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests", "{body}");
+    for probe in ["/health", "/ready", "/metrics"] {
+        assert_eq!(app.client.get(app.url(probe)).send().await.unwrap().status(), 200, "{probe}");
+    }
+
+    let (status, body) = holder.finish().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(app.search_raw(&image, "1", "image/png").await.status(), 200, "the slot is free again");
+    app.stop().await;
+}

@@ -1,0 +1,99 @@
+//! SIGTERM on the real binary while uploads stream in, a search is still
+//! sending its body and a fine-tune job trains: the search is answered, the
+//! job stops and says so, the process exits 0 with the index dumped and the
+//! store closed, and after a restart every acknowledged upload is there.
+//! The server logs JSON here, which this test also reads back.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Client;
+use serde_json::{json, Value};
+
+use crate::crash::{sha256, stream_uploads, verify, Ledger, Server};
+use crate::finetune::{add_labelled_fixtures, job_status, TOKEN};
+use crate::helpers::{fixtures, SlowRequest};
+
+const ENV: [(&str, &str); 2] = [("LOOKALIKE_ADMIN_TOKEN", TOKEN), ("LOOKALIKE_LOG_FORMAT", "json")];
+
+#[tokio::test]
+async fn sigterm_drains_requests_stops_the_job_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(dir.path(), "first.log", &ENV).await;
+    let client = Client::new();
+    add_labelled_fixtures(&client, &server.url).await;
+    let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
+    let started =
+        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
+    assert_eq!(started.status(), 202);
+    let job = started.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job_status(&client, &server.url, &job).await["state"] != "training" {
+        assert!(Instant::now() < deadline, "the job never started training");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A request the log should show under the id we give it.
+    let traced = client.get(format!("{}/health", server.url)).header("x-request-id", "trace-me-42").send().await;
+    assert_eq!(traced.unwrap().headers()["x-request-id"], "trace-me-42");
+
+    let mut ledger = Ledger::default();
+    ledger.sent.extend(fixtures().iter().map(|(_, png)| sha256(png)));
+    let ledger = Arc::new(Mutex::new(ledger));
+    let uploads = tokio::spawn(stream_uploads(server.url.clone(), ledger.clone(), 0));
+    while ledger.lock().unwrap().acked.len() < 10 {
+        assert!(Instant::now() < deadline, "uploads stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let image = fixtures().remove(0).1;
+    let in_flight = SlowRequest::start(server.address(), "/search?k=3", "image/png", &image, image.len() / 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let stopping = tokio::spawn(server.terminate(Duration::from_secs(60)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = in_flight.finish().await;
+    assert_eq!(status, 200, "the request in flight at SIGTERM is answered: {body}");
+    let exit = stopping.await.unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    uploads.await.unwrap();
+
+    let raw_log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
+    assert!(!raw_log.contains(TOKEN), "the admin token is in the log");
+    let log = json_log(&dir.path().join("first.log"));
+    let said = |message: &str| log.iter().any(|line| line["message"] == message);
+    for step in [
+        "shutting down",
+        "stopping the fine-tune job for shutdown",
+        "no longer serving requests",
+        "gallery store closed",
+    ] {
+        assert!(said(step), "the log lacks {step:?}");
+    }
+    let traced = log.iter().find(|l| l["span"]["request_id"] == "trace-me-42");
+    assert!(traced.is_some(), "no log line carries the request id");
+
+    let server = Server::start_with_env(dir.path(), "second.log", &ENV).await;
+    let status = job_status(&client, &server.url, &job).await;
+    assert_eq!(status["state"], "cancelled", "{status}");
+    let reason = status["result"]["reason"].as_str().unwrap();
+    assert!(reason.contains("stopped by a shutdown"), "{status}");
+    // The dump taken at shutdown was complete: the restart reloads it and has nothing to reconcile.
+    let log = json_log(&dir.path().join("second.log"));
+    let ready = log.iter().find(|l| l["message"] == "index ready").expect("an `index ready` line");
+    assert_eq!(
+        (ready["source"].as_str(), ready["added"].as_u64(), ready["removed"].as_u64()),
+        (Some("reloaded"), Some(0), Some(0)),
+        "{ready}"
+    );
+    let snapshot = ledger.lock().unwrap().clone();
+    assert!(snapshot.acked.len() >= 10);
+    verify(&server.url, &snapshot).await;
+    server.kill();
+}
+
+/// The server's log, one JSON object a line (any other line fails the test).
+fn json_log(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}")))
+        .collect()
+}
