@@ -12,15 +12,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS)
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(REQUIREMENTS)
-	rm -f $(VENV)/.installed-*
-	touch $@
+# scripts/setup.sh is also what docker/Dockerfile runs.
+$(STAMP): $(REQUIREMENTS) scripts/setup.sh
+	scripts/setup.sh
 
 build: setup
 	cargo build $(CARGO_FLAGS)
@@ -130,3 +128,27 @@ bench-finetune: build dataset
 	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)'
 
 FINETUNE_PARAMS ?= {}
+
+# A bounded mixed load (searches, uploads, reads) on the release binary:
+# answers by status, p50/p99, resident memory after warm-up and at the end.
+SOAK_MINUTES ?= 10
+soak: build dataset
+	$(VENV)/bin/python bench/soak.py --minutes $(SOAK_MINUTES)
+
+# cargo fuzz (nightly Rust; cargo-fuzz from crates.io when missing): each
+# target for FUZZ_SECONDS from its committed corpus, which it grows. Without
+# sanitizers (-s none): the code under test is safe Rust, and libtorch is
+# not built for ASan. `make test` replays the corpus on stable (tests/fuzz_corpus.rs).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := preprocess upload_form
+# (The fuzz binaries lack the service's rpath: libtorch is found through LD_LIBRARY_PATH.)
+fuzz: setup
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	export LD_LIBRARY_PATH=$$($(VENV)/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))'); \
+	for target in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run -s none $$target fuzz/corpus/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=10 || exit 1; \
+	done
+
+fuzz-seeds: setup
+	$(VENV)/bin/python fuzz/make_seeds.py
