@@ -132,6 +132,11 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
+    /// Seconds between SIGTERM and closing the listener, while `/ready` answers 503 and
+    /// requests are still served: time for a load balancer to take the instance out.
+    #[arg(long, env = "LOOKALIKE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
+
     /// Seconds SIGTERM waits for in-flight requests and a running fine-tune job to finish.
     #[arg(long, env = "LOOKALIKE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,

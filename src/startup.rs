@@ -31,6 +31,8 @@ pub struct Application {
     dump_interval: Duration,
     /// How long shutdown waits for requests in flight, then for a running job.
     grace: Duration,
+    /// How long `/ready` answers 503 before the listener closes.
+    delay: Duration,
 }
 
 /// Index dumps live here, inside the data directory.
@@ -109,7 +111,8 @@ impl Application {
             draining: Arc::default(),
         };
         let grace = Duration::from_secs(config.shutdown_grace_secs);
-        Ok(Self { listener, address, state, dump_interval, grace })
+        let delay = Duration::from_secs(config.shutdown_delay_secs);
+        Ok(Self { listener, address, state, dump_interval, grace, delay })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -122,7 +125,8 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops in order: `/ready` turns
-    /// 503 and no connection is accepted; requests in flight finish (up to
+    /// 503 (still serving for the shutdown delay, so a load balancer can take
+    /// the instance out), then no connection is accepted; requests in flight finish (up to
     /// the grace period); a running fine-tune job stops and records how (up
     /// to the grace period again); the index is dumped, so the next start
     /// reloads it; the store folds its write-ahead log in. Every write that
@@ -133,11 +137,15 @@ impl Application {
         let (catalog, jobs, grace) = (self.state.catalog.clone(), self.state.jobs.clone(), self.grace);
         let dumper = (!self.dump_interval.is_zero())
             .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
-        let draining = self.state.draining.clone();
+        let (draining, delay) = (self.state.draining.clone(), self.delay);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
             draining.store(true, Ordering::Relaxed);
+            if !delay.is_zero() {
+                tracing::info!(delay_secs = delay.as_secs(), "/ready answers 503; still serving until the delay ends");
+                tokio::time::sleep(delay).await;
+            }
             let _ = stopping_tx.send(());
         };
         let serve = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(signal);

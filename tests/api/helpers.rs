@@ -60,6 +60,7 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         request_timeout_secs: 30,
         max_concurrent_requests: 64,
         shutdown_grace_secs: 10,
+        shutdown_delay_secs: 0,
         log_format: lookalike::config::LogFormat::Text,
     }
 }

@@ -14,7 +14,8 @@ use crate::crash::{sha256, stream_uploads, verify, Ledger, Server};
 use crate::finetune::{add_labelled_fixtures, job_status, TOKEN};
 use crate::helpers::{fixtures, SlowRequest};
 
-const ENV: [(&str, &str); 2] = [("LOOKALIKE_ADMIN_TOKEN", TOKEN), ("LOOKALIKE_LOG_FORMAT", "json")];
+const ENV: [(&str, &str); 3] =
+    [("LOOKALIKE_ADMIN_TOKEN", TOKEN), ("LOOKALIKE_LOG_FORMAT", "json"), ("LOOKALIKE_SHUTDOWN_DELAY_SECS", "1")];
 
 #[tokio::test]
 async fn sigterm_drains_requests_stops_the_job_and_loses_nothing() {
@@ -48,8 +49,18 @@ async fn sigterm_drains_requests_stops_the_job_and_loses_nothing() {
     let in_flight = SlowRequest::start(server.address(), "/search?k=3", "image/png", &image, image.len() / 2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
+    let url = server.url.clone();
     let stopping = tokio::spawn(server.terminate(Duration::from_secs(60)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // During the shutdown delay: not ready, but still alive and serving.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = Client::new();
+    let ready = fresh.get(format!("{url}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<Value>().await.unwrap()["error"]["code"], "not_ready");
+    assert_eq!(fresh.get(format!("{url}/health")).send().await.unwrap().status(), 200);
+    // After it: no new connection is served, but the request in flight is answered.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(Client::new().get(format!("{url}/health")).send().await.is_err(), "a connection after the delay");
     let (status, body) = in_flight.finish().await;
     assert_eq!(status, 200, "the request in flight at SIGTERM is answered: {body}");
     let exit = stopping.await.unwrap();
