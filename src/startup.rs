@@ -44,6 +44,8 @@ impl Application {
     /// Loads the active model, opens the store, makes the index ready and binds the port.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         anyhow::ensure!(config.knn_k >= 1, "--knn-k must be at least 1");
+        anyhow::ensure!(config.max_concurrent_requests >= 1, "--max-concurrent-requests must be at least 1");
+        anyhow::ensure!(config.max_form_parts >= 1, "--max-form-parts must be at least 1");
         anyhow::ensure!(
             config.unknown_distance.is_none_or(|d| (0.0..=2.0).contains(&d)),
             "--unknown-distance must be between 0 and 2"

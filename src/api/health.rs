@@ -1,11 +1,11 @@
 //! `/health`: liveness, with what the service runs on. `/ready`: whether it
 //! should be sent traffic now (workers running, store answering, not draining).
 
+use std::sync::atomic::Ordering;
+
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
-
-use std::sync::atomic::Ordering;
 
 use super::{ApiError, AppState};
 

@@ -70,7 +70,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let timeout = state.limits.request_timeout;
-    let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests.max(1)));
+    let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests));
     Router::new()
         .route("/", get(web_page))
         .route("/health", get(health::health))
