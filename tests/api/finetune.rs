@@ -27,7 +27,7 @@ fn admin(request: RequestBuilder) -> RequestBuilder {
 }
 
 /// The committed fixtures, each stored with its class as label.
-pub(crate) async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
+async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
     let all = fixtures();
     for (class, bytes) in &all {
         let form =
@@ -289,17 +289,7 @@ async fn a_restart_in_the_middle_of_a_job_marks_it_failed_and_keeps_the_active_m
     let env = [("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
     let server = Server::start_with_env(dir.path(), "first.log", &env).await;
     let client = Client::new();
-    add_labelled_fixtures(&client, &server.url).await;
-    let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
-    let response =
-        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while job_status(&client, &server.url, &id).await["state"] != "training" {
-        assert!(Instant::now() < deadline, "the job never started training");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let id = start_a_long_job(&client, &server.url).await;
     server.kill();
 
     let server = Server::start_with_env(dir.path(), "second.log", &env).await;
@@ -310,10 +300,36 @@ async fn a_restart_in_the_middle_of_a_job_marks_it_failed_and_keeps_the_active_m
     assert_eq!(health["model_version"], "1");
     assert_eq!(health["indexed_items"], fixtures().len());
     // A new job may start: the slot is not held by the dead one.
-    let response =
-        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
+    let response = client
+        .post(format!("{}/admin/finetune", server.url))
+        .bearer_auth(TOKEN)
+        .json(&long_job_params())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 202);
     server.kill();
+}
+
+/// Parameters of a job that trains far longer than any test runs.
+fn long_job_params() -> Value {
+    json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34})
+}
+
+/// Stores the labelled fixtures, starts a job that would train for hours and
+/// waits until it trains; its id.
+pub(crate) async fn start_a_long_job(client: &Client, url: &str) -> String {
+    add_labelled_fixtures(client, url).await;
+    let response =
+        client.post(format!("{url}/admin/finetune")).bearer_auth(TOKEN).json(&long_job_params()).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while job_status(client, url, &id).await["state"] != "training" {
+        assert!(Instant::now() < deadline, "the job never started training");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    id
 }
 
 /// `(label, png bytes)` of a folder whose sub-folders are labels.

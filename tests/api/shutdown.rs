@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Client;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::crash::{sha256, stream_uploads, verify, Ledger, Server};
-use crate::finetune::{add_labelled_fixtures, job_status, TOKEN};
+use crate::finetune::{job_status, start_a_long_job, TOKEN};
 use crate::helpers::{fixtures, SlowRequest};
 
 const ENV: [(&str, &str); 3] =
@@ -22,17 +22,8 @@ async fn sigterm_drains_requests_stops_the_job_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with_env(dir.path(), "first.log", &ENV).await;
     let client = Client::new();
-    add_labelled_fixtures(&client, &server.url).await;
-    let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
-    let started =
-        client.post(format!("{}/admin/finetune", server.url)).bearer_auth(TOKEN).json(&params).send().await.unwrap();
-    assert_eq!(started.status(), 202);
-    let job = started.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    let job = start_a_long_job(&client, &server.url).await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while job_status(&client, &server.url, &job).await["state"] != "training" {
-        assert!(Instant::now() < deadline, "the job never started training");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // A request the log should show under the id we give it.
     let traced = client.get(format!("{}/health", server.url)).header("x-request-id", "trace-me-42").send().await;
     assert_eq!(traced.unwrap().headers()["x-request-id"], "trace-me-42");
