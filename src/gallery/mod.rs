@@ -169,7 +169,6 @@ impl Gallery {
         .await
     }
 
-    /// Deletes an item and its embeddings; `false` if there was none.
     /// A trivial query: whether the store answers.
     pub async fn ping(&self) -> Result<(), GalleryError> {
         self.with_conn(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
@@ -181,6 +180,7 @@ impl Gallery {
         self.with_conn(|conn| Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)).await
     }
 
+    /// Deletes an item and its embeddings; `false` if there was none.
     pub async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
         self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
     }
