@@ -137,10 +137,11 @@ def uploader(port, images, labels, rate, stop, recorder):
         stop.wait(max(0.0, next_at - time.monotonic()))
 
 
-def reader(port, stop, recorder):
+def reader(port, stored, stop, recorder):
+    """Reads among the `stored` items of the starting gallery (ids 1 to `stored`)."""
     client, rng = Client(port), random.Random(11)
     while not stop.is_set():
-        item = rng.randint(1, 1000)
+        item = rng.randint(1, stored)
         timed(recorder, "read", lambda: client.request("GET", f"/gallery?limit=50&cursor={item}"))
         timed(recorder, "read", lambda: client.request("GET", f"/gallery/{item}/image"))
         stop.wait(0.05)
@@ -210,7 +211,7 @@ def main():
         threads.append(threading.Thread(
             target=uploader,
             args=(port, train[args.gallery :], labels[args.gallery :], args.upload_rate, stop, recorder)))
-        threads.append(threading.Thread(target=reader, args=(port, stop, recorder)))
+        threads.append(threading.Thread(target=reader, args=(port, args.gallery, stop, recorder)))
         for thread in threads:
             thread.start()
         time.sleep(args.warmup)
