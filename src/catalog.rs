@@ -546,13 +546,13 @@ impl Catalog {
         Ok((embedded, exclusive))
     }
 
-    /// Dumps the active index if it changed since the last dump.
     /// Waits for writes under way (including those whose request is gone) to
     /// reach the store and the index.
     pub async fn settle(&self) {
         drop(self.writes.write().await);
     }
 
+    /// Dumps the active index if it changed since the last dump.
     pub async fn dump_index(&self) -> Result<(), CatalogError> {
         let active = self.active();
         if !active.index.is_dirty() {

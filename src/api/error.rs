@@ -82,11 +82,6 @@ impl ApiError {
         self.status_and_code().0
     }
 
-    /// The stable `error.code` of the body.
-    pub fn code(&self) -> &'static str {
-        self.status_and_code().1
-    }
-
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
