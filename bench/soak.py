@@ -14,60 +14,21 @@ from the test set.
 """
 
 import argparse
-import gzip
 import http.client
-import io
 import json
-import os
 import pathlib
 import random
-import shutil
-import socket
-import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter, defaultdict
 
-from PIL import Image
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATASET = pathlib.Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-
-
-def read_idx(name: str, count: int):
-    with gzip.open(DATASET / name) as f:
-        magic, n = struct.unpack(">II", f.read(8))
-        if magic == 2051:
-            rows, cols = struct.unpack(">II", f.read(8))
-            size = rows * cols
-            return [f.read(size) for _ in range(min(n, count))], (rows, cols)
-        return list(f.read(min(n, count))), None
-
-
-def pngs(name: str, count: int) -> list[bytes]:
-    raw, (rows, cols) = read_idx(name, count)
-    out = []
-    for pixels in raw:
-        buf = io.BytesIO()
-        Image.frombytes("L", (cols, rows), pixels).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-def multipart(images: list[bytes], label: str) -> tuple[str, bytes]:
-    boundary = uuid.uuid4().hex
-    body = b""
-    for image in images:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-                 "Content-Type: image/png\r\n\r\n").encode() + image + b"\r\n"
-    body += f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"\r\n\r\n{label}\r\n".encode()
-    return f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode()
+sys.path[:0] = [str(ROOT / "models"), str(ROOT / "tests")]
+from fashion_mnist import CLASSES, load  # noqa: E402
+from finetune import multipart, png  # noqa: E402  (bench/finetune.py)
+from live_server import live_server  # noqa: E402
 
 
 class Recorder:
@@ -131,7 +92,7 @@ def uploader(port, images, labels, rate, stop, recorder):
         count = rng.randint(1, 3)
         batch, label = images[n : n + count], CLASSES[labels[n]]
         n += count
-        content_type, body = multipart(batch, label)
+        body, content_type = multipart(batch, label)
         timed(recorder, "upload", lambda: client.request("POST", "/gallery", body, content_type))
         next_at += 1 / rate
         stop.wait(max(0.0, next_at - time.monotonic()))
@@ -159,24 +120,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start_server(binary: pathlib.Path, data: pathlib.Path, log: pathlib.Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([str(binary), "serve", "--port", str(port), "--data-dir", str(data)],
-                               stderr=log.open("w"), env=dict(os.environ, RUST_LOG="warn"))
-    for _ in range(3000):
-        try:
-            if Client(port).request("GET", "/ready") == 200:
-                return process, port
-        except OSError:
-            pass
-        if process.poll() is not None:
-            sys.exit(f"the server exited with {process.returncode}; see {log}")
-        time.sleep(0.1)
-    sys.exit("the server never became ready")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
@@ -184,24 +127,22 @@ def main():
     parser.add_argument("--searchers", type=int, default=4, help="clients searching back to back")
     parser.add_argument("--upload-rate", type=float, default=4, help="upload requests per second (1-3 images each)")
     parser.add_argument("--gallery", type=int, default=2000, help="images stored before the load starts")
-    parser.add_argument("--binary", type=pathlib.Path, default=ROOT / "target/release/lookalike")
     args = parser.parse_args()
 
     duration = args.minutes * 60
     uploads_needed = int(args.upload_rate * (duration + args.warmup) * 3) + 10
     print(f"reading {args.gallery + uploads_needed} training images and 1000 queries ...", flush=True)
-    train = pngs("train-images-idx3-ubyte.gz", args.gallery + uploads_needed)
-    labels, _ = read_idx("train-labels-idx1-ubyte.gz", args.gallery + uploads_needed)
-    queries = pngs("t10k-images-idx3-ubyte.gz", 1000)
+    train_x, train_y = load("train")
+    test_x, _ = load("test")
+    train = [png(image) for image in train_x[: args.gallery + uploads_needed]]
+    labels = train_y[: args.gallery + uploads_needed]
+    queries = [png(image) for image in test_x[:1000]]
 
-    data = pathlib.Path(tempfile.mkdtemp(prefix="lookalike-soak-"))
-    log = ROOT / "target" / "soak-server.log"
-    log.parent.mkdir(exist_ok=True)
-    process, port = start_server(args.binary, data, log)
-    try:
+    with live_server() as server:
+        process, port = server.process, int(server.url.rsplit(":", 1)[1])
         seed = Client(port)
         for start in range(0, args.gallery, 32):
-            content_type, body = multipart(train[start : min(start + 32, args.gallery)], "seed")
+            body, content_type = multipart(train[start : min(start + 32, args.gallery)], "seed")
             assert seed.request("POST", "/gallery", body, content_type) == 201
         print(f"gallery of {args.gallery} images stored; load for {args.warmup:.0f} s warm-up + {duration:.0f} s",
               flush=True)
@@ -228,12 +169,8 @@ def main():
         stop.set()
         for thread in threads:
             thread.join()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        with urllib.request.urlopen(f"{server.url}/health", timeout=10) as response:
             items_end = json.load(response)["indexed_items"]
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
-        shutil.rmtree(data, ignore_errors=True)
 
     print()
     print("| request | count | per second | answers by status | p50 ms | p99 ms |")
