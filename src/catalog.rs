@@ -11,6 +11,7 @@
 //! so a model switch never mixes two models' embeddings in one answer.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -276,18 +277,14 @@ impl Catalog {
             });
         }
         let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
-        // From the store's commit to the index insert on a task of its own: a
-        // request dropped meanwhile (timeout, client gone) cannot leave the
-        // index behind the store.
         let (gallery, index, model) = (self.gallery.clone(), active.index.clone(), active.version.model.clone());
-        let committed = tokio::spawn(async move {
-            let _writing = writing;
+        let inserted = store_then_index(writing, async move {
             let inserted = gallery.insert(items, model).await?;
             let entries: Vec<(i64, Vec<f32>)> = inserted.iter().map(|i| i.id).zip(vectors).collect();
             blocking_index(&index, move |index| index.insert(&entries)).await??;
-            Ok::<_, CatalogError>(inserted)
-        });
-        let inserted = committed.await.map_err(|e| CatalogError::Task(e.to_string()))??;
+            Ok(inserted)
+        })
+        .await?;
         let mut stored = inserted.iter();
         for report in reports.iter_mut().filter(|r| r.status == "added") {
             let item = stored.next().expect("one stored item per added report");
@@ -397,17 +394,16 @@ impl Catalog {
     pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
         let writing = self.writes.clone().read_owned().await;
         let active = self.active();
-        // The store's delete and the index's on their own task, as in `add`.
         let (gallery, index) = (self.gallery.clone(), active.index.clone());
-        let committed = tokio::spawn(async move {
-            let _writing = writing;
+        let deleted = store_then_index(writing, async move {
             if !gallery.delete(id).await? {
                 return Ok(false);
             }
             blocking_index(&index, move |index| index.delete(&[id])).await?;
-            Ok::<_, CatalogError>(true)
-        });
-        if !committed.await.map_err(|e| CatalogError::Task(e.to_string()))?? {
+            Ok(true)
+        })
+        .await?;
+        if !deleted {
             return Ok(false);
         }
         if active.index.needs_compaction(self.settings.compact_fraction) {
@@ -659,6 +655,20 @@ async fn reconcile(gallery: &Gallery, model: &ActiveModel) -> Result<(usize, usi
 }
 
 /// Runs index work (graph inserts, dumps) off the async runtime.
+/// Runs a write's store-then-index steps on a task of their own, holding the
+/// writers' lock: a request dropped meanwhile (timeout, client gone) cannot
+/// leave the index behind the store.
+async fn store_then_index<T: Send + 'static>(
+    writing: tokio::sync::OwnedRwLockReadGuard<()>,
+    steps: impl Future<Output = Result<T, CatalogError>> + Send + 'static,
+) -> Result<T, CatalogError> {
+    let task = tokio::spawn(async move {
+        let _writing = writing;
+        steps.await
+    });
+    task.await.map_err(|e| CatalogError::Task(e.to_string()))?
+}
+
 async fn blocking_index<T: Send + 'static>(
     index: &Index,
     f: impl FnOnce(&Index) -> T + Send + 'static,
