@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset train eval bench bench-embed bench-http bench-setup bench-index bench-finetune fuzz fuzz-seeds soak
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -81,19 +81,52 @@ dataset: $(DATASET)
 $(DATASET):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 
-# Train the default encoder (resumes from $(RUN)/last.pt), evaluate it through
-# the Rust preprocessing path, and export it with its figures as models/default.
+# The general training corpus and evaluation folders (models/corpus.py) from
+# Debian packages: clip art, colour emoji, desktop-background photographs.
+CORPUS_PACKAGES := openclipart-png fonts-noto-color-emoji gnome-backgrounds mate-backgrounds plasma-workspace-wallpapers
+CORPUS := corpus/manifest.json
+
+corpus: $(CORPUS)
+
+$(CORPUS): models/corpus.py | setup dataset
+	@dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPUS_PACKAGES))
+	$(VENV)/bin/python models/corpus.py --out corpus
+
+# Train the general encoder (models/train_general.py, resumes from
+# $(GENERAL_RUN)/last.pt; about 55 minutes on 2 CPU cores), evaluate it through
+# the Rust code, and export it with its figures as models/default.
+GENERAL_RUN := runs/general
+GENERAL_NAME := lookalike-general-shufflenet-v1-g3-w0.5
+train-general: setup corpus
+	$(VENV)/bin/python models/train_general.py --corpus corpus --out $(GENERAL_RUN)
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --trunk-features --name $(GENERAL_NAME) --out $(GENERAL_RUN)/model
+	$(MAKE) --no-print-directory eval MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --trunk-features --name $(GENERAL_NAME) \
+		--evaluation $(GENERAL_RUN)/eval.json --out models/default
+
+# Train the Fashion-MNIST encoder (resumes from $(RUN)/last.pt), evaluate it
+# through the Rust preprocessing path, and export it as models/fashion-mnist.
 train: setup dataset
 	$(VENV)/bin/python models/train.py --out $(RUN)
 	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --out $(RUN)/model
-	$(MAKE) --no-print-directory eval MODEL=$(RUN)/model EVAL_JSON=$(RUN)/eval.json
-	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --evaluation $(RUN)/eval.json --out models/default
+	$(MAKE) --no-print-directory eval MODEL=$(RUN)/model EVAL_JSON=$(RUN)/eval.json VERIFY_SET=fashion-mnist
+	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --evaluation $(RUN)/eval.json --out models/fashion-mnist
 
+# One table: Fashion-MNIST seen/unseen, openclipart's held-out classes, copy
+# detection among distractors, throughput; raw pixels beside every row.
 MODEL ?= models/default
 EVAL_JSON ?= $(RUN)/eval.json
-eval: build dataset
+VERIFY_SET ?= openclipart-heldout
+eval: build dataset corpus
 	mkdir -p $(dir $(EVAL_JSON))
-	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON)
+	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON) --verification-set $(VERIFY_SET) \
+		--set openclipart-heldout=corpus/eval/openclipart-heldout \
+		--set copy-detection=corpus/eval/copy/gallery,corpus/eval/copy/queries
+
+# Few-shot fine-tuning over HTTP: 5 labelled images per held-out class, one
+# POST /admin/finetune (FINETUNE_PARAMS), other images of those classes before and after.
+bench-fewshot: build corpus
+	$(VENV)/bin/python bench/fewshot.py --params '$(FINETUNE_PARAMS)' $(if $(FEWSHOT_MODEL),--model $(FEWSHOT_MODEL))
 
 # Benchmarks (not tests): tables to read, printed side by side in one run.
 # `make bench` = the embedding path (cargo bench) + POST /search under wrk,
@@ -125,7 +158,9 @@ bench-index: bench-setup dataset
 # One POST /admin/finetune over HTTP: unseen-class retrieval before and after,
 # the job's wall time, and search latency while it runs (about 8 minutes).
 bench-finetune: build dataset
-	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)'
+	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)' --model $(FINETUNE_MODEL)
+
+FINETUNE_MODEL ?= models/fashion-mnist
 
 FINETUNE_PARAMS ?= {}
 

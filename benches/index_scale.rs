@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hnsw_rs::prelude::{DistCosine, DistL2, Distance, Hnsw};
-use lookalike::config::BUNDLED_MODEL_DIR;
+use lookalike::config::FASHION_MODEL_DIR;
 use lookalike::embed::{Encoder, Precision, TorchEncoder};
 use lookalike::eval::dataset;
 use lookalike::index::Index;
@@ -34,7 +34,7 @@ const EF_CONSTRUCTION: usize = 200;
 fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench-index"));
     std::fs::create_dir_all(&out)?;
-    let manifest = Manifest::load(Path::new(BUNDLED_MODEL_DIR))?;
+    let manifest = Manifest::load(Path::new(FASHION_MODEL_DIR))?;
     let dim = manifest.embedding.dim;
     if std::env::args().any(|a| a == "--profile-search") {
         return profile_search(&manifest);
@@ -271,7 +271,7 @@ fn real_embeddings(manifest: &Manifest) -> anyhow::Result<DataSet> {
         train.iter().take(N - train.len()).map(image::imageops::flip_horizontal).collect();
     let images: Vec<&image::GrayImage> = train.iter().chain(&mirrored).chain(test.iter().take(QUERIES)).collect();
     tch::set_num_threads(std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
-    let path = Path::new(BUNDLED_MODEL_DIR).join("encoder.pt");
+    let path = Path::new(FASHION_MODEL_DIR).join("encoder.pt");
     let mut encoder = TorchEncoder::load(&path, Device::Cpu, Precision::Fp32, manifest.input.size, dim)?;
     let pre = Preprocessor::new(manifest.input.clone(), ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 });
     let mut all = Vec::with_capacity(images.len());

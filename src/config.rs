@@ -5,9 +5,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Default model folder: the bundled encoder, found relative to the crate so
-/// `make run` and the tests work from a fresh clone without configuration.
+/// Default model folder: the bundled general encoder (colour images of any
+/// kind), found relative to the crate so `make run` and the tests work from a
+/// fresh clone without configuration.
 pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
+
+/// The bundled Fashion-MNIST encoder (28 px grey clothes), for that domain and
+/// for tests whose fixtures are Fashion-MNIST images: `--model models/fashion-mnist`.
+pub const FASHION_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mnist");
 
 #[derive(Debug, Parser)]
 #[command(name = "lookalike", version, about = "Self-hosted image similarity search")]
@@ -21,7 +26,8 @@ pub enum Command {
     /// Start the HTTP service.
     Serve(Box<ServeConfig>),
     /// Measure a model's retrieval quality on Fashion-MNIST (seen, unseen and
-    /// all classes, next to raw pixels) and its pair-verification threshold.
+    /// all classes) and on image folders (one sub-folder per class), next to
+    /// raw pixels; its pair-verification threshold; its throughput.
     Eval(crate::eval::EvalConfig),
     /// Add a folder of images to a running service: one sub-folder per label,
     /// or images at the top (unlabelled). Already-stored files are skipped, so

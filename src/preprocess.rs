@@ -99,6 +99,11 @@ impl Preprocessor {
         Self { spec, limits }
     }
 
+    /// What the encoder expects (size, normalisation, resize policy).
+    pub fn spec(&self) -> &InputSpec {
+        &self.spec
+    }
+
     /// Side, in pixels, of the prepared square image.
     pub fn size(&self) -> u32 {
         self.spec.size
@@ -118,7 +123,7 @@ impl Preprocessor {
     /// The steps after decoding: RGB, resize, normalise. Evaluation calls this
     /// on images it decodes itself, so it measures what the service computes.
     pub fn prepare_decoded(&self, image: DynamicImage) -> Result<Vec<f32>, PreprocessError> {
-        let rgb = DynamicImage::ImageRgb8(image.into_rgb8());
+        let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(image));
         let resized = self.resize(&rgb)?;
         Ok(self.normalise(resized.buffer()))
     }
@@ -147,6 +152,27 @@ impl Preprocessor {
         }
         out
     }
+}
+
+/// RGB with any transparency composited over white. Dropping the alpha
+/// channel instead would show whatever colour transparent pixels happen to
+/// store (often black), so two copies of one icon saved by different tools
+/// would look unalike. White is what viewers and the training recipe use.
+pub fn to_rgb_on_white(image: DynamicImage) -> image::RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (width, height) = rgba.dimensions();
+    let pixels = rgba
+        .pixels()
+        .flat_map(|p| {
+            let alpha = p[3] as u32;
+            // Integer blend with rounding: c * a + 255 * (255 - a), over 255.
+            [0, 1, 2].map(|c| ((p[c] as u32 * alpha + 255 * (255 - alpha) + 127) / 255) as u8)
+        })
+        .collect();
+    image::RgbImage::from_raw(width, height, pixels).expect("three bytes per pixel; this is a bug")
 }
 
 fn resize_alg(filter: ResizeFilter) -> ResizeAlg {
@@ -223,6 +249,17 @@ mod tests {
         assert_eq!(p.pixels.len(), 3 * 8 * 8);
         assert!(p.pixels.iter().all(|v| (*v - 1.0).abs() < 1e-6), "white maps to (1 - 0.5) / 0.5");
         assert_eq!((p.width, p.height), (20, 10));
+    }
+
+    #[test]
+    fn transparency_is_composited_over_white() {
+        let mut img = image::RgbaImage::from_pixel(4, 4, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(0, 0, image::Rgba([255, 0, 0, 255]));
+        img.put_pixel(1, 0, image::Rgba([0, 0, 0, 128]));
+        let rgb = to_rgb_on_white(DynamicImage::ImageRgba8(img));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 0], "opaque pixels keep their colour");
+        assert_eq!(rgb.get_pixel(1, 0).0, [127, 127, 127], "half-transparent black is grey");
+        assert_eq!(rgb.get_pixel(3, 3).0, [255, 255, 255], "transparent pixels are white, not black");
     }
 
     #[test]

@@ -101,7 +101,9 @@ fn the_runtime_stage_copies_what_the_binary_is_linked_against() {
 
     // The bundled model is found at the path compiled in; the entry point is `make build`'s output.
     assert_eq!(lookalike::config::BUNDLED_MODEL_DIR, format!("{ROOT}/models/default"));
-    assert!(copied("models/default") && copied("target/release/lookalike"), "{copies:?}");
+    assert_eq!(lookalike::config::FASHION_MODEL_DIR, format!("{ROOT}/models/fashion-mnist"));
+    assert!(copied("models/default") && copied("models/fashion-mnist"), "{copies:?}");
+    assert!(copied("target/release/lookalike"), "{copies:?}");
     assert_eq!(args_of(runtime, "ENTRYPOINT"), [format!("[\"{workdir}/target/release/lookalike\"]")]);
     assert!(args_of(runtime, "HEALTHCHECK")[0].contains("/ready"));
 }

@@ -57,6 +57,23 @@ fn map_at_r_block(relevant: &Tensor, r: &[i64], depth: i64) -> f64 {
     ap.sum(Kind::Double).double_value(&[])
 }
 
+/// Verification over query x gallery pairs (same = same label), on at most
+/// `max_pairs` of them (whole query rows, the first ones).
+pub fn pair_verification(
+    queries: &Tensor,
+    query_labels: &[i64],
+    gallery: &Tensor,
+    gallery_labels: &[i64],
+    max_pairs: usize,
+) -> Verification {
+    let rows = (max_pairs / gallery_labels.len().max(1)).clamp(1, query_labels.len().max(1)).min(query_labels.len());
+    let scores = queries.narrow(0, 0, rows as i64).matmul(&gallery.tr()).contiguous().view([-1]);
+    let scores = Vec::<f32>::try_from(&scores).expect("a 1-d float tensor converts; this is a bug");
+    let same: Vec<bool> =
+        query_labels[..rows].iter().flat_map(|q| gallery_labels.iter().map(move |g| g == q)).collect();
+    verification(&scores, &same)
+}
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Verification {
     pub pairs: usize,

@@ -1,32 +1,34 @@
-//! `lookalike eval`: retrieval quality of a model on Fashion-MNIST, embedded
-//! through the service's own preprocessing and encoder code, next to a
-//! raw-pixel cosine baseline.
-//!
-//! Queries are test images, the gallery is training images of the same class
-//! set, for the seen classes (0-6, trained on), the unseen ones (7-9, never
-//! trained on) and all ten. Verification pairs come from seen-class test images.
+//! `lookalike eval`: retrieval quality of a model, embedded through the
+//! service's own decoding, preprocessing and encoder code, next to a raw-pixel
+//! baseline, on Fashion-MNIST and on any image folders (one sub-folder per
+//! class); and the encoder's throughput at batch 1 and 32.
 
-pub mod dataset;
+pub mod fashion;
+pub mod fashion_mnist;
+pub mod folders;
 pub mod metrics;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use image::DynamicImage;
 use serde::Serialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 pub use metrics::{retrieval, verification, RetrievalMetrics, Verification};
 
 use crate::embed::{Encoder, Precision, TorchEncoder};
 use crate::manifest::Manifest;
 use crate::preprocess::{ImageLimits, Preprocessor};
+use folders::FolderSet;
 
-const SEEN: std::ops::Range<i64> = 0..7;
-const UNSEEN: std::ops::Range<i64> = 7..10;
-const BATCH: usize = 256;
-/// Same-class and different-class pairs, each.
-const PAIRS_PER_KIND: usize = 10_000;
+/// Images per forward pass.
+const BATCH: usize = 64;
+/// Query x gallery pairs scored to calibrate a folder set's verification threshold.
+const MAX_PAIRS: usize = 2_000_000;
+/// The decoding limits of the service's defaults: a file it would refuse is skipped here.
+const LIMITS: ImageLimits = ImageLimits { max_side: 8192, max_decoded_bytes: 256 * 1024 * 1024 };
+/// Name of the Fashion-MNIST verification, for `--verification-set`.
+const FASHION: &str = "fashion-mnist";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalConfig {
@@ -34,47 +36,75 @@ pub struct EvalConfig {
     #[arg(long, env = "LOOKALIKE_MODEL", default_value = crate::config::BUNDLED_MODEL_DIR)]
     pub model: PathBuf,
     /// Folder with the Fashion-MNIST IDX files.
-    #[arg(long, default_value = dataset::DEFAULT_DIR)]
+    #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
     pub data: PathBuf,
+    /// Skip Fashion-MNIST (evaluate folder sets only).
+    #[arg(long)]
+    pub no_fashion_mnist: bool,
+    /// An image-folder set, repeatable: `NAME=DIR` (each class sub-folder split into
+    /// gallery and queries with `--seed`) or `NAME=GALLERY_DIR,QUERY_DIR`. A gallery
+    /// class with no queries is a distractor (copy detection: one original per class).
+    #[arg(long = "set")]
+    pub sets: Vec<FolderSet>,
+    /// Share of each class that becomes queries when a set is one folder.
+    #[arg(long, default_value_t = 0.2)]
+    pub query_fraction: f64,
+    /// Seed of the split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Set whose pairs calibrate the verification threshold written to the report
+    /// (default: fashion-mnist when evaluated, else the first set).
+    #[arg(long)]
+    pub verification_set: Option<String>,
+    /// Skip the throughput measurement.
+    #[arg(long)]
+    pub no_throughput: bool,
     /// Also write the report as JSON to this file (models/export.py --evaluation reads it).
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
+/// Retrieval of one query set among its gallery.
 #[derive(Debug, Serialize)]
-pub struct SplitReport {
-    pub classes: String,
+pub struct SetReport {
+    pub name: String,
     pub queries: usize,
     pub gallery: usize,
+    /// Files that could not be decoded within the service's default limits.
+    pub skipped: usize,
     pub model: RetrievalMetrics,
     pub raw_pixels: RetrievalMetrics,
+    /// Query x gallery pairs, same = same class (folder sets only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// Encoder images per second on this machine, fp32 on the CPU.
+#[derive(Debug, Serialize)]
+pub struct Throughput {
+    pub batch_1: f64,
+    pub batch_32: f64,
+    pub threads: i64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct EvalReport {
     pub model: String,
-    pub seen: SplitReport,
-    pub unseen: SplitReport,
-    pub all: SplitReport,
-    /// On seen-class test pairs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fashion_mnist: Option<fashion::FashionReport>,
+    pub sets: Vec<SetReport>,
+    /// The verification threshold's calibration (see `verification_set`).
     pub verification: Verification,
-    pub raw_pixels_verification: Verification,
+    pub verification_set: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<Throughput>,
     pub seconds: f64,
-}
-
-/// Embedded images of one split, with the raw-pixel baseline vectors beside them.
-struct Embedded {
-    model: Tensor,
-    raw: Tensor,
-    labels: Vec<i64>,
 }
 
 pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     let started = Instant::now();
     let manifest = Manifest::load(&config.model)?;
-    // The limits guard byte decoding, which evaluation skips (IDX pixels are already decoded).
-    let unused_limits = ImageLimits { max_side: u32::MAX, max_decoded_bytes: u64::MAX };
-    let preprocessor = Preprocessor::new(manifest.input.clone(), unused_limits);
+    let preprocessor = Preprocessor::new(manifest.input.clone(), LIMITS);
     let mut encoder = TorchEncoder::load(
         &config.model.join("encoder.pt"),
         Device::Cpu,
@@ -82,15 +112,22 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
         manifest.input.size,
         manifest.embedding.dim,
     )?;
-    let train = embed_split(&config.data, "train", &preprocessor, &mut encoder)?;
-    let test = embed_split(&config.data, "t10k", &preprocessor, &mut encoder)?;
+    let fashion =
+        if config.no_fashion_mnist { None } else { Some(fashion::evaluate(&config.data, &preprocessor, &mut encoder)?) };
+    let mut sets = Vec::new();
+    for set in &config.sets {
+        sets.push(evaluate_set(set, config, &preprocessor, &mut encoder)?);
+    }
+    let (verification_set, verification) = chosen_verification(config, fashion.as_ref(), &sets)?;
+    let throughput =
+        if config.no_throughput { None } else { Some(throughput(&mut encoder, preprocessor.input_len())?) };
     let report = EvalReport {
         model: manifest.model_key(),
-        seen: split_report("seen 0-6", &test, &train, |l| SEEN.contains(&l)),
-        unseen: split_report("unseen 7-9", &test, &train, |l| UNSEEN.contains(&l)),
-        all: split_report("all 0-9", &test, &train, |_| true),
-        verification: pair_verification(&test.model, &test.labels),
-        raw_pixels_verification: pair_verification(&test.raw, &test.labels),
+        fashion_mnist: fashion,
+        sets,
+        verification,
+        verification_set,
+        throughput,
         seconds: started.elapsed().as_secs_f64(),
     };
     if let Some(path) = &config.json {
@@ -99,19 +136,125 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     Ok(report)
 }
 
-fn embed_split(dir: &Path, prefix: &str, pre: &Preprocessor, encoder: &mut TorchEncoder) -> anyhow::Result<Embedded> {
-    let split = dataset::load(dir, prefix)?;
-    let mut model = Vec::with_capacity(split.images.len());
-    for chunk in split.images.chunks(BATCH) {
-        let mut pixels = Vec::with_capacity(chunk.len() * pre.input_len());
-        for image in chunk {
-            pixels.extend(pre.prepare_decoded(DynamicImage::ImageLuma8(image.clone()))?);
+fn chosen_verification(
+    config: &EvalConfig,
+    fashion: Option<&fashion::FashionReport>,
+    sets: &[SetReport],
+) -> anyhow::Result<(String, Verification)> {
+    let default = if fashion.is_some() { FASHION.to_string() } else { sets.first().map(|s| s.name.clone()).unwrap_or_default() };
+    let name = config.verification_set.clone().unwrap_or(default);
+    if name == FASHION {
+        if let Some(f) = fashion {
+            return Ok((name, f.verification));
         }
-        model.extend(encoder.encode(&pixels, chunk.len())?);
     }
-    let raw: Vec<Vec<f32>> =
-        split.images.iter().map(|im| im.as_raw().iter().map(|p| *p as f32 / 255.0).collect()).collect();
-    Ok(Embedded { model: unit_rows(&model), raw: unit_rows(&raw), labels: split.labels })
+    let found = sets.iter().find(|s| s.name == name).and_then(|s| s.verification);
+    let verification = found.ok_or_else(|| anyhow::anyhow!("no evaluated set named '{name}' to calibrate verification"))?;
+    Ok((name, verification))
+}
+
+/// One decoded file: the encoder's input and the raw-pixel vector.
+struct Prepared {
+    pixels: Vec<f32>,
+    raw: Vec<f32>,
+}
+
+fn evaluate_set(
+    set: &FolderSet,
+    config: &EvalConfig,
+    pre: &Preprocessor,
+    encoder: &mut TorchEncoder,
+) -> anyhow::Result<SetReport> {
+    let files = folders::list(set, config.query_fraction, config.seed)?;
+    let (gallery, g_labels, g_skipped) = prepare_all(&files.gallery, pre);
+    let (queries, q_labels, q_skipped) = prepare_all(&files.queries, pre);
+    anyhow::ensure!(!gallery.is_empty() && !queries.is_empty(), "set {}: no gallery or no query images", set.name);
+    let embed = |encoder: &mut TorchEncoder, items: &[Prepared]| -> anyhow::Result<Tensor> {
+        let mut rows = Vec::with_capacity(items.len());
+        for chunk in items.chunks(BATCH) {
+            let pixels: Vec<f32> = chunk.iter().flat_map(|p| p.pixels.iter().copied()).collect();
+            rows.extend(encoder.encode(&pixels, chunk.len())?);
+        }
+        Ok(unit_rows(&rows))
+    };
+    let (g_model, q_model) = (embed(encoder, &gallery)?, embed(encoder, &queries)?);
+    let (g_raw, q_raw) = centred_raw(&gallery, &queries);
+    Ok(SetReport {
+        name: set.name.clone(),
+        queries: q_labels.len(),
+        gallery: g_labels.len(),
+        skipped: g_skipped + q_skipped,
+        model: retrieval(&q_model, &q_labels, &g_model, &g_labels),
+        raw_pixels: retrieval(&q_raw, &q_labels, &g_raw, &g_labels),
+        verification: Some(metrics::pair_verification(&q_model, &q_labels, &g_model, &g_labels, MAX_PAIRS)),
+    })
+}
+
+/// Decodes and prepares files on every core; returns the prepared ones, their
+/// classes, and how many were skipped.
+fn prepare_all(files: &[folders::Labelled], pre: &Preprocessor) -> (Vec<Prepared>, Vec<i64>, usize) {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = files.len().div_ceil(threads).max(1);
+    let results: Vec<Option<Prepared>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|f| prepare_one(&f.path, pre)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("a preparing thread panicked; this is a bug")).collect()
+    });
+    let mut prepared = Vec::new();
+    let mut labels = Vec::new();
+    for (file, result) in files.iter().zip(results) {
+        if let Some(p) = result {
+            prepared.push(p);
+            labels.push(file.class);
+        }
+    }
+    let skipped = files.len() - prepared.len();
+    (prepared, labels, skipped)
+}
+
+fn prepare_one(path: &std::path::Path, pre: &Preprocessor) -> Option<Prepared> {
+    let image = match folders::load(path, LIMITS) {
+        Ok(image) => image,
+        Err(e) => {
+            tracing::warn!("skipped: {e}");
+            return None;
+        }
+    };
+    let raw = folders::raw_pixels(&image);
+    let pixels = pre.prepare_decoded(image).ok()?;
+    Some(Prepared { pixels, raw })
+}
+
+/// Raw-pixel vectors of both sides, centred on their common mean, as unit rows.
+fn centred_raw(gallery: &[Prepared], queries: &[Prepared]) -> (Tensor, Tensor) {
+    let all: Vec<Vec<f32>> = gallery.iter().chain(queries).map(|p| p.raw.clone()).collect();
+    let dim = all[0].len();
+    let mut mean = vec![0f32; dim];
+    for row in &all {
+        mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / all.len() as f32);
+    }
+    let centred: Vec<Vec<f32>> = all.iter().map(|row| row.iter().zip(&mean).map(|(v, m)| v - m).collect()).collect();
+    let (g, q) = centred.split_at(gallery.len());
+    (unit_rows(g), unit_rows(q))
+}
+
+/// Images per second through the encoder at batch 1 and 32 (about 3 s each).
+fn throughput(encoder: &mut TorchEncoder, input_len: usize) -> anyhow::Result<Throughput> {
+    let mut rate = |batch: usize| -> anyhow::Result<f64> {
+        let pixels = vec![0.1f32; batch * input_len];
+        for _ in 0..3 {
+            encoder.encode(&pixels, batch)?;
+        }
+        let (started, mut images) = (Instant::now(), 0);
+        while started.elapsed().as_secs_f64() < 3.0 {
+            encoder.encode(&pixels, batch)?;
+            images += batch;
+        }
+        Ok(images as f64 / started.elapsed().as_secs_f64())
+    };
+    Ok(Throughput { batch_1: rate(1)?, batch_32: rate(32)?, threads: tch::get_num_threads() as i64 })
 }
 
 fn unit_rows(rows: &[Vec<f32>]) -> Tensor {
@@ -122,49 +265,7 @@ fn unit_rows(rows: &[Vec<f32>]) -> Tensor {
     t / norms
 }
 
-fn split_report(classes: &str, test: &Embedded, train: &Embedded, keep: impl Fn(i64) -> bool) -> SplitReport {
-    let pick = |e: &Embedded| -> (Tensor, Tensor, Vec<i64>) {
-        let idx: Vec<i64> = (0..e.labels.len() as i64).filter(|i| keep(e.labels[*i as usize])).collect();
-        let idx_t = Tensor::from_slice(&idx);
-        let labels = idx.iter().map(|i| e.labels[*i as usize]).collect();
-        (e.model.index_select(0, &idx_t), e.raw.index_select(0, &idx_t), labels)
-    };
-    let (q_model, q_raw, q_labels) = pick(test);
-    let (g_model, g_raw, g_labels) = pick(train);
-    SplitReport {
-        classes: classes.into(),
-        queries: q_labels.len(),
-        gallery: g_labels.len(),
-        model: retrieval(&q_model, &q_labels, &g_model, &g_labels),
-        raw_pixels: retrieval(&q_raw, &q_labels, &g_raw, &g_labels),
-    }
-}
-
-/// Cosine similarity of fixed, seeded pairs of seen-class test images.
-fn pair_verification(vectors: &Tensor, labels: &[i64]) -> Verification {
-    let seen: Vec<usize> = (0..labels.len()).filter(|i| SEEN.contains(&labels[*i])).collect();
-    let mut rng = SplitMix(0x5eed);
-    let (mut same_pairs, mut diff_pairs) = (Vec::new(), Vec::new());
-    while same_pairs.len() < PAIRS_PER_KIND || diff_pairs.len() < PAIRS_PER_KIND {
-        let (a, b) = (seen[rng.below(seen.len())], seen[rng.below(seen.len())]);
-        if a == b {
-            continue;
-        }
-        let bucket = if labels[a] == labels[b] { &mut same_pairs } else { &mut diff_pairs };
-        if bucket.len() < PAIRS_PER_KIND {
-            bucket.push((a as i64, b as i64));
-        }
-    }
-    let pairs: Vec<(i64, i64)> = same_pairs.iter().chain(&diff_pairs).copied().collect();
-    let a = vectors.index_select(0, &Tensor::from_slice(&pairs.iter().map(|p| p.0).collect::<Vec<_>>()));
-    let b = vectors.index_select(0, &Tensor::from_slice(&pairs.iter().map(|p| p.1).collect::<Vec<_>>()));
-    let scores = Vec::<f32>::try_from((a * b).sum_dim_intlist([1i64].as_slice(), false, Kind::Float))
-        .expect("a 1-d float tensor converts; this is a bug");
-    let same: Vec<bool> = (0..pairs.len()).map(|i| i < same_pairs.len()).collect();
-    verification(&scores, &same)
-}
-
-/// A tiny deterministic generator (SplitMix64): the pairs must be the same on every run and machine.
+/// A tiny deterministic generator (SplitMix64): pairs and splits must be the same on every run and machine.
 struct SplitMix(u64);
 
 impl SplitMix {
@@ -177,15 +278,16 @@ impl SplitMix {
     }
 }
 
-/// The report as a Markdown table, as the README's model card shows it.
+/// The report as one Markdown table, as the model card shows it.
 pub fn render(report: &EvalReport) -> String {
     let mut out = format!("model {}\n\n", report.model);
-    out += "| classes | queries | gallery | Recall@1 | Recall@5 | MAP@R | raw Recall@1 | raw Recall@5 | raw MAP@R |\n";
+    out += "| set | queries | gallery | Recall@1 | Recall@5 | MAP@R | raw Recall@1 | raw Recall@5 | raw MAP@R |\n";
     out += "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
-    for s in [&report.seen, &report.unseen, &report.all] {
+    let fashion = report.fashion_mnist.iter().flat_map(|f| [&f.seen, &f.unseen, &f.all]);
+    for s in fashion.chain(&report.sets) {
         out += &format!(
             "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            s.classes,
+            s.name,
             s.queries,
             s.gallery,
             s.model.recall_at_1,
@@ -196,11 +298,27 @@ pub fn render(report: &EvalReport) -> String {
             s.raw_pixels.map_at_r
         );
     }
-    let (v, r) = (&report.verification, &report.raw_pixels_verification);
+    let skipped: usize = report.sets.iter().map(|s| s.skipped).sum();
+    if skipped > 0 {
+        out += &format!("\n{skipped} files skipped (not decodable within the service's default limits)\n");
+    }
+    if let Some(f) = &report.fashion_mnist {
+        out += &format!(
+            "\nFashion-MNIST verification on {} seen-class test pairs: ROC AUC {:.4} (raw pixels {:.4})\n",
+            f.verification.pairs, f.verification.roc_auc, f.raw_pixels_verification.roc_auc
+        );
+    }
+    let v = &report.verification;
     out += &format!(
-        "\nverification on {} seen-class test pairs: ROC AUC {:.4} (raw pixels {:.4}), threshold {:.4} at balanced accuracy {:.4}\n",
-        v.pairs, v.roc_auc, r.roc_auc, v.threshold, v.balanced_accuracy
+        "verification threshold {:.4} (balanced accuracy {:.4}, ROC AUC {:.4}) calibrated on {}\n",
+        v.threshold, v.balanced_accuracy, v.roc_auc, report.verification_set
     );
+    if let Some(t) = &report.throughput {
+        out += &format!(
+            "throughput: {:.0} images/s at batch 1, {:.0} at batch 32 ({} threads, CPU, fp32)\n",
+            t.batch_1, t.batch_32, t.threads
+        );
+    }
     out += &format!("evaluated in {:.0} s\n", report.seconds);
     out
 }

@@ -446,7 +446,8 @@ fn prepare(
     }
     let size = preprocessor.size() as i64;
     let images = tch::Tensor::from_slice(&pixels).view([labels.len() as i64, 3, size, size]);
-    Ok(train::TrainData { images, labels, train, validation })
+    let spec = preprocessor.spec();
+    Ok(train::TrainData { images, labels, train, validation, mean: spec.mean, std: spec.std })
 }
 
 /// Folds a training event into the job's status.

@@ -47,7 +47,8 @@ pub enum Commit {
 pub struct FinetuneParams {
     /// Passes over the training images (at most; early stopping may end sooner).
     pub epochs: usize,
-    /// Steps per epoch; by default enough PK batches to see every training image once.
+    /// Steps per epoch; by default enough PK batches to see every training image
+    /// once, and at least 10 (few-shot galleries).
     pub steps_per_epoch: Option<usize>,
     pub learning_rate: f64,
     /// Triplet margin, in Euclidean distance between unit embeddings (0 to 2).
@@ -66,8 +67,13 @@ pub struct FinetuneParams {
     pub patience: usize,
     /// Most labelled images used (drawn at random beyond it); bounds memory and time.
     pub max_images: usize,
-    /// Random crops and horizontal flips.
+    /// Train on random views (resized crops, flips, colour jitter, greyscale).
     pub augment: bool,
+    /// Share of the encoder's weights, from the input side, kept fixed (0: train them all).
+    pub freeze: f64,
+    /// Augmented views of each held-out image that validation also queries with
+    /// (0: the held-out images only).
+    pub validation_views: usize,
     pub commit: Commit,
     pub select_by: SelectBy,
 }
@@ -88,6 +94,8 @@ impl Default for FinetuneParams {
             patience: 6,
             max_images: 20_000,
             augment: true,
+            freeze: 0.5,
+            validation_views: 4,
             commit: Commit::IfBetter,
             select_by: SelectBy::MapAtR,
         }
@@ -121,6 +129,8 @@ impl FinetuneParams {
         check((1..=100).contains(&self.patience), "patience must be between 1 and 100")?;
         check((4..=200_000).contains(&self.max_images), "max_images must be between 4 and 200000")?;
         check(self.labels.as_ref().is_none_or(|l| !l.is_empty()), "labels, when given, must not be empty")?;
+        check(self.freeze.is_finite() && (0.0..1.0).contains(&self.freeze), "freeze must be at least 0 and below 1")?;
+        check(self.validation_views <= 16, "validation_views must be between 0 and 16")?;
         Ok(())
     }
 }

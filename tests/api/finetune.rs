@@ -49,7 +49,7 @@ pub(crate) async fn job_status(client: &Client, url: &str, id: &str) -> Value {
 }
 
 /// Polls until the job finishes; returns its last status and every state seen.
-async fn wait_for_job(client: &Client, url: &str, id: &str) -> (Value, Vec<String>) {
+pub(crate) async fn wait_for_job(client: &Client, url: &str, id: &str) -> (Value, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut states: Vec<String> = Vec::new();
     loop {

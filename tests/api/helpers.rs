@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lookalike::config::{ServeConfig, BUNDLED_MODEL_DIR};
+use lookalike::config::{ServeConfig, FASHION_MODEL_DIR};
 use lookalike::startup::Application;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
@@ -32,7 +32,8 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         host: "127.0.0.1".parse().unwrap(),
         port: 0,
         data_dir: data_dir.to_path_buf(),
-        model: BUNDLED_MODEL_DIR.into(),
+        // The fixtures are Fashion-MNIST images; tests/api/general.rs runs the general default.
+        model: FASHION_MODEL_DIR.into(),
         device: "auto".into(),
         replicas_per_device: 1,
         precision: "fp32".into(),

@@ -1,10 +1,12 @@
 //! Integration tests through the front door: one binary, one module per area.
 
+mod backbones;
 mod batching;
 mod crash;
 mod errors;
 mod finetune;
 mod formats;
+mod general;
 mod gallery;
 mod helpers;
 mod import;

@@ -1,4 +1,4 @@
-//! Fashion-MNIST as shipped by the Debian package `dataset-fashion-mnist`
+//! Fashion-MNIST files as shipped by the Debian package `dataset-fashion-mnist`
 //! (gzipped IDX files).
 
 use std::io::Read;

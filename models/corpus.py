@@ -1,0 +1,331 @@
+"""Build the general training corpus and the evaluation folders from Debian packages.
+
+    python models/corpus.py --out corpus        # `make corpus` installs the packages first
+
+Sources (all offline, from Debian):
+- openclipart-png: clip art, one class per category/subcategory folder;
+- fonts-noto-color-emoji: colour emoji rendered at 109 px, one instance each;
+- gnome-backgrounds, mate-backgrounds, plasma-workspace-wallpapers: photographs
+  and artwork, many random crops each;
+- Fashion-MNIST (dataset-fashion-mnist): read by the trainer itself, seen classes 0-6.
+
+Held out, never written to the training cache:
+- every desktop icon theme (/usr/share/icons: never read here) and openclipart's
+  computer/icons folder (the independent evaluation);
+- a seeded 20% of the other openclipart classes (named in corpus/manifest.json and
+  the model card): unseen classes for our own evaluation;
+- a seeded 30% of the wallpaper files (copy detection on photographs).
+
+Writes:
+- corpus/train.npz: RGBA uint8 images (N, 4, CACHE, CACHE), stretched to a square
+  as the service stretches them, class ids (-1: no class, instance only), sources;
+- corpus/eval/openclipart-heldout/<class>/: links to the held-out classes' files;
+- corpus/eval/copy/{gallery,queries}/<instance>/: originals of held-out clip art and
+  photo crops among distractors, and one transformed copy of each query original;
+- corpus/eval/fewshot/{gallery,queries}/<class>/: 5 labelled images of each held-out
+  class (with 6 or more) and the rest as queries, for bench/fewshot.py;
+- corpus/manifest.json: what went where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+
+OPENCLIPART = Path("/usr/share/openclipart/png")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+WALLPAPER_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
+# The independent evaluation's share of openclipart: never read for training.
+EXCLUDED_CLASSES = ("computer/icons",)
+CACHE = 112  # side of the cached training images (the trainer crops and resizes to its input)
+MAX_PIXELS = 4096 * 4096  # larger files are skipped (the service's default limits refuse the largest too)
+HELDOUT_CLASS_FRACTION = 0.2
+HELDOUT_PHOTO_FRACTION = 0.3
+CROPS_PER_TRAIN_PHOTO = 60
+CROPS_PER_HELDOUT_PHOTO = 8
+COPY_QUERIES = 600
+COPY_DISTRACTORS = 2000
+FEWSHOT_SHOTS = 5
+# Classes are very unequal (shapes/stars alone has 1,378 files): evaluation takes
+# at most this many files of a class (seeded), so one class cannot dominate a figure.
+EVAL_PER_CLASS = 60
+COPY_QUERIES_PER_CLASS = 40
+
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+Image.MAX_IMAGE_PIXELS = None
+
+
+def clipart_classes() -> dict[str, list[Path]]:
+    """category/subcategory -> files (files directly in a category: category/_)."""
+    classes: dict[str, list[Path]] = {}
+    for path in sorted(OPENCLIPART.rglob("*.png")):
+        parts = path.relative_to(OPENCLIPART).parts
+        name = "/".join(parts[:2]) if len(parts) > 2 else f"{parts[0]}/_"
+        if name not in EXCLUDED_CLASSES:
+            classes.setdefault(name, []).append(path)
+    return classes
+
+
+def on_white(im: Image.Image) -> Image.Image:
+    """RGB with any transparency composited over white, as the service does."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_small(path: Path, side: int) -> Image.Image | None:
+    """The file as RGBA, scaled (aspect kept) so its longer side is at most `side`; None if unusable."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return None
+            im.draft("RGB", (side, side))
+            im = im.convert("RGBA")
+            im.thumbnail((side, side), Image.BILINEAR)
+            return im
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def cache_square(im: Image.Image) -> np.ndarray:
+    """Stretched to CACHE x CACHE like the service's `stretch` policy, as (4, CACHE, CACHE)."""
+    return np.asarray(im.convert("RGBA").resize((CACHE, CACHE), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+def load_clipart(path: Path) -> np.ndarray | None:
+    im = open_small(path, 2 * CACHE)
+    return None if im is None else cache_square(im)
+
+
+def render_emoji() -> list[np.ndarray]:
+    font = ImageFont.truetype(str(EMOJI_FONT), 109)
+    ranges = [(0x1F300, 0x1F5FF), (0x1F600, 0x1F64F), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF),
+              (0x1FA70, 0x1FAFF), (0x2600, 0x27BF)]
+    out, seen = [], set()
+    for lo, hi in ranges:
+        for cp in range(lo, hi + 1):
+            im = Image.new("RGBA", (136, 128), (0, 0, 0, 0))
+            ImageDraw.Draw(im).text((0, 0), chr(cp), font=font, embedded_color=True)
+            box = im.getbbox()
+            if box is None:
+                continue
+            arr = cache_square(im.crop(box))
+            key = arr[:, ::8, ::8].tobytes()
+            if key in seen:  # the font's "missing glyph" box renders the same every time
+                continue
+            seen.add(key)
+            out.append(arr)
+    return out
+
+
+def wallpaper_files() -> list[Path]:
+    files = []
+    for root in WALLPAPER_DIRS:
+        files += [p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")]
+    return sorted(set(files))
+
+
+def random_crops(path: Path, n: int, side: int, rng: random.Random) -> list[Image.Image]:
+    """`n` random square-ish crops of 8-60% of the shorter side, resized to at most `side`."""
+    im = open_small(path, 1024)
+    if im is None:
+        return []
+    im = im.convert("RGB")
+    crops = []
+    short = min(im.size)
+    for _ in range(n):
+        s = int(short * rng.uniform(0.25, 0.8))
+        w, h = s, int(s * rng.uniform(0.75, 1.33))
+        h = min(h, im.height)
+        x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
+        crop = im.crop((x, y, x + w, y + h))
+        crop.thumbnail((side, side), Image.BILINEAR)
+        crops.append(crop)
+    return crops
+
+
+def transformed_copy(im: Image.Image, rng: random.Random) -> Image.Image:
+    """An altered copy: crop of 40-90% of the area, resize, colour shift, flip,
+    rotation up to 10 degrees, a border; saved by the caller as JPEG quality 30-90."""
+    im = on_white(im)
+    area = rng.uniform(0.4, 0.9)
+    aspect = rng.uniform(0.8, 1.25)
+    w = min(im.width, max(8, int(im.width * (area * aspect) ** 0.5)))
+    h = min(im.height, max(8, int(im.height * (area / aspect) ** 0.5)))
+    x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
+    im = im.crop((x, y, x + w, y + h))
+    scale = rng.uniform(0.5, 1.5)
+    im = im.resize((max(16, int(w * scale)), max(16, int(h * scale))), Image.BILINEAR)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.8, 1.2))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.7, 1.3))
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    im = im.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR, expand=True, fillcolor=(255, 255, 255))
+    border = int(min(im.size) * rng.uniform(0.0, 0.1))
+    if border:
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        im = ImageOps.expand(im, border=border, fill=colour)
+    return im
+
+
+def save_jpeg(im: Image.Image, path: Path, quality: int) -> None:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    path.write_bytes(buf.getvalue())
+
+
+def link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(src, dst)
+
+
+def split_classes(classes: dict[str, list[Path]], seed: int) -> tuple[list[str], list[str]]:
+    names = sorted(classes)
+    rng = random.Random(seed)
+    heldout = sorted(rng.sample(names, max(1, round(len(names) * HELDOUT_CLASS_FRACTION))))
+    return [n for n in names if n not in heldout], heldout
+
+
+def write_fewshot(out: Path, classes: dict[str, list[Path]], heldout: list[str], seed: int) -> dict:
+    rng = random.Random(seed + 2)
+    counts = {}
+    for name in heldout:
+        files = [p for p in classes[name] if open_small(p, 64) is not None]
+        if len(files) < FEWSHOT_SHOTS + 1:
+            continue
+        files = rng.sample(files, len(files))
+        folder = name.replace("/", "--")
+        for i, p in enumerate(files[:FEWSHOT_SHOTS + EVAL_PER_CLASS]):
+            part = "gallery" if i < FEWSHOT_SHOTS else "queries"
+            link(p, out / part / folder / f"{i:04d}-{p.name}")
+        counts[name] = {"gallery": FEWSHOT_SHOTS, "queries": min(len(files) - FEWSHOT_SHOTS, EVAL_PER_CLASS)}
+    return counts
+
+
+def write_copy_detection(out: Path, originals: list[tuple[str, str, Image.Image]],
+                         distractors: list[tuple[str, Image.Image]], seed: int) -> dict:
+    """`originals` are (group, name, image): queries are drawn from at most
+    COPY_QUERIES_PER_CLASS of a group, every original stays in the gallery."""
+    rng = random.Random(seed + 1)
+    by_group: dict[str, list[int]] = {}
+    for i, (group, _, _) in enumerate(originals):
+        by_group.setdefault(group, []).append(i)
+    pool = [i for ids in by_group.values() for i in rng.sample(ids, min(COPY_QUERIES_PER_CLASS, len(ids)))]
+    query_ids = set(rng.sample(pool, min(COPY_QUERIES, len(pool))))
+    for i, (_, name, im) in enumerate(originals):
+        folder = out / "gallery" / f"{i:05d}"
+        folder.mkdir(parents=True)
+        im.save(folder / f"{name}.png")
+        if i in query_ids:
+            (out / "queries" / f"{i:05d}").mkdir(parents=True)
+            save_jpeg(transformed_copy(im, rng), out / "queries" / f"{i:05d}" / "copy.jpg", rng.randint(30, 90))
+    for j, (name, im) in enumerate(distractors):
+        folder = out / "gallery" / f"d{j:05d}"
+        folder.mkdir(parents=True)
+        im.save(folder / f"{name}.png")
+    return {"originals": len(originals), "queries": len(query_ids), "distractors": len(distractors),
+            "gallery": len(originals) + len(distractors)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("corpus"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    started = time.time()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    (args.out / "eval").mkdir(parents=True)
+
+    classes = clipart_classes()
+    train_classes, heldout = split_classes(classes, args.seed)
+    print(f"openclipart: {len(classes)} classes ({sum(map(len, classes.values()))} files) besides computer/icons; "
+          f"held out: {', '.join(heldout)}")
+    cap_rng = random.Random(args.seed + 4)
+    for name in heldout:
+        files = list(enumerate(classes[name]))  # numbered: nested folders repeat file names
+        for i, p in sorted(cap_rng.sample(files, min(EVAL_PER_CLASS, len(files)))):
+            link(p, args.out / "eval" / "openclipart-heldout" / name.replace("/", "--") / f"{i:04d}-{p.name}")
+
+    train_files = [(p, c) for c, name in enumerate(train_classes) for p in classes[name]]
+    with Pool(args.workers) as pool:
+        cached = pool.map(load_clipart, [p for p, _ in train_files], chunksize=32)
+    images = [a for a in cached if a is not None]
+    labels = [c for a, (_, c) in zip(cached, train_files) if a is not None]
+    sources = ["openclipart"] * len(images)
+    print(f"clip art: {len(images)} training images in {len(train_classes)} classes ({time.time() - started:.0f}s)")
+
+    emoji = render_emoji()
+    images += emoji
+    labels += [-1] * len(emoji)
+    sources += ["emoji"] * len(emoji)
+    print(f"emoji: {len(emoji)} glyphs")
+
+    photos = wallpaper_files()
+    rng = random.Random(args.seed)
+    heldout_photos = set(rng.sample(photos, round(len(photos) * HELDOUT_PHOTO_FRACTION)))
+    n_crops = 0
+    photo_originals = []
+    for path in photos:
+        if path in heldout_photos:
+            for i, crop in enumerate(random_crops(path, CROPS_PER_HELDOUT_PHOTO, 256, rng)):
+                photo_originals.append((f"photo-{len(photo_originals) // 25}", f"{path.stem}-{i}", crop))
+            continue
+        for crop in random_crops(path, CROPS_PER_TRAIN_PHOTO, 2 * CACHE, rng):
+            images.append(cache_square(crop))
+            labels.append(-1)
+            sources.append("photo")
+            n_crops += 1
+    print(f"photos: {len(photos) - len(heldout_photos)} files -> {n_crops} training crops; "
+          f"{len(heldout_photos)} held out ({time.time() - started:.0f}s)")
+
+    np.savez(args.out / "train.npz", images=np.stack(images), labels=np.array(labels, dtype=np.int64),
+             sources=np.array(sources), classes=np.array(train_classes))
+
+    # Copy detection: held-out clip art and photo crops are the originals; training
+    # clip art (never a query) fills the gallery with distractors.
+    clip_originals = []
+    for name in heldout:
+        for p in classes[name]:
+            im = open_small(p, 512)
+            if im is not None:
+                clip_originals.append((name, p.stem, im))
+    distractor_rng = random.Random(args.seed + 3)
+    distractor_files = distractor_rng.sample([p for p, _ in train_files], COPY_DISTRACTORS + 200)
+    distractors = [(p.stem, im) for p in distractor_files if (im := open_small(p, 512)) is not None][:COPY_DISTRACTORS]
+    copy = write_copy_detection(args.out / "eval" / "copy", clip_originals + photo_originals, distractors, args.seed)
+    fewshot = write_fewshot(args.out / "eval" / "fewshot", classes, heldout, args.seed)
+
+    manifest = {
+        "seed": args.seed,
+        "cache_side": CACHE,
+        "excluded": list(EXCLUDED_CLASSES) + ["/usr/share/icons (never read)"],
+        "openclipart_train_classes": train_classes,
+        "openclipart_heldout_classes": heldout,
+        "heldout_photos": sorted(str(p) for p in heldout_photos),
+        "train_images": {s: sources.count(s) for s in ("openclipart", "emoji", "photo")},
+        "copy_detection": copy,
+        "fewshot": fewshot,
+        "seconds": round(time.time() - started),
+    }
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps({k: manifest[k] for k in ("train_images", "copy_detection", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Train the general encoder: Siamese learning on augmented views plus supervised
+contrastive learning on the labelled classes.
+
+    python models/corpus.py --out corpus                          # once (make corpus)
+    python models/train_general.py --corpus corpus --out runs/general
+    python models/export.py --checkpoint runs/general/last.pt --out models/default
+
+Every step draws a batch of images and makes two random views of each:
+- Siamese / instance term (NT-Xent): the two views of one image are a pair
+  labelled 1, views of every other image in the batch 0. It runs on a small
+  projection MLP on top of the served embedding (SimCLR), so the embedding the
+  service serves keeps what the projection throws away (shared/NOTES.md: the
+  representation before the projection retrieves better).
+- Supervised term (SupCon, Khosla et al. 2020) on the served embedding itself,
+  over the labelled half of the batch (P classes x K images from openclipart's
+  training classes and Fashion-MNIST's seen classes 0-6): every other view of
+  the same class is a positive.
+Augmentations are the ones real uploads show, done on the whole batch in torch
+(one grid_sample for the geometry): random resized crop (20-100% of the area,
+aspect 3/4-4/3), zoom-out padding to other aspect ratios, flip, rotation up to
+15 degrees, transparent and padded areas filled with white, black or a random
+colour, colour jitter, greyscale, Gaussian blur, and JPEG re-encoding (PIL).
+The schedule is a fixed number of steps (one-cycle AdamW), so a run is
+reproducible; it checkpoints every `--checkpoint-every` steps and resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fashion_mnist  # noqa: E402
+from export import build_model  # noqa: E402
+
+# ImageNet statistics: the usual choice for RGB photographs and what pretrained
+# backbones (models/export.py --backbone) expect.
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+FASHION_SEEN = tuple(range(7))
+
+
+def load_corpus(folder: Path, fashion: bool) -> dict:
+    data = np.load(folder / "train.npz")
+    images, labels = data["images"], data["labels"]
+    classes = [str(c) for c in data["classes"]]
+    out = {"images": torch.from_numpy(images), "labels": labels, "classes": classes,
+           "sources": [str(s) for s in data["sources"]]}
+    if fashion:
+        fm, fl = fashion_mnist.load("train")
+        keep = np.isin(fl, FASHION_SEEN)
+        out["fashion"] = torch.from_numpy(fm[keep])
+        out["fashion_labels"] = fl[keep] + len(classes)
+        out["classes"] = classes + [f"fashion-mnist/{fashion_mnist.CLASSES[c]}" for c in FASHION_SEEN]
+    return out
+
+
+class Sampler:
+    """Batches of item references: a PK half (labelled) and a uniform half (any image)."""
+
+    def __init__(self, corpus: dict, p: int, k: int, instances: int, shares: dict[str, float], seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.p, self.k, self.instances = p, k, instances
+        # Uniform draws pick a source first, so 11k photo crops do not drown 4k clip-art images.
+        self.by_source = {s: np.flatnonzero(np.array(corpus["sources"]) == s) for s in shares if s != "fashion"}
+        self.shares = {s: w for s, w in shares.items() if s == "fashion" or len(self.by_source.get(s, [])) > 0}
+        self.by_class: dict[int, list[tuple[str, int]]] = {}
+        for i, label in enumerate(corpus["labels"]):
+            if label >= 0:
+                self.by_class.setdefault(int(label), []).append(("corpus", i))
+        for i, label in enumerate(corpus.get("fashion_labels", [])):
+            self.by_class.setdefault(int(label), []).append(("fashion", i))
+        self.by_class = {c: refs for c, refs in self.by_class.items() if len(refs) >= 2}
+        self.n_fashion = len(corpus.get("fashion_labels", []))
+
+    def batch(self) -> tuple[list[tuple[str, int]], list[int]]:
+        classes = self.rng.choice(sorted(self.by_class), size=self.p, replace=False)
+        refs, labels = [], []
+        for c in classes:
+            pool = self.by_class[int(c)]
+            for j in self.rng.choice(len(pool), size=self.k, replace=len(pool) < self.k):
+                refs.append(pool[j])
+                labels.append(int(c))
+        names = [s for s in self.shares if s != "fashion" or self.n_fashion]
+        weights = np.array([self.shares[s] for s in names])
+        for source in self.rng.choice(names, size=self.instances, p=weights / weights.sum()):
+            if source == "fashion":
+                refs.append(("fashion", int(self.rng.integers(self.n_fashion))))
+            else:
+                refs.append(("corpus", int(self.rng.choice(self.by_source[source]))))
+            labels.append(-1)
+        return refs, labels
+
+
+def gather(corpus: dict, refs: list[tuple[str, int]]) -> torch.Tensor:
+    """RGBA float images in [0, 1] at the cache side."""
+    side = corpus["images"].shape[-1]
+    out = torch.empty(len(refs), 4, side, side)
+    ci = [(n, i) for n, (src, i) in enumerate(refs) if src == "corpus"]
+    fi = [(n, i) for n, (src, i) in enumerate(refs) if src == "fashion"]
+    if ci:
+        out[[n for n, _ in ci]] = corpus["images"][[i for _, i in ci]].float() / 255
+    if fi:
+        grey = corpus["fashion"][[i for _, i in fi]].float()[:, None] / 255
+        grey = F.interpolate(grey, size=(side, side), mode="bilinear", align_corners=False)
+        out[[n for n, _ in fi]] = torch.cat([grey.expand(-1, 3, -1, -1), torch.ones_like(grey)], 1)
+    return out
+
+
+def random_geometry(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Affine matrices (n, 2, 3) for grid_sample: random resized crop or zoom-out
+    padding, aspect change, flip, small rotation."""
+    u = lambda lo, hi: torch.empty(n).uniform_(lo, hi, generator=gen)  # noqa: E731
+    area = u(0.2, 1.0)
+    zoom_out = torch.rand(n, generator=gen) < 0.2
+    area = torch.where(zoom_out, u(1.2, 2.5), area)  # the image fills less than the view
+    log_aspect = u(math.log(3 / 4), math.log(4 / 3))
+    log_aspect = torch.where(zoom_out, u(math.log(1 / 2), math.log(2)), log_aspect)
+    sx = (area * log_aspect.exp()).sqrt()
+    sy = (area / log_aspect.exp()).sqrt()
+    # The crop centre stays inside so the view is mostly image (or the image mostly in view).
+    tx = (1 - sx).abs() * u(-1, 1)
+    ty = (1 - sy).abs() * u(-1, 1)
+    angle = torch.where(torch.rand(n, generator=gen) < 0.3, u(-15, 15), torch.zeros(n)) * math.pi / 180
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = sx * cos * flip
+    theta[:, 0, 1] = -sy * sin
+    theta[:, 1, 0] = sx * sin * flip
+    theta[:, 1, 1] = sy * cos
+    theta[:, 0, 2] = tx
+    theta[:, 1, 2] = ty
+    return theta
+
+
+def backgrounds(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 3, 1, 1): white (55%), black (15%), or a random colour."""
+    pick = torch.rand(n, generator=gen)
+    colour = torch.rand(n, 3, generator=gen)
+    colour[pick < 0.55] = 1.0
+    colour[(pick >= 0.55) & (pick < 0.70)] = 0.0
+    return colour[:, :, None, None]
+
+
+def colour_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    u = lambda lo, hi: torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=gen)  # noqa: E731
+    apply = (torch.rand(n, 1, 1, 1, generator=gen) < 0.8).float()
+    grey = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    jittered = x * u(0.6, 1.4)  # brightness
+    mean = grey.mean(dim=(2, 3), keepdim=True)
+    jittered = (jittered - mean) * u(0.6, 1.4) + mean  # contrast
+    g2 = (jittered * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    jittered = (jittered - g2) * u(0.4, 1.6) + g2  # saturation
+    hue = torch.rand(n, generator=gen) < 0.1  # a crude hue change: permute the channels
+    if hue.any():
+        jittered[hue] = jittered[hue][:, torch.randperm(3, generator=gen)]
+    x = apply * jittered + (1 - apply) * x
+    to_grey = torch.rand(n, generator=gen) < 0.2
+    if to_grey.any():
+        g = (x[to_grey] * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x[to_grey] = g.expand(-1, 3, -1, -1)
+    return x.clamp(0, 1)
+
+
+def blur(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    pick = torch.rand(x.shape[0], generator=gen) < 0.2
+    if not pick.any():
+        return x
+    sigma = float(torch.empty(1).uniform_(0.3, 1.5, generator=gen))
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    sub = x[pick]
+    sub = F.conv2d(F.pad(sub, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).expand(3, 1, 1, 5), groups=3)
+    sub = F.conv2d(F.pad(sub, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).expand(3, 1, 5, 1), groups=3)
+    x[pick] = sub
+    return x
+
+
+def jpeg(x: torch.Tensor, rng: random.Random, share: float = 0.3) -> torch.Tensor:
+    for i in range(x.shape[0]):
+        if rng.random() >= share:
+            continue
+        arr = (x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=rng.randint(30, 90))
+        x[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return x
+
+
+def views(rgba: torch.Tensor, size: int, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
+    """One random view of each image, normalised for the encoder."""
+    n = rgba.shape[0]
+    grid = F.affine_grid(random_geometry(n, gen), [n, 4, size, size], align_corners=False)
+    warped = F.grid_sample(rgba, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    alpha = warped[:, 3:4]
+    x = warped[:, :3] * alpha + backgrounds(n, gen) * (1 - alpha)  # straight alpha, as cached
+    x = jpeg(blur(colour_jitter(x, gen), gen), rng)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """z: (2n, d) unit vectors, rows i and i + n are two views of one image."""
+    n = z.shape[0] // 2
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, target)
+
+
+def supcon(e: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss over unit vectors `e` with class `labels`."""
+    sim = e @ e.T / temperature
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    sim = sim.masked_fill(eye, float("-inf"))
+    log_prob = sim - sim.logsumexp(dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~eye
+    per_anchor = -(log_prob.masked_fill(~positive, 0).sum(1)) / positive.sum(1).clamp_min(1)
+    return per_anchor[positive.any(1)].mean()
+
+
+class Projector(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Linear(256, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+@torch.no_grad()
+def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, size: int, seed: int) -> dict:
+    """Class Recall@1 of validation clip art among training clip art, and view
+    retrieval: an augmented view of each validation image finds its clean self."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+
+    def clean(idx):
+        out = []
+        for i in range(0, len(idx), 256):
+            rgba = corpus["images"][idx[i:i + 256]].float() / 255
+            x = rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(model((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)))
+        return torch.cat(out)
+
+    val_e, train_e = clean(val_idx), clean(train_idx)
+    labels = corpus["labels"]
+    nearest = (val_e @ train_e.T).argmax(1).numpy()
+    class_r1 = float((labels[train_idx][nearest] == labels[val_idx]).mean())
+    aug = torch.cat([model(views(corpus["images"][val_idx[i:i + 256]].float() / 255, size, gen, rng))
+                     for i in range(0, len(val_idx), 256)])
+    view_r1 = float(((aug @ val_e.T).argmax(1) == torch.arange(len(val_idx))).float().mean())
+    model.train()
+    return {"class_recall_at_1": class_r1, "view_recall_at_1": view_r1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=Path("corpus"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--groups", type=int, default=3)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--embedding-dim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--p", type=int, default=16, help="labelled classes per batch")
+    ap.add_argument("--k", type=int, default=3, help="images per labelled class")
+    ap.add_argument("--instances", type=int, default=48, help="unlabelled draws per batch (any image)")
+    ap.add_argument("--clipart-share", type=float, default=0.45, help="share of the uniform draws from clip art")
+    ap.add_argument("--emoji-share", type=float, default=0.15)
+    ap.add_argument("--photo-share", type=float, default=0.3)
+    ap.add_argument("--fashion-share", type=float, default=0.1)
+    ap.add_argument("--no-fashion", action="store_true")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    ap.add_argument("--supcon-temperature", type=float, default=0.1)
+    ap.add_argument("--supcon-weight", type=float, default=0.5)
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = ap.parse_args()
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(args.corpus, fashion=not args.no_fashion)
+    labels = corpus["labels"]
+    # Validation: a seeded share of each training clip-art class, kept out of training.
+    vrng = np.random.default_rng(args.seed)
+    val_mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels[labels >= 0]):
+        idx = vrng.permutation(np.flatnonzero(labels == c))
+        val_mask[idx[: int(len(idx) * args.val_fraction)]] = True
+    val_idx = np.flatnonzero(val_mask)
+    train_idx = np.flatnonzero(~val_mask & (labels >= 0))
+    keep = ~val_mask
+    train_corpus = {**corpus, "images": corpus["images"][torch.from_numpy(keep)], "labels": labels[keep],
+                    "sources": [s for s, k in zip(corpus["sources"], keep) if k]}
+    shares = {"openclipart": args.clipart_share, "emoji": args.emoji_share, "photo": args.photo_share,
+              "fashion": args.fashion_share}
+    sampler = Sampler(train_corpus, args.p, args.k, args.instances, shares, args.seed)
+    print(f"{len(train_corpus['labels'])} corpus images ({int((train_corpus['labels'] >= 0).sum())} labelled, "
+          f"{len(sampler.by_class)} classes with Fashion-MNIST), {len(val_idx)} validation", flush=True)
+
+    arch = {"name": "shufflenet_v1", "groups": args.groups, "width": args.width, "embedding_dim": args.embedding_dim}
+    model = build_model(arch)
+    projector = Projector(args.embedding_dim)
+    params = list(model.parameters()) + list(projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    state = {"step": 0, "seconds": 0.0, "history": []}
+    last = args.out / "last.pt"
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        projector.load_state_dict(ckpt["projector"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        sampler.rng = np.random.default_rng(args.seed + state["step"])
+        print(f"resumed from {last} at step {state['step']}", flush=True)
+
+    recipe = {k: getattr(args, k) for k in ("size", "steps", "p", "k", "instances", "clipart_share", "emoji_share",
+                                            "photo_share", "fashion_share", "lr",
+                                            "weight_decay", "temperature", "supcon_temperature", "supcon_weight",
+                                            "val_fraction", "seed")}
+    recipe.update(optimizer="AdamW", schedule="one-cycle",
+                  losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding",
+                  augmentation="random resized crop 20-100%, zoom-out padding, flip, rotation, white/black/colour "
+                               "background, colour jitter, greyscale, blur, JPEG 30-90")
+    preprocess = {"size": args.size, "channels": 3, "mean": MEAN, "std": STD, "resize": "stretch", "filter": "bilinear"}
+    gen = torch.Generator().manual_seed(args.seed + state["step"])
+    rng = random.Random(args.seed + state["step"])
+    model.train()
+    window = time.time()
+    losses: list[tuple[float, float]] = []
+    while state["step"] < args.steps:
+        started = time.time()
+        refs, batch_labels = sampler.batch()
+        rgba = gather(train_corpus, refs)
+        x = torch.cat([views(rgba, args.size, gen, rng), views(rgba, args.size, gen, rng)])
+        raw = model.head(model.features(x))
+        e = F.normalize(raw, dim=1)
+        inst = nt_xent(projector(raw), args.temperature)
+        y = torch.tensor(batch_labels + batch_labels)
+        labelled = y >= 0
+        sup = supcon(e[labelled], y[labelled], args.supcon_temperature)
+        loss = inst + args.supcon_weight * sup
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        state["seconds"] += time.time() - started
+        losses.append((inst.item(), sup.item()))
+        if state["step"] % 25 == 0:
+            li, ls = np.mean(losses[-25:], axis=0)
+            rate = 25 * len(x) / (time.time() - window)
+            window = time.time()
+            print(f"step {state['step']}/{args.steps}: nt-xent {li:.3f} supcon {ls:.3f} "
+                  f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} views/s", flush=True)
+        if state["step"] % args.checkpoint_every == 0 or state["step"] == args.steps:
+            val = validate(model, corpus, val_idx, train_idx, args.size, args.seed)
+            li, ls = np.mean(losses[-args.checkpoint_every:], axis=0)
+            state["history"].append({"step": state["step"], "nt_xent": float(li), "supcon": float(ls), **val,
+                                     "minutes": round(state["seconds"] / 60, 1)})
+            print(f"validation at step {state['step']}: {json.dumps(val)}", flush=True)
+            ckpt = {"arch": arch, "preprocess": preprocess, "version": "1",
+                    "training": {"data": "openclipart-png training classes, Noto colour emoji, desktop-background "
+                                         "photo crops, Fashion-MNIST seen classes 0-6 (models/corpus.py)",
+                                 "train_images": int(len(train_corpus["labels"]) + len(corpus.get("fashion_labels", []))),
+                                 "val_images": int(len(val_idx)), "recipe": recipe, "history": state["history"],
+                                 "train_seconds": round(state["seconds"]), "threads": torch.get_num_threads()}}
+            torch.save({**ckpt, "model": model.state_dict(), "projector": projector.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+                       args.out / "last.tmp")
+            (args.out / "last.tmp").replace(last)
+    (args.out / "history.json").write_text(json.dumps(state["history"], indent=2))
+    print(f"done: {state['step']} steps in {state['seconds'] / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
