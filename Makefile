@@ -121,7 +121,8 @@ eval: build dataset corpus
 	mkdir -p $(dir $(EVAL_JSON))
 	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON) --verification-set $(VERIFY_SET) \
 		--set openclipart-heldout=corpus/eval/openclipart-heldout \
-		--set copy-detection=corpus/eval/copy/gallery,corpus/eval/copy/queries
+		--set copy-detection=corpus/eval/copy/gallery,corpus/eval/copy/queries \
+		--set copy-detection-clipart=corpus/eval/copy/gallery,corpus/eval/copy/queries-clipart
 
 # Few-shot fine-tuning over HTTP: 5 labelled images per held-out class, one
 # POST /admin/finetune (FINETUNE_PARAMS), other images of those classes before and after.
