@@ -94,7 +94,7 @@ impl Default for FinetuneParams {
             patience: 6,
             max_images: 20_000,
             augment: true,
-            freeze: 0.5,
+            freeze: 0.0,
             validation_views: 4,
             commit: Commit::IfBetter,
             select_by: SelectBy::MapAtR,

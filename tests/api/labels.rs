@@ -26,7 +26,7 @@ async fn verify(app: &TestApp, a: &str, b: &str) -> Value {
 async fn verify_compares_two_images_at_the_models_threshold() {
     let app = spawn_app().await;
     let manifest: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/default/manifest.json")).unwrap(),
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mnist/manifest.json")).unwrap(),
     )
     .unwrap();
     let threshold = manifest["verification_threshold"].as_f64().unwrap();
