@@ -81,10 +81,8 @@ fn list_classes(root: &Path, classes: &mut Vec<String>) -> anyhow::Result<Vec<La
                 classes.len() - 1
             }
         } as i64;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
         files.sort();
         out.extend(files.into_iter().map(|path| Labelled { path, class }));
     }
@@ -125,7 +123,12 @@ pub fn load(path: &Path, limits: ImageLimits) -> anyhow::Result<DynamicImage> {
 /// (mean-centred over the whole set by the caller).
 pub fn raw_pixels(image: &DynamicImage) -> Vec<f32> {
     let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(image.clone()));
-    rgb.resize_exact(RAW_SIDE, RAW_SIDE, FilterType::Triangle).to_rgb8().as_raw().iter().map(|p| *p as f32 / 255.0).collect()
+    rgb.resize_exact(RAW_SIDE, RAW_SIDE, FilterType::Triangle)
+        .to_rgb8()
+        .as_raw()
+        .iter()
+        .map(|p| *p as f32 / 255.0)
+        .collect()
 }
 
 #[cfg(test)]
@@ -145,7 +148,16 @@ mod tests {
     #[test]
     fn split_keeps_a_gallery_image_per_class_and_is_seeded() {
         let files: Vec<Labelled> = (0..23)
-            .map(|i| Labelled { path: format!("{i}.png").into(), class: if i < 20 { 0 } else if i < 22 { 1 } else { 2 } })
+            .map(|i| Labelled {
+                path: format!("{i}.png").into(),
+                class: if i < 20 {
+                    0
+                } else if i < 22 {
+                    1
+                } else {
+                    2
+                },
+            })
             .collect();
         let a = split(files.clone(), 0.2, 7);
         let count = |v: &[Labelled], c| v.iter().filter(|f| f.class == c).count();

@@ -112,8 +112,11 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
         manifest.input.size,
         manifest.embedding.dim,
     )?;
-    let fashion =
-        if config.no_fashion_mnist { None } else { Some(fashion::evaluate(&config.data, &preprocessor, &mut encoder)?) };
+    let fashion = if config.no_fashion_mnist {
+        None
+    } else {
+        Some(fashion::evaluate(&config.data, &preprocessor, &mut encoder)?)
+    };
     let mut sets = Vec::new();
     for set in &config.sets {
         sets.push(evaluate_set(set, config, &preprocessor, &mut encoder)?);
@@ -141,7 +144,8 @@ fn chosen_verification(
     fashion: Option<&fashion::FashionReport>,
     sets: &[SetReport],
 ) -> anyhow::Result<(String, Verification)> {
-    let default = if fashion.is_some() { FASHION.to_string() } else { sets.first().map(|s| s.name.clone()).unwrap_or_default() };
+    let default =
+        if fashion.is_some() { FASHION.to_string() } else { sets.first().map(|s| s.name.clone()).unwrap_or_default() };
     let name = config.verification_set.clone().unwrap_or(default);
     if name == FASHION {
         if let Some(f) = fashion {
@@ -149,7 +153,8 @@ fn chosen_verification(
         }
     }
     let found = sets.iter().find(|s| s.name == name).and_then(|s| s.verification);
-    let verification = found.ok_or_else(|| anyhow::anyhow!("no evaluated set named '{name}' to calibrate verification"))?;
+    let verification =
+        found.ok_or_else(|| anyhow::anyhow!("no evaluated set named '{name}' to calibrate verification"))?;
     Ok((name, verification))
 }
 

@@ -59,7 +59,11 @@ async fn an_exported_torchvision_backbone_serves_searches_and_fine_tunes() {
     assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let (status, _) = wait_for_job(&app.client, &app.address, &id).await;
-    assert_eq!((status["state"].as_str(), status["result"]["committed"].as_bool()), (Some("done"), Some(true)), "{status}");
+    assert_eq!(
+        (status["state"].as_str(), status["result"]["committed"].as_bool()),
+        (Some("done"), Some(true)),
+        "{status}"
+    );
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["model_version"], "2");
     assert_eq!(health["indexed_items"], all.len());

@@ -19,7 +19,10 @@ fn clipart() -> Vec<(String, Vec<u8>)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clipart");
     let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
-    files.into_iter().map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), std::fs::read(p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), std::fs::read(p).unwrap()))
+        .collect()
 }
 
 /// 85% of each side from an off-centre corner, scaled by 0.8, an 6 px grey frame, JPEG quality 60.
