@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import tempfile
-import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from finetune import TOKEN, multipart, request
+from finetune import multipart, request, serve, start_job, wait_for_job
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = 5
@@ -71,39 +66,16 @@ def main() -> None:
 
     gallery = load(args.corpus / "eval/fewshot/gallery")
     queries = load(args.corpus / "eval/fewshot/queries")
-    data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-fewshot-"))
-    env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=TOKEN)
-    cmd = [str(args.binary), "serve", "--data-dir", str(data_dir), "--port", str(args.port),
-           "--index-dump-interval-secs", "0"]
-    if args.model:
-        cmd += ["--model", str(args.model)]
-    log = open(data_dir / "service.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{args.port}"
-    admin = {"authorization": f"Bearer {TOKEN}"}
-    try:
-        for _ in range(600):
-            try:
-                request(f"{base}/health")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
+    options = ["--index-dump-interval-secs", "0"] + (["--model", str(args.model)] if args.model else [])
+    with serve(args.binary, args.port, options, "lookalike-bench-fewshot-") as base:
         for label in sorted({label for _, label in gallery}):
             body, content_type = multipart([data for data, lab in gallery if lab == label], label)
             request(f"{base}/gallery", "POST", body, {"content-type": content_type})
         model_before = request(f"{base}/health")["model"]
         before = evaluate(base, queries)
-        job = request(f"{base}/admin/finetune", "POST", args.params.encode(),
-                      {**admin, "content-type": "application/json"})
-        while job["state"] not in ("done", "failed", "cancelled"):
-            time.sleep(2)
-            job = request(f"{base}/admin/finetune/{job['id']}", headers=admin)
+        job = wait_for_job(base, start_job(base, json.loads(args.params)))
         after = evaluate(base, queries)
         model_after = request(f"{base}/health")["model"]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
     classes = len({label for _, label in gallery})
     print(f"gallery: {len(gallery)} images ({SHOTS} of each of {classes} held-out openclipart classes, labelled); "
@@ -125,7 +97,6 @@ def main() -> None:
         print(f"| {name} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"before": before, "after": after, "job": job}, indent=2))
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

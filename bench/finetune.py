@@ -15,6 +15,7 @@ measures again. Prints a table and the job's wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import fashion_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-" + uuid.uuid4().hex
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
 SEEN, UNSEEN = range(0, 7), range(7, 10)
 
 
@@ -51,6 +54,44 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     with urllib.request.urlopen(req, timeout=600) as response:
         return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def serve(binary: Path, port: int, options: list[str], prefix: str) -> Iterator[str]:
+    """The release binary on a fresh data directory with the admin token, until
+    the block ends; yields its base URL. The data directory is removed after."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=TOKEN)
+    cmd = [str(binary), "serve", "--data-dir", str(data_dir), "--port", str(port), *options]
+    log = open(data_dir / "service.log", "w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                request(f"{base}/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def start_job(base: str, params: dict) -> dict:
+    return request(f"{base}/admin/finetune", "POST", json.dumps(params).encode(),
+                   {**ADMIN, "content-type": "application/json"})
+
+
+def wait_for_job(base: str, job: dict) -> dict:
+    """Polls the job until it ends; its last status."""
+    while job["state"] not in ("done", "failed", "cancelled"):
+        time.sleep(2)
+        job = request(f"{base}/admin/finetune/{job['id']}", headers=ADMIN)
+    return job
 
 
 def multipart(images: list[bytes], label: str) -> tuple[bytes, str]:
@@ -147,21 +188,8 @@ def main() -> None:
     gallery = pick(train_y, range(10), args.per_class, rng)
     queries = [(png(test_x[i]), int(test_y[i])) for i in pick(test_y, range(10), args.queries_per_class, rng)]
 
-    data_dir = Path(tempfile.mkdtemp(prefix="lookalike-bench-finetune-"))
-    env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=TOKEN)
-    cmd = [str(args.binary), "serve", "--data-dir", str(data_dir), "--port", str(args.port),
-           "--max-k", str(args.per_class), "--index-dump-interval-secs", "0", "--model", str(args.model)]
-    log = open(data_dir / "service.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{args.port}"
-    admin = {"authorization": f"Bearer {TOKEN}"}
-    try:
-        for _ in range(600):
-            try:
-                request(f"{base}/health")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
+    options = ["--max-k", str(args.per_class), "--index-dump-interval-secs", "0", "--model", str(args.model)]
+    with serve(args.binary, args.port, options, "lookalike-bench-finetune-") as base:
         for label in range(10):
             ids = [i for i in gallery if train_y[i] == label]
             for start in range(0, len(ids), 32):
@@ -170,22 +198,14 @@ def main() -> None:
         before = evaluate(base, queries, args.per_class)
         idle = probe(base, queries, 10)
 
-        params = json.loads(args.params)
         during = SearchProbe(base, queries)
-        job = request(f"{base}/admin/finetune", "POST", json.dumps(params).encode(),
-                      {**admin, "content-type": "application/json"})
+        job = start_job(base, json.loads(args.params))
         during.start()
-        while not job["state"] in ("done", "failed", "cancelled"):
-            time.sleep(2)
-            job = request(f"{base}/admin/finetune/{job['id']}", headers=admin)
+        job = wait_for_job(base, job)
         during.stop.set()
         during.join()
         after = evaluate(base, queries, args.per_class)
         health = request(f"{base}/health")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
 
     print(f"gallery: {len(gallery)} Fashion-MNIST training images ({args.per_class} per class, labelled); "
           f"queries: {len(queries)} test images; job parameters: {json.dumps(job['params'])}")
@@ -206,7 +226,6 @@ def main() -> None:
             print(f"| {name} {'7-9' if name == 'unseen' else '0-6'} | {metric} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"before": before, "after": after, "job": job}, indent=2))
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
