@@ -17,7 +17,7 @@ use std::time::Instant;
 use hnsw_rs::prelude::{DistCosine, DistL2, Distance, Hnsw};
 use lookalike::config::FASHION_MODEL_DIR;
 use lookalike::embed::{Encoder, Precision, TorchEncoder};
-use lookalike::eval::dataset;
+use lookalike::eval::fashion_mnist;
 use lookalike::index::Index;
 use lookalike::manifest::Manifest;
 use lookalike::preprocess::{ImageLimits, Preprocessor};
@@ -265,8 +265,8 @@ fn real_embeddings(manifest: &Manifest) -> anyhow::Result<DataSet> {
         }
     }
     let data = Path::new("/usr/share/datasets/fashion-mnist");
-    let train = dataset::load(data, "train")?.images;
-    let test = dataset::load(data, "t10k")?.images;
+    let train = fashion_mnist::load(data, "train")?.images;
+    let test = fashion_mnist::load(data, "t10k")?.images;
     let mirrored: Vec<image::GrayImage> =
         train.iter().take(N - train.len()).map(image::imageops::flip_horizontal).collect();
     let images: Vec<&image::GrayImage> = train.iter().chain(&mirrored).chain(test.iter().take(QUERIES)).collect();
