@@ -57,6 +57,7 @@ async fn an_altered_copy_finds_its_original_with_the_general_model() {
         }
     }
     eprintln!("altered copies that found their original first: {} of {}: {found:?}", found.len(), images.len());
-    assert!(found.len() >= images.len() - 1, "only {found:?} of {} found their original", images.len());
+    // 11 of 12 here; the Fashion-MNIST model finds 4. One of slack for other CPUs' arithmetic.
+    assert!(found.len() >= images.len() - 2, "only {found:?} of {} found their original", images.len());
     app.stop().await;
 }
