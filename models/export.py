@@ -85,7 +85,10 @@ class BackboneEncoder(torch.nn.Module):
         dim = embedding_dim or features
         self.head = torch.nn.Linear(features, dim)
         with torch.no_grad():  # identity (or an orthogonal projection): features pass as they are
-            torch.nn.init.orthogonal_(self.head.weight) if dim != features else self.head.weight.copy_(torch.eye(dim))
+            if dim == features:
+                self.head.weight.copy_(torch.eye(dim))
+            else:
+                torch.nn.init.orthogonal_(self.head.weight)
             self.head.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

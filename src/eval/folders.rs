@@ -10,7 +10,7 @@ use image::imageops::FilterType;
 use image::DynamicImage;
 
 use super::SplitMix;
-use crate::preprocess::{decode, to_rgb_on_white, ImageLimits};
+use crate::preprocess::{decode, ImageLimits};
 
 /// Side of the raw-pixel baseline's images (RGB, mean-centred cosine).
 pub const RAW_SIDE: u32 = 32;
@@ -112,17 +112,15 @@ fn split(files: Vec<Labelled>, fraction: f64, seed: u64) -> SetFiles {
     out
 }
 
-/// Decodes a file as the service does (same limits), composited over white.
+/// Decodes a file as the service does (same limits and orientation).
 pub fn load(path: &Path, limits: ImageLimits) -> anyhow::Result<DynamicImage> {
     let bytes = std::fs::read(path)?;
-    let (image, _) = decode(&bytes, limits).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(image)
+    Ok(decode(&bytes, limits)?.0)
 }
 
-/// The raw-pixel baseline vector: RGB over white, stretched to 32 x 32, in [0, 1]
-/// (mean-centred over the whole set by the caller).
-pub fn raw_pixels(image: &DynamicImage) -> Vec<f32> {
-    let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(image.clone()));
+/// The raw-pixel baseline vector of an RGB image (already over white):
+/// stretched to 32 x 32, in [0, 1] (mean-centred over the whole set by the caller).
+pub fn raw_pixels(rgb: &DynamicImage) -> Vec<f32> {
     rgb.resize_exact(RAW_SIDE, RAW_SIDE, FilterType::Triangle)
         .to_rgb8()
         .as_raw()

@@ -66,7 +66,7 @@ pub fn pair_verification(
     gallery_labels: &[i64],
     max_pairs: usize,
 ) -> Verification {
-    let rows = (max_pairs / gallery_labels.len().max(1)).clamp(1, query_labels.len().max(1)).min(query_labels.len());
+    let rows = (max_pairs / gallery_labels.len().max(1)).max(1).min(query_labels.len());
     let scores = queries.narrow(0, 0, rows as i64).matmul(&gallery.tr()).contiguous().view([-1]);
     let scores = Vec::<f32>::try_from(&scores).expect("a 1-d float tensor converts; this is a bug");
     let same: Vec<bool> =

@@ -11,14 +11,15 @@ pub mod metrics;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use image::DynamicImage;
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub use metrics::{retrieval, verification, RetrievalMetrics, Verification};
 
 use crate::embed::{Encoder, Precision, TorchEncoder};
 use crate::manifest::Manifest;
-use crate::preprocess::{ImageLimits, Preprocessor};
+use crate::preprocess::{to_rgb_on_white, ImageLimits, Preprocessor};
 use folders::FolderSet;
 
 /// Images per forward pass.
@@ -220,29 +221,24 @@ fn prepare_all(files: &[folders::Labelled], pre: &Preprocessor) -> (Vec<Prepared
 }
 
 fn prepare_one(path: &std::path::Path, pre: &Preprocessor) -> Option<Prepared> {
-    let image = match folders::load(path, LIMITS) {
-        Ok(image) => image,
-        Err(e) => {
-            tracing::warn!("skipped: {e}");
-            return None;
-        }
-    };
-    let raw = folders::raw_pixels(&image);
-    let pixels = pre.prepare_decoded(image).ok()?;
-    Some(Prepared { pixels, raw })
+    let prepared = folders::load(path, LIMITS).and_then(|image| {
+        // Composited once, for both the baseline and the encoder's input.
+        let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(image));
+        let raw = folders::raw_pixels(&rgb);
+        Ok(Prepared { pixels: pre.prepare_decoded(rgb)?, raw })
+    });
+    prepared.map_err(|e| tracing::warn!("skipped {}: {e}", path.display())).ok()
 }
 
 /// Raw-pixel vectors of both sides, centred on their common mean, as unit rows.
 fn centred_raw(gallery: &[Prepared], queries: &[Prepared]) -> (Tensor, Tensor) {
-    let all: Vec<Vec<f32>> = gallery.iter().chain(queries).map(|p| p.raw.clone()).collect();
-    let dim = all[0].len();
-    let mut mean = vec![0f32; dim];
-    for row in &all {
-        mean.iter_mut().zip(row).for_each(|(m, v)| *m += v / all.len() as f32);
-    }
-    let centred: Vec<Vec<f32>> = all.iter().map(|row| row.iter().zip(&mean).map(|(v, m)| v - m).collect()).collect();
-    let (g, q) = centred.split_at(gallery.len());
-    (unit_rows(g), unit_rows(q))
+    let rows = |items: &[Prepared]| {
+        let flat: Vec<f32> = items.iter().flat_map(|p| p.raw.iter().copied()).collect();
+        Tensor::from_slice(&flat).view([items.len() as i64, -1])
+    };
+    let (g, q) = (rows(gallery), rows(queries));
+    let mean = Tensor::cat(&[&g, &q], 0).mean_dim(0, true, Kind::Float);
+    (normalized_rows(g - &mean), normalized_rows(q - &mean))
 }
 
 /// Images per second through the encoder at batch 1 and 32 (about 3 s each).
@@ -265,7 +261,10 @@ fn throughput(encoder: &mut TorchEncoder, input_len: usize) -> anyhow::Result<Th
 fn unit_rows(rows: &[Vec<f32>]) -> Tensor {
     let dim = rows.first().map_or(0, Vec::len) as i64;
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    let t = Tensor::from_slice(&flat).view([rows.len() as i64, dim]);
+    normalized_rows(Tensor::from_slice(&flat).view([rows.len() as i64, dim]))
+}
+
+fn normalized_rows(t: Tensor) -> Tensor {
     let norms = t.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
     t / norms
 }
