@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use lookalike::config::BUNDLED_MODEL_DIR;
+use lookalike::manifest::BUNDLED_MODEL_DIR;
 use lookalike::embed::{
     BatchPolicy, DeviceChoice, Embedder, EmbedderConfig, Encoder, Precision, Priority, TorchEncoder,
 };

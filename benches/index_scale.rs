@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hnsw_rs::prelude::{DistCosine, DistL2, Distance, Hnsw};
-use lookalike::config::FASHION_MODEL_DIR;
+use lookalike::manifest::FASHION_MODEL_DIR;
 use lookalike::embed::{Encoder, Precision, TorchEncoder};
 use lookalike::eval::fashion_mnist;
-use lookalike::index::Index;
+use lookalike::index::HnswIndex as Index;
 use lookalike::manifest::Manifest;
 use lookalike::preprocess::{ImageLimits, Preprocessor};
 use serde_json::json;
@@ -180,7 +180,7 @@ fn dump_and_reload(index: &Index) -> anyhow::Result<()> {
 /// images, real-sized embeddings), then `Application::build` with no dump
 /// (rebuild from stored embeddings) and again after a graceful stop (reload).
 fn startup(manifest: &Manifest) -> anyhow::Result<()> {
-    use lookalike::gallery::{Gallery, NewItem};
+    use lookalike::gallery::{GalleryStore, NewItem, SqliteGallery as Gallery};
     let runtime = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
     let (base, _) = clustered(manifest.embedding.dim);
@@ -271,7 +271,7 @@ fn real_embeddings(manifest: &Manifest) -> anyhow::Result<DataSet> {
         train.iter().take(N - train.len()).map(image::imageops::flip_horizontal).collect();
     let images: Vec<&image::GrayImage> = train.iter().chain(&mirrored).chain(test.iter().take(QUERIES)).collect();
     tch::set_num_threads(std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(1));
-    let path = Path::new(FASHION_MODEL_DIR).join("encoder.pt");
+    let path = Path::new(FASHION_MODEL_DIR).join(lookalike::manifest::ENCODER_FILE);
     let mut encoder = TorchEncoder::load(&path, Device::Cpu, Precision::Fp32, manifest.input.size, dim)?;
     let pre = Preprocessor::new(manifest.input.clone(), ImageLimits { max_side: 64, max_decoded_bytes: 1 << 20 });
     let mut all = Vec::with_capacity(images.len());

@@ -5,14 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Default model folder: the bundled general encoder (colour images of any
-/// kind), found relative to the crate so `make run` and the tests work from a
-/// fresh clone without configuration.
-pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
-
-/// The bundled Fashion-MNIST encoder (28 px grey clothes), for that domain and
-/// for tests whose fixtures are Fashion-MNIST images: `--model models/fashion-mnist`.
-pub const FASHION_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mnist");
+use crate::manifest::BUNDLED_MODEL_DIR;
 
 #[derive(Debug, Parser)]
 #[command(name = "lookalike", version, about = "Self-hosted image similarity search")]
@@ -83,6 +76,10 @@ pub struct ServeConfig {
     /// libtorch intra-op threads per CPU worker; 0 shares the cores among the CPU workers.
     #[arg(long, env = "LOOKALIKE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
+
+    /// libtorch intra-op threads of a fine-tune's training thread; 0 keeps libtorch's default (every core).
+    #[arg(long, env = "LOOKALIKE_FINETUNE_THREADS", default_value_t = 0)]
+    pub finetune_threads: usize,
 
     /// Images decoded and resized at once; 0 means one per CPU core.
     #[arg(long, env = "LOOKALIKE_PREPROCESS_THREADS", default_value_t = 0)]

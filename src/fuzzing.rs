@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 
 use crate::api::upload::{parse_gallery_body, FormLimits};
-use crate::config::BUNDLED_MODEL_DIR;
+use crate::manifest::BUNDLED_MODEL_DIR;
 use crate::manifest::Manifest;
 use crate::preprocess::{ImageLimits, Preprocessor};
 

@@ -5,6 +5,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Default model folder: the bundled general encoder (colour images of any
+/// kind), found relative to the crate so `make run` and the tests work from a
+/// fresh clone without configuration.
+pub const BUNDLED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/default");
+
+/// The bundled Fashion-MNIST encoder (28 px grey clothes), for that domain and
+/// for tests whose fixtures are Fashion-MNIST images: `--model models/fashion-mnist`.
+pub const FASHION_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fashion-mnist");
+
+/// The TorchScript encoder's file name inside a model folder, beside `manifest.json`.
+pub const ENCODER_FILE: &str = "encoder.pt";
+
 /// The manifest format this build understands.
 pub const MANIFEST_FORMAT: u32 = 1;
 

@@ -7,8 +7,6 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::embed::Priority;
-
 /// Seconds buckets from 0.5 ms to 10 s: embedding latencies on a CPU are a
 /// few milliseconds, whole requests under load up to seconds.
 const SECONDS_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -73,16 +71,16 @@ pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
     histogram!("lookalike_http_request_duration_seconds", &labels).record(elapsed);
 }
 
-pub fn queue_depth(priority: Priority, depth: usize) {
-    gauge!("lookalike_embed_queue_depth", "priority" => priority.as_str()).set(depth as f64);
+pub fn queue_depth(priority: &'static str, depth: usize) {
+    gauge!("lookalike_embed_queue_depth", "priority" => priority).set(depth as f64);
 }
 
-pub fn queue_wait(priority: Priority, wait: Duration) {
-    histogram!("lookalike_embed_queue_wait_seconds", "priority" => priority.as_str()).record(wait);
+pub fn queue_wait(priority: &'static str, wait: Duration) {
+    histogram!("lookalike_embed_queue_wait_seconds", "priority" => priority).record(wait);
 }
 
-pub fn cancelled(priority: Priority) {
-    counter!("lookalike_embed_cancelled_total", "priority" => priority.as_str()).increment(1);
+pub fn cancelled(priority: &'static str) {
+    counter!("lookalike_embed_cancelled_total", "priority" => priority).increment(1);
 }
 
 pub fn rejected() {

@@ -7,12 +7,12 @@
 //! state or the new one.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::manifest::{Manifest, ManifestError};
+use crate::files::{sync_dir, write_atomic};
+use crate::manifest::{Manifest, ManifestError, ENCODER_FILE};
 
 const MODELS_DIR: &str = "models";
 const ACTIVE_FILE: &str = "ACTIVE";
@@ -48,7 +48,7 @@ impl ModelVersion {
     }
 
     pub fn encoder_path(&self) -> PathBuf {
-        self.dir.join("encoder.pt")
+        self.dir.join(ENCODER_FILE)
     }
 }
 
@@ -111,7 +111,7 @@ impl Registry {
     /// Records `version` as active, durably.
     pub fn set_active(&self, version: &str) -> Result<(), RegistryError> {
         fs::create_dir_all(&self.versions_dir)?;
-        write_durably(&self.versions_dir.join(ACTIVE_FILE), version.as_bytes())
+        Ok(write_atomic(&self.versions_dir.join(ACTIVE_FILE), version.as_bytes())?)
     }
 
     /// The id the next saved version gets: one above the highest numeric one.
@@ -129,12 +129,12 @@ impl Registry {
             fs::remove_dir_all(&temp)?;
         }
         fs::create_dir_all(&temp)?;
-        fs::copy(encoder, temp.join("encoder.pt"))?;
-        File::open(temp.join("encoder.pt"))?.sync_all()?;
+        fs::copy(encoder, temp.join(ENCODER_FILE))?;
+        File::open(temp.join(ENCODER_FILE))?.sync_all()?;
         let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
-        write_durably(&temp.join("manifest.json"), &json)?;
+        write_atomic(&temp.join("manifest.json"), &json)?;
         fs::rename(&temp, &dir)?;
-        File::open(&self.versions_dir)?.sync_all()?;
+        sync_dir(&self.versions_dir)?;
         ModelVersion::read(&dir, false)
     }
 }
@@ -143,23 +143,10 @@ fn version_number(version: &str) -> u64 {
     version.parse().unwrap_or(u64::MAX)
 }
 
-/// Writes to a temporary file, fsyncs it, renames it over `path` and fsyncs the folder.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let temp = path.with_extension("partial");
-    let mut file = File::create(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&temp, path)?;
-    if let Some(parent) = path.parent() {
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BUNDLED_MODEL_DIR;
+    use crate::manifest::BUNDLED_MODEL_DIR;
 
     #[test]
     fn saved_versions_are_numbered_listed_and_activated() {

@@ -13,15 +13,16 @@ use tokio::net::TcpListener;
 use crate::api::upload::FormLimits;
 use crate::api::{self, AppState, RequestLimits};
 use crate::auth::AdminToken;
-use crate::catalog::{Catalog, CatalogSettings, IndexStartup};
+use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
 use crate::config::ServeConfig;
-use crate::embed::{BatchPolicy, EmbedderConfig};
-use crate::finetune::Jobs;
-use crate::gallery::Gallery;
+use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
+use crate::finetune::{Jobs, Trainer};
+use crate::gallery::SqliteGallery;
+use crate::index::LocalIndexes;
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
-use crate::registry::Registry;
+use crate::registry::{ModelVersion, Registry};
 
 /// A bound listener and a ready state: everything but the serving loop.
 pub struct Application {
@@ -52,38 +53,38 @@ impl Application {
         );
         let bundled = Manifest::load(&config.model)?;
         let metrics_handle = metrics::handle();
-        let gallery = Gallery::open(&config.data_dir)
+        let store = SqliteGallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
+        let indexes =
+            LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);
         let settings = CatalogSettings {
-            embedder: embedder_config(&config)?,
+            start_embedder: torch_embedder(embedder_config(&config)?),
             preprocess,
-            index_dir: config.data_dir.join(INDEX_DIR),
             near_duplicate_distance: config.near_duplicate_distance,
-            compact_fraction: config.compact_fraction,
             knn_k: config.knn_k,
             unknown_distance: config.unknown_distance,
         };
         let registry = Registry::new(&config.model, &config.data_dir);
-        let (catalog, startup) = Catalog::open(gallery, registry, settings).await?;
-        let active = catalog.active();
-        let info = active.embedder.info();
+        let (catalog, startup) = Catalog::open(Arc::new(store), Arc::new(indexes), registry, settings).await?;
+        let serving = catalog.serving();
         tracing::info!(
-            model = %info.model_key, version = %active.version.version, bundled = active.version.bundled,
-            trained = active.version.manifest.trained, device = %info.device, workers = info.workers,
-            precision = %info.precision, max_batch = info.policy.max_batch, max_delay = ?info.policy.max_delay,
-            cuda_available = info.cuda.available, cuda_devices = info.cuda.device_count,
+            model = %serving.model, version = %serving.version, bundled = serving.bundled,
+            trained = serving.trained, device = %serving.device, workers = serving.workers,
+            precision = %serving.precision, max_batch = serving.max_batch, max_delay = ?serving.max_delay,
+            cuda_available = serving.cuda_available, cuda_devices = serving.cuda_devices,
             "encoder loaded"
         );
         tracing::info!(
-            source = startup.source, reason = %startup.reason, items = startup.items, added = startup.added,
+            source = %startup.source, reason = %startup.reason, items = startup.items, added = startup.added,
             removed = startup.removed, seconds = startup.seconds, data_dir = %config.data_dir.display(),
             "index ready"
         );
         let admin = AdminToken::from_config(&config)?;
-        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR))?;
+        let trainer = Trainer { device: config.device.parse()?, threads: config.finetune_threads };
+        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), trainer)?;
 
         let listener = TcpListener::bind((config.host, config.port))
             .await
@@ -170,7 +171,7 @@ impl Application {
         if let Err(error) = catalog.dump_index().await {
             tracing::error!(%error, "could not dump the index at shutdown; the next start rebuilds it");
         }
-        match catalog.gallery.checkpoint().await {
+        match catalog.close_store().await {
             Ok(()) => tracing::info!("gallery store closed"),
             Err(error) => {
                 tracing::error!(%error, "could not checkpoint the gallery store; the next start recovers its log")
@@ -192,6 +193,14 @@ async fn dump_periodically(catalog: Catalog, interval: Duration) {
             tracing::error!(%error, "periodic index dump failed");
         }
     }
+}
+
+/// Starts libtorch workers for a model version, from its folder.
+fn torch_embedder(config: EmbedderConfig) -> StartEmbedder {
+    Arc::new(move |version: &ModelVersion| {
+        let config = EmbedderConfig { model_dir: version.dir.clone(), ..config.clone() };
+        Embedder::start(&config, &version.manifest)
+    })
 }
 
 fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {

@@ -100,8 +100,8 @@ fn the_runtime_stage_copies_what_the_binary_is_linked_against() {
     assert!(Path::new(&torch_lib).is_dir());
 
     // The bundled model is found at the path compiled in; the entry point is `make build`'s output.
-    assert_eq!(lookalike::config::BUNDLED_MODEL_DIR, format!("{ROOT}/models/default"));
-    assert_eq!(lookalike::config::FASHION_MODEL_DIR, format!("{ROOT}/models/fashion-mnist"));
+    assert_eq!(lookalike::manifest::BUNDLED_MODEL_DIR, format!("{ROOT}/models/default"));
+    assert_eq!(lookalike::manifest::FASHION_MODEL_DIR, format!("{ROOT}/models/fashion-mnist"));
     assert!(copied("models/default") && copied("models/fashion-mnist"), "{copies:?}");
     assert!(copied("target/release/lookalike"), "{copies:?}");
     assert_eq!(args_of(runtime, "ENTRYPOINT"), [format!("[\"{workdir}/target/release/lookalike\"]")]);

@@ -1,7 +1,5 @@
 //! `/admin`: fine-tuning jobs and model versions, behind the admin bearer token.
 
-use std::sync::atomic::AtomicBool;
-
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header::{AUTHORIZATION, LOCATION};
@@ -10,12 +8,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{ApiError, AppState};
-use crate::catalog::Switched;
+use crate::catalog::{Switched, VersionInfo};
 use crate::finetune::{FinetuneParams, JobStatus};
-use crate::registry::RegistryError;
 
 /// Proof that the request carried the admin token; handlers that take it are admin-only.
 pub struct Admin;
@@ -47,8 +43,8 @@ pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Resu
             _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
         })?
     };
-    let status = state.jobs.start(&state.catalog, params).await?;
-    let location = format!("/admin/finetune/{}", status.id);
+    let status = state.jobs.start(params).await?;
+    let location = format!("/admin/finetune/{}", status.record.id);
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
 }
 
@@ -75,7 +71,7 @@ pub async fn status(
 /// `DELETE /admin/finetune/{id}`: asks a running job to stop; 202 with its status.
 pub async fn cancel(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let job = state.jobs.get(&id).ok_or_else(|| no_job(&id))?;
-    if job.status().state.is_finished() {
+    if job.record().state.is_finished() {
         let message = format!("job {id} has already finished");
         return Err(ApiError::Conflict { code: "job_finished", message });
     }
@@ -86,46 +82,14 @@ pub async fn cancel(_: Admin, State(state): State<AppState>, Path(id): Path<Stri
 #[derive(Serialize)]
 pub struct Models {
     active: String,
-    versions: Vec<ModelEntry>,
-}
-
-#[derive(Serialize)]
-pub struct ModelEntry {
-    version: String,
-    model: String,
-    bundled: bool,
-    active: bool,
-    parent: Option<String>,
-    verification_threshold: Option<f32>,
-    /// Gallery items with a stored embedding of this version (activating it re-embeds the rest).
-    embedded_items: u64,
-    /// For fine-tuned versions: the job, its parameters and validation figures.
-    finetune: Option<Value>,
+    versions: Vec<VersionInfo>,
 }
 
 /// `GET /admin/models`
 pub async fn models(_: Admin, State(state): State<AppState>) -> Result<Json<Models>, ApiError> {
-    let registry = state.catalog.registry.clone();
-    let versions = tokio::task::spawn_blocking(move || registry.list())
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let active = state.catalog.active().version.version.clone();
-    let mut entries = Vec::with_capacity(versions.len());
-    for v in versions {
-        let embedded_items = state.catalog.gallery.count_embedded(v.model.clone()).await?;
-        entries.push(ModelEntry {
-            active: v.version == active,
-            parent: v.manifest.extra.get("parent").and_then(Value::as_str).map(str::to_string),
-            verification_threshold: v.manifest.verification_threshold,
-            finetune: v.manifest.extra.get("finetune").cloned(),
-            embedded_items,
-            version: v.version,
-            model: v.model,
-            bundled: v.bundled,
-        });
-    }
-    Ok(Json(Models { active, versions: entries }))
+    let active = state.catalog.active_version().version;
+    let versions = state.catalog.versions().await?;
+    Ok(Json(Models { active, versions }))
 }
 
 /// `POST /admin/models/{version}/activate`: switches to a version, embedding
@@ -135,24 +99,7 @@ pub async fn activate(
     State(state): State<AppState>,
     Path(version): Path<String>,
 ) -> Result<Json<Switched>, ApiError> {
-    let registry = state.catalog.registry.clone();
-    let wanted = version.clone();
-    let found = tokio::task::spawn_blocking(move || registry.get(&wanted))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let target = match found {
-        Ok(v) => v,
-        Err(RegistryError::Unknown(_)) => return Err(ApiError::NotFound(format!("no model version `{version}`"))),
-        Err(e) => return Err(ApiError::Internal(e.to_string())),
-    };
-    let _slot = state.jobs.claim("activation")?;
-    let active = state.catalog.active();
-    if active.version.version == target.version {
-        let items = active.index.len();
-        return Ok(Json(Switched { version: target.version, model: target.model, embedded: 0, items, seconds: 0.0 }));
-    }
-    let switched = state.catalog.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await?;
-    Ok(Json(switched))
+    Ok(Json(state.catalog.activate(&version).await?))
 }
 
 fn no_job(id: &str) -> ApiError {

@@ -154,7 +154,12 @@ impl From<EmbedError> for ApiError {
         match e {
             EmbedError::Overloaded => Self::Overloaded,
             EmbedError::Stopped => Self::Unavailable("the embedding worker is not running".into()),
-            EmbedError::Device(_) | EmbedError::Load(_) | EmbedError::Forward(_) => Self::Internal(e.to_string()),
+            EmbedError::UnknownDevice(_)
+            | EmbedError::UnknownPrecision(_)
+            | EmbedError::MissingCuda { .. }
+            | EmbedError::Fp16NeedsCuda
+            | EmbedError::Load(_)
+            | EmbedError::Forward(_) => Self::Internal(e.to_string()),
         }
     }
 }
@@ -173,7 +178,9 @@ impl From<IndexError> for ApiError {
     fn from(e: IndexError) -> Self {
         match e {
             // Embeddings come from our own encoder: a bad one is our bug, not the client's.
-            IndexError::Dimension { .. } | IndexError::NotFinite | IndexError::Dump(_) => Self::Internal(e.to_string()),
+            IndexError::Dimension { .. } | IndexError::NotFinite | IndexError::Dump(_) | IndexError::Task(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }
@@ -183,6 +190,8 @@ impl From<CatalogError> for ApiError {
         match e {
             CatalogError::Image { position, source } => image_error(Some(format!("image {position}")), source),
             CatalogError::Duplicate { .. } => Self::Conflict { code: "duplicate", message: e.to_string() },
+            CatalogError::UnknownVersion(_) => Self::NotFound(e.to_string()),
+            CatalogError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
             CatalogError::Task(_) | CatalogError::Models(_) => Self::Internal(e.to_string()),
             CatalogError::Cancelled => Self::Conflict { code: "cancelled", message: e.to_string() },
             CatalogError::Embed(e) => e.into(),
@@ -195,7 +204,6 @@ impl From<CatalogError> for ApiError {
 impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
-            JobError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
             JobError::Data(_) => Self::invalid("insufficient_labels", e.to_string()),
             JobError::Params(_) => Self::invalid("invalid_params", e.to_string()),
             JobError::Catalog(e) => e.into(),

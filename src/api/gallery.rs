@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::upload::read_gallery_form;
 use super::AppState;
-use crate::catalog::{Added, OnDuplicate, Upload};
-use crate::gallery::ItemSummary;
+use crate::catalog::{AddStatus, Added, ItemSummary, OnDuplicate, Upload};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -51,7 +50,7 @@ pub async fn add(
         .map(|bytes| Upload { bytes, label: form.label.clone(), metadata: metadata.clone() })
         .collect();
     let added = state.catalog.add(uploads, params.on_duplicate).await?;
-    let any_stored = added.iter().any(|a| a.status == "added");
+    let any_stored = added.iter().any(|a| a.status == AddStatus::Added);
     let items = added.into_iter().map(|added| AddedItem { added, label: form.label.clone() }).collect();
     // 201 when something was stored; 200 when every image was a skipped duplicate.
     let status = if any_stored { StatusCode::CREATED } else { StatusCode::OK };
@@ -86,7 +85,7 @@ pub async fn list(
     if params.cursor.is_some_and(|c| c < 0) {
         return Err(ApiError::invalid("invalid_cursor", "cursor is a `next_cursor` from a previous page, 0 or more"));
     }
-    let items = state.catalog.gallery.list(params.label, params.cursor.unwrap_or(0), limit).await?;
+    let items = state.catalog.list(params.label, params.cursor.unwrap_or(0), limit).await?;
     let next_cursor = if items.len() == limit { items.last().map(|i| i.id) } else { None };
     Ok(Json(ListResponse { items, next_cursor }))
 }
@@ -97,15 +96,16 @@ pub async fn get(
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<ItemSummary>, ApiError> {
     let id = item_id(id)?;
-    state.catalog.gallery.summary(id).await?.map(Json).ok_or_else(|| no_item(id))
+    state.catalog.item(id).await?.map(Json).ok_or_else(|| no_item(id))
 }
 
 /// `GET /gallery/{id}/image`: the original bytes, as uploaded.
 pub async fn image(State(state): State<AppState>, id: Result<Path<i64>, PathRejection>) -> Result<Response, ApiError> {
     let id = item_id(id)?;
-    let (media_type, bytes) = state.catalog.gallery.image(id).await?.ok_or_else(|| no_item(id))?;
-    let headers = [(header::CONTENT_TYPE, media_type), (header::CACHE_CONTROL, "private, max-age=3600".to_string())];
-    Ok((headers, Body::from(bytes)).into_response())
+    let image = state.catalog.image(id).await?.ok_or_else(|| no_item(id))?;
+    let headers =
+        [(header::CONTENT_TYPE, image.media_type), (header::CACHE_CONTROL, "private, max-age=3600".to_string())];
+    Ok((headers, Body::from(image.bytes)).into_response())
 }
 
 /// `DELETE /gallery/{id}`: gone from search results at once (204).

@@ -8,6 +8,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::{ApiError, AppState};
+use crate::catalog::IndexSource;
 
 #[derive(Serialize)]
 pub struct Health {
@@ -21,22 +22,21 @@ pub struct Health {
     cuda_available: bool,
     indexed_items: usize,
     /// How the index was made ready at start: `reloaded` (from its dump) or `rebuilt`.
-    index_source: &'static str,
+    index_source: IndexSource,
 }
 
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
-    let active = state.catalog.active();
-    let info = active.embedder.info();
+    let serving = state.catalog.serving();
     Json(Health {
         status: "ok",
-        model: info.model_key.clone(),
-        device: info.device.clone(),
-        workers: info.workers,
-        precision: info.precision.to_string(),
-        max_batch: info.policy.max_batch,
-        cuda_available: info.cuda.available,
-        model_version: active.version.version.clone(),
-        indexed_items: active.index.len(),
+        model: serving.model,
+        device: serving.device,
+        workers: serving.workers,
+        precision: serving.precision,
+        max_batch: serving.max_batch,
+        cuda_available: serving.cuda_available,
+        model_version: serving.version,
+        indexed_items: serving.indexed_items,
         index_source: state.index_startup.source,
     })
 }
@@ -56,16 +56,12 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiErro
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::NotReady("shutting down".into()));
     }
-    let active = state.catalog.active();
-    if !active.embedder.is_running() {
+    let serving = state.catalog.serving();
+    if !serving.workers_running {
         return Err(ApiError::NotReady("the embedding workers have stopped".into()));
     }
-    if let Err(error) = state.catalog.gallery.ping().await {
+    if let Err(error) = state.catalog.ping().await {
         return Err(ApiError::NotReady(format!("the gallery store does not answer: {error}")));
     }
-    Ok(Json(Ready {
-        status: "ready",
-        model_version: active.version.version.clone(),
-        indexed_items: active.index.len(),
-    }))
+    Ok(Json(Ready { status: "ready", model_version: serving.version, indexed_items: serving.indexed_items }))
 }

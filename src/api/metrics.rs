@@ -12,7 +12,7 @@ use super::AppState;
 use crate::metrics;
 
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    metrics::index_items(state.catalog.active().index.len());
+    metrics::index_items(state.catalog.serving().indexed_items);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
 }
 

@@ -21,7 +21,7 @@ impl FromStr for DeviceChoice {
     type Err = EmbedError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || EmbedError::Device(format!("unknown device '{s}': expected auto, cpu or cuda:N[,M...]"));
+        let bad = || EmbedError::UnknownDevice(s.to_string());
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "auto" => Ok(Self::Auto),
@@ -84,10 +84,7 @@ pub fn resolve(choice: &DeviceChoice, cuda: CudaInfo) -> Result<Vec<Device>, Emb
                 if n < cuda.device_count {
                     Ok(Device::Cuda(n))
                 } else {
-                    Err(EmbedError::Device(format!(
-                        "cuda:{n} was asked for but libtorch sees {} CUDA device(s)",
-                        cuda.device_count
-                    )))
+                    Err(EmbedError::MissingCuda { ordinal: n, visible: cuda.device_count })
                 }
             })
             .collect(),

@@ -6,6 +6,7 @@ use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::EmbedError;
+use crate::vector::normalized;
 
 /// Maps a batch of preprocessed images to L2-normalised embeddings.
 pub trait Encoder {
@@ -37,7 +38,7 @@ impl std::str::FromStr for Precision {
         match s.trim().to_ascii_lowercase().as_str() {
             "fp32" | "float32" => Ok(Self::Fp32),
             "fp16" | "half" | "float16" => Ok(Self::Fp16),
-            _ => Err(EmbedError::Device(format!("unknown precision '{s}': expected fp32 or fp16"))),
+            _ => Err(EmbedError::UnknownPrecision(s.to_string())),
         }
     }
 }
@@ -103,24 +104,18 @@ impl Encoder for TorchEncoder {
             )));
         }
         let flat = Vec::<f32>::try_from(output.view([-1])).map_err(|e| EmbedError::Forward(e.to_string()))?;
-        flat.chunks_exact(self.dim).map(normalized).collect()
+        // Re-normalised (the index relies on unit vectors); NaN or inf is a failed forward.
+        let unit = |v: &[f32]| {
+            normalized(v).map_err(|_| EmbedError::Forward("the encoder produced a zero or non-finite embedding".into()))
+        };
+        flat.chunks_exact(self.dim).map(unit).collect()
     }
-}
-
-/// Re-normalises an embedding (the index relies on unit vectors) and rejects NaN/inf.
-pub fn normalized(v: &[f32]) -> Result<Vec<f32>, EmbedError> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if !norm.is_finite() || norm == 0.0 {
-        return Err(EmbedError::Forward("the encoder produced a zero or non-finite embedding".into()));
-    }
-    Ok(v.iter().map(|x| x / norm).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BUNDLED_MODEL_DIR;
-    use crate::manifest::Manifest;
+    use crate::manifest::{Manifest, BUNDLED_MODEL_DIR, ENCODER_FILE};
 
     #[test]
     fn parses_precisions() {
@@ -134,7 +129,7 @@ mod tests {
     #[test]
     fn padding_a_batch_leaves_its_embeddings_unchanged() {
         let manifest = Manifest::load(Path::new(BUNDLED_MODEL_DIR)).unwrap();
-        let path = Path::new(BUNDLED_MODEL_DIR).join("encoder.pt");
+        let path = Path::new(BUNDLED_MODEL_DIR).join(ENCODER_FILE);
         let (size, dim, len) = (manifest.input.size, manifest.embedding.dim, manifest.input.input_len());
         let load = || TorchEncoder::load(&path, Device::Cpu, Precision::Fp32, size, dim).unwrap();
         let (mut plain, mut padded) = (load(), load().pad_to(vec![1, 2, 4, 8]));

@@ -15,18 +15,24 @@ use std::time::Instant;
 use tch::Device;
 use tokio::sync::{oneshot, Semaphore};
 
-pub use device::{CudaInfo, DeviceChoice};
-pub use encoder::{normalized, Encoder, Precision, TorchEncoder};
+pub use device::{resolve as resolve_devices, CudaInfo, DeviceChoice};
+pub use encoder::{Encoder, Precision, TorchEncoder};
 pub use queue::{BatchPolicy, Embedded, Priority};
 
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ENCODER_FILE};
 use crate::metrics;
 use queue::{Entry, Queue};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {
-    #[error("device: {0}")]
-    Device(String),
+    #[error("unknown device '{0}': expected auto, cpu or cuda:N[,M...]")]
+    UnknownDevice(String),
+    #[error("unknown precision '{0}': expected fp32 or fp16")]
+    UnknownPrecision(String),
+    #[error("cuda:{ordinal} was asked for but libtorch sees {visible} CUDA device(s)")]
+    MissingCuda { ordinal: usize, visible: usize },
+    #[error("fp16 needs a CUDA device")]
+    Fp16NeedsCuda,
     #[error("cannot load the encoder: {0}")]
     Load(String),
     #[error("forward pass failed: {0}")]
@@ -101,7 +107,7 @@ impl Embedder {
         let mut threads = Vec::new();
         for (n, device) in devices.iter().flat_map(|d| std::iter::repeat_n(*d, replicas)).enumerate() {
             let spec = WorkerSpec {
-                path: config.model_dir.join("encoder.pt"),
+                path: config.model_dir.join(ENCODER_FILE),
                 device,
                 precision,
                 threads: if device == Device::Cpu { cpu_threads } else { 1 },
@@ -146,6 +152,42 @@ impl Embedder {
         };
         let bulk_slots = Semaphore::new(4 * policy.max_batch);
         Ok(Self { inner: Arc::new(Inner { queue, bulk_slots, threads, info }) })
+    }
+
+    /// Serves `encoder` on one worker thread under `policy`, with the shapes
+    /// of `manifest`: the whole queue and batcher in front of a stand-in for
+    /// the TorchScript model (fast tests of what sits above the embedder).
+    pub fn with_encoder(
+        encoder: impl Encoder + Send + 'static,
+        manifest: &Manifest,
+        policy: BatchPolicy,
+    ) -> Result<Self, EmbedError> {
+        let queue = Arc::new(Queue::new(policy));
+        let input_len = manifest.input.input_len();
+        let (handoff, batches) = crossbeam_channel::bounded(0);
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| EmbedError::Load(format!("cannot spawn a thread: {e}")))
+        };
+        let worker_queue = queue.clone();
+        let worker = spawn("embed-test-0", Box::new(move || worker::run_worker(encoder, &worker_queue, batches, "cpu")))?;
+        let batcher_queue = queue.clone();
+        let batcher =
+            spawn("embed-batcher", Box::new(move || worker::run_batcher(&batcher_queue, handoff, input_len)))?;
+        let info = EmbedderInfo {
+            device: "cpu".into(),
+            workers: 1,
+            precision: Precision::Fp32,
+            cuda: CudaInfo { available: false, device_count: 0 },
+            model_key: manifest.model_key(),
+            dim: manifest.embedding.dim,
+            input_len,
+            policy: queue.policy(),
+        };
+        let bulk_slots = Semaphore::new(4 * policy.max_batch);
+        Ok(Self { inner: Arc::new(Inner { queue, bulk_slots, threads: vec![worker, batcher], info }) })
     }
 
     pub fn info(&self) -> &EmbedderInfo {
@@ -228,7 +270,7 @@ fn effective_precision(config: &EmbedderConfig, devices: &[Device]) -> Result<Pr
             tracing::warn!("fp16 needs CUDA and none is available: running the CPU in fp32");
             Ok(Precision::Fp32)
         }
-        (Precision::Fp16, true, _) => Err(EmbedError::Device("fp16 needs a CUDA device".into())),
+        (Precision::Fp16, true, _) => Err(EmbedError::Fp16NeedsCuda),
         (precision, _, _) => Ok(precision),
     }
 }

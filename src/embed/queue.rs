@@ -93,8 +93,8 @@ impl State {
     }
 
     fn publish_depth(&self) {
-        metrics::queue_depth(Priority::Interactive, self.interactive.len());
-        metrics::queue_depth(Priority::Bulk, self.bulk.len());
+        metrics::queue_depth(Priority::Interactive.as_str(), self.interactive.len());
+        metrics::queue_depth(Priority::Bulk.as_str(), self.bulk.len());
     }
 }
 
@@ -165,10 +165,10 @@ impl Queue {
             let Some(entry) = state.interactive.pop_front().or_else(|| state.bulk.pop_front()) else { break };
             let wait = now.saturating_duration_since(entry.enqueued);
             if entry.reply.is_closed() {
-                metrics::cancelled(entry.priority);
+                metrics::cancelled(entry.priority.as_str());
                 continue;
             }
-            metrics::queue_wait(entry.priority, wait);
+            metrics::queue_wait(entry.priority.as_str(), wait);
             taken.waits.push(wait);
             taken.entries.push(entry);
         }

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 pub use metrics::{retrieval, verification, RetrievalMetrics, Verification};
 
 use crate::embed::{Encoder, Precision, TorchEncoder};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ENCODER_FILE};
 use crate::preprocess::{to_rgb_on_white, ImageLimits, Preprocessor};
 use folders::FolderSet;
 
@@ -34,7 +34,7 @@ const FASHION: &str = "fashion-mnist";
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalConfig {
     /// Model folder to evaluate.
-    #[arg(long, env = "LOOKALIKE_MODEL", default_value = crate::config::BUNDLED_MODEL_DIR)]
+    #[arg(long, env = "LOOKALIKE_MODEL", default_value = crate::manifest::BUNDLED_MODEL_DIR)]
     pub model: PathBuf,
     /// Folder with the Fashion-MNIST IDX files.
     #[arg(long, default_value = fashion_mnist::DEFAULT_DIR)]
@@ -107,7 +107,7 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     let manifest = Manifest::load(&config.model)?;
     let preprocessor = Preprocessor::new(manifest.input.clone(), LIMITS);
     let mut encoder = TorchEncoder::load(
-        &config.model.join("encoder.pt"),
+        &config.model.join(ENCODER_FILE),
         Device::Cpu,
         Precision::Fp32,
         manifest.input.size,

@@ -104,8 +104,8 @@ impl Default for FinetuneParams {
 
 impl FinetuneParams {
     /// Checks ranges; the message names the offending field.
-    pub fn validate(&self) -> Result<(), String> {
-        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_string()) };
+    pub fn validate(&self) -> Result<(), InvalidParams> {
+        let check = |ok: bool, rule: &'static str| if ok { Ok(()) } else { Err(InvalidParams(rule)) };
         check((1..=1000).contains(&self.epochs), "epochs must be between 1 and 1000")?;
         check(
             self.steps_per_epoch.is_none_or(|s| (1..=100_000).contains(&s)),
@@ -135,6 +135,11 @@ impl FinetuneParams {
     }
 }
 
+/// A parameter out of its range: the rule it broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidParams(pub &'static str);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,9 +148,9 @@ mod tests {
     fn defaults_are_valid_and_ranges_are_enforced() {
         assert!(FinetuneParams::default().validate().is_ok());
         let bad = FinetuneParams { learning_rate: 0.0, ..Default::default() };
-        assert!(bad.validate().unwrap_err().contains("learning_rate"));
+        assert!(bad.validate().unwrap_err().0.contains("learning_rate"));
         let bad = FinetuneParams { p: 1, ..Default::default() };
-        assert!(bad.validate().unwrap_err().starts_with("p "));
+        assert!(bad.validate().unwrap_err().0.starts_with("p "));
         let parsed: FinetuneParams = serde_json::from_str(r#"{"epochs": 3, "mining": "batch_hard"}"#).unwrap();
         assert_eq!((parsed.epochs, parsed.mining, parsed.k), (3, Mining::BatchHard, 8));
         assert!(serde_json::from_str::<FinetuneParams>(r#"{"epoch": 3}"#).is_err(), "unknown fields are refused");

@@ -1,19 +1,17 @@
 //! The durable gallery: every image's original bytes, label, metadata and its
-//! embedding per model, in SQLite (WAL mode). It is the source of truth; the
-//! index is a view rebuilt from it.
+//! embedding per model version. It is the source of truth; a vector index is
+//! a view rebuilt from it. `GalleryStore` is what the catalog needs of a
+//! store; `SqliteGallery` (embedded mode) is today's implementation.
 
 mod schema;
+mod sqlite;
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-const STORE_FILE: &str = "gallery.sqlite3";
+pub use sqlite::SqliteGallery;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GalleryError {
@@ -68,298 +66,74 @@ pub struct ItemSummary {
     pub created_at: i64,
 }
 
-/// Cheap-clone handle. A std `Mutex` is right here: every call is short, runs
-/// on a blocking thread and never holds the lock across an `.await`.
-#[derive(Clone)]
-pub struct Gallery {
-    conn: Arc<Mutex<Connection>>,
+/// An item's original bytes, as uploaded.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub media_type: String,
+    pub bytes: Vec<u8>,
 }
 
-impl Gallery {
-    /// Opens (creating if needed) the store in `data_dir` and migrates it.
-    pub fn open(data_dir: &Path) -> Result<Self, GalleryError> {
-        std::fs::create_dir_all(data_dir)?;
-        let mut conn = Connection::open(data_dir.join(STORE_FILE))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a committed insert survives power loss, not only a process crash.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        schema::migrate(&mut conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
-    }
+/// What the catalog needs of a durable store. Embeddings are kept per model
+/// key (`name@version`). Every write is one transaction: when it returns,
+/// it is durable. Ids are assigned by the store, ascending.
+#[async_trait::async_trait]
+pub trait GalleryStore: Send + Sync + 'static {
+    /// Adds items with their embeddings under `model`, all or none.
+    async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError>;
 
-    /// Runs `f` with the connection on a blocking thread.
-    async fn with_conn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, GalleryError> + Send + 'static,
-    ) -> Result<T, GalleryError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().map_err(|_| GalleryError::Corrupt("store lock poisoned".into()))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| GalleryError::Corrupt(format!("store task failed: {e}")))?
-    }
-
-    /// Adds items with their embeddings under `model` in one transaction:
-    /// when this returns, all of them are on disk, or none is.
-    pub async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
-        self.with_conn(move |conn| {
-            let tx = conn.transaction()?;
-            let mut out = Vec::with_capacity(items.len());
-            for item in items {
-                out.push(insert_one(&tx, item, &model)?);
-            }
-            tx.commit()?;
-            Ok(out)
-        })
-        .await
-    }
+    /// Deletes an item and its embeddings; `false` if there was none.
+    async fn delete(&self, id: i64) -> Result<bool, GalleryError>;
 
     /// Summaries of the given ids that exist.
-    pub async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1",
-            )?;
-            let mut out = HashMap::with_capacity(ids.len());
-            for id in ids {
-                if let Some(item) = stmt.query_row([id], summary_from_row).optional()? {
-                    out.insert(id, item);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
+    async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError>;
 
     /// One item's summary.
-    pub async fn summary(&self, id: i64) -> Result<Option<ItemSummary>, GalleryError> {
+    async fn summary(&self, id: i64) -> Result<Option<ItemSummary>, GalleryError> {
         Ok(self.summaries(vec![id]).await?.remove(&id))
     }
 
     /// A page of items in id order, after `after` (a cursor), optionally of one label.
-    pub async fn list(
-        &self,
-        label: Option<String>,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<ItemSummary>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items
-                 WHERE id > ?1 AND (?2 IS NULL OR label = ?2) ORDER BY id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![after, label, limit as i64], summary_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
-    }
+    async fn list(&self, label: Option<String>, after: i64, limit: usize) -> Result<Vec<ItemSummary>, GalleryError>;
 
     /// The original bytes and media type of an item.
-    pub async fn image(&self, id: i64) -> Result<Option<(String, Vec<u8>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let row = conn
-                .query_row("SELECT media_type, image FROM items WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            Ok(row)
-        })
-        .await
-    }
-
-    /// A trivial query: whether the store answers.
-    pub async fn ping(&self) -> Result<(), GalleryError> {
-        self.with_conn(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
-    }
-
-    /// Folds the write-ahead log into the database file, so a stopped service
-    /// leaves one self-contained file; later calls still work (the connection stays open).
-    pub async fn checkpoint(&self) -> Result<(), GalleryError> {
-        self.with_conn(|conn| Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)).await
-    }
-
-    /// Deletes an item and its embeddings; `false` if there was none.
-    pub async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
-        self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
-    }
-
-    /// Ids of the items with this label, ascending.
-    pub async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError> {
-        self.with_conn(move |conn| ids(conn, "SELECT id FROM items WHERE label = ?1 ORDER BY id", label)).await
-    }
-
-    /// For each hash, the oldest item with those exact bytes, if any.
-    pub async fn oldest_with_hashes(&self, hashes: Vec<String>) -> Result<Vec<Option<i64>>, GalleryError> {
-        self.with_conn(move |conn| hashes.iter().map(|hash| oldest_with_hash(conn, hash)).collect()).await
-    }
-
-    /// Ids of the items that have an embedding under `model`.
-    pub async fn embedded_ids(&self, model: String) -> Result<Vec<i64>, GalleryError> {
-        self.with_conn(move |conn| ids(conn, "SELECT item_id FROM embeddings WHERE model = ?1 ORDER BY item_id", model))
-            .await
-    }
-
-    /// The embeddings under `model` of the given ids (those that have one).
-    pub async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT vector FROM embeddings WHERE model = ?1 AND item_id = ?2")?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(blob) = stmt.query_row(params![model, id], |r| r.get::<_, Vec<u8>>(0)).optional()? {
-                    out.push((id, decode_vector(&blob)?));
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Every labelled item as `(id, label)`, ascending by id: the fine-tuning data.
-    pub async fn labelled(&self) -> Result<Vec<(i64, String)>, GalleryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare("SELECT id, label FROM items WHERE label IS NOT NULL ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
-    }
+    async fn image(&self, id: i64) -> Result<Option<StoredImage>, GalleryError>;
 
     /// The original bytes of the given items (those that still exist).
-    pub async fn images(&self, ids: Vec<i64>) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached("SELECT image FROM items WHERE id = ?1")?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(image) = stmt.query_row([id], |r| r.get::<_, Vec<u8>>(0)).optional()? {
-                    out.push((id, image));
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
+    async fn images(&self, ids: Vec<i64>) -> Result<Vec<(i64, Vec<u8>)>, GalleryError>;
+
+    async fn count(&self) -> Result<u64, GalleryError>;
+
+    /// Ids of the items with this label, ascending.
+    async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError>;
+
+    /// Every labelled item as `(id, label)`, ascending by id: the fine-tuning data.
+    async fn labelled(&self) -> Result<Vec<(i64, String)>, GalleryError>;
+
+    /// For each hash, the oldest item with those exact bytes, if any.
+    async fn oldest_with_hashes(&self, hashes: Vec<String>) -> Result<Vec<Option<i64>>, GalleryError>;
+
+    /// Ids of the items that have an embedding under `model`.
+    async fn embedded_ids(&self, model: String) -> Result<Vec<i64>, GalleryError>;
 
     /// How many items have an embedding under `model`.
-    pub async fn count_embedded(&self, model: String) -> Result<u64, GalleryError> {
-        self.with_conn(move |conn| {
-            Ok(conn.query_row("SELECT COUNT(*) FROM embeddings WHERE model = ?1", [model], |r| r.get(0))?)
-        })
-        .await
-    }
+    async fn count_embedded(&self, model: String) -> Result<u64, GalleryError>;
 
-    pub async fn count(&self) -> Result<u64, GalleryError> {
-        self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
-    }
-
-    /// Every stored embedding of `model`, for rebuilding the index at start.
-    pub async fn embeddings(&self, model: String) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare("SELECT item_id, vector FROM embeddings WHERE model = ?1 ORDER BY item_id")?;
-            let rows = stmt.query_map([model], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-            rows.map(|row| {
-                let (id, blob) = row?;
-                Ok((id, decode_vector(&blob)?))
-            })
-            .collect()
-        })
-        .await
-    }
+    /// The embeddings under `model` of the given ids (those that have one).
+    async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError>;
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    pub async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT id, image FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
-                 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![model, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await
-    }
+    async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError>;
 
-    /// Stores embeddings computed later (e.g. for a new model), in one transaction.
-    pub async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
-        self.with_conn(move |conn| {
-            let tx = conn.transaction()?;
-            for (id, v) in vectors {
-                tx.execute(
-                    "INSERT OR REPLACE INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
-                    params![id, model, encode_vector(&v)],
-                )?;
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-}
+    /// Stores embeddings computed later (for another model), in one transaction.
+    async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError>;
 
-fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
-    let content_hash = item.content_hash;
-    let duplicate_of = oldest_with_hash(tx, &content_hash)?;
-    tx.execute(
-        "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            content_hash,
-            item.media_type,
-            item.label,
-            item.metadata.to_string(),
-            item.width,
-            item.height,
-            now_millis(),
-            &item.image[..]
-        ],
-    )?;
-    let id = tx.last_insert_rowid();
-    tx.execute(
-        "INSERT INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
-        params![id, model, encode_vector(&item.embedding)],
-    )?;
-    Ok(Inserted { id, content_hash, duplicate_of })
-}
+    /// A number that grows with every committed insert or delete of items:
+    /// equal readings mean the set of items did not change in between.
+    fn change_sequence(&self) -> u64;
 
-fn oldest_with_hash(conn: &Connection, content_hash: &str) -> Result<Option<i64>, GalleryError> {
-    let mut stmt = conn.prepare_cached("SELECT MIN(id) FROM items WHERE content_hash = ?1")?;
-    Ok(stmt.query_row([content_hash], |r| r.get(0)).optional()?.flatten())
-}
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<(), GalleryError>;
 
-/// Runs a query with one parameter whose rows are single ids.
-fn ids(conn: &Connection, sql: &str, param: String) -> Result<Vec<i64>, GalleryError> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map([param], |r| r.get(0))?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
-    let metadata: String = r.get(2)?;
-    Ok(ItemSummary {
-        id: r.get(0)?,
-        label: r.get(1)?,
-        // Written by us from a serde_json::Value, so it parses; fall back to null if not.
-        metadata: serde_json::from_str(&metadata).unwrap_or(serde_json::Value::Null),
-        media_type: r.get(3)?,
-        width: r.get(4)?,
-        height: r.get(5)?,
-        content_hash: r.get(6)?,
-        created_at: r.get(7)?,
-    })
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn encode_vector(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn decode_vector(blob: &[u8]) -> Result<Vec<f32>, GalleryError> {
-    if !blob.len().is_multiple_of(4) {
-        return Err(GalleryError::Corrupt(format!("embedding blob of {} bytes", blob.len())));
-    }
-    Ok(blob.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    /// Brings the store to a tidy state at shutdown (SQLite folds its log in).
+    async fn checkpoint(&self) -> Result<(), GalleryError>;
 }

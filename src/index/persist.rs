@@ -18,7 +18,10 @@ use hnsw_rs::hnswio::HnswIo;
 use hnsw_rs::prelude::{AnnT, DistDot, Hnsw};
 use serde::{Deserialize, Serialize};
 
-use super::{Graph, Index, IndexError};
+use super::hnsw::{Graph, HnswIndex};
+use super::IndexError;
+use crate::clock::now_millis;
+use crate::files::{sync_dir, write_atomic};
 
 const CURRENT: &str = "CURRENT";
 const FORMAT: u32 = 1;
@@ -50,7 +53,7 @@ pub enum Loaded {
     Corrupt(String),
 }
 
-impl Index {
+impl HnswIndex {
     /// Writes the graph to `dir` atomically. Holds the writer lock, so no
     /// insert waits on the graph's lock meanwhile (searches go on).
     pub fn dump(&self, dir: &Path, model: &str) -> Result<DumpReport, IndexError> {
@@ -68,7 +71,7 @@ impl Index {
             let path = entry.map_err(|e| io("listing the dump", e))?.path();
             File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io("syncing the dump", e))?;
         }
-        sync_dir(&tmp)?;
+        sync_dir(&tmp).map_err(|e| io("syncing the dump", e))?;
         fs::rename(&tmp, dir.join(&name)).map_err(|e| io("renaming the dump", e))?;
         let points = graph.hnsw.get_nb_point();
         let manifest = DumpManifest {
@@ -78,21 +81,17 @@ impl Index {
             model: model.into(),
             dim: self.dim(),
             points,
-            created_at: now(),
+            created_at: (now_millis() / 1000) as i64,
         };
-        let current_tmp = dir.join(format!("{CURRENT}.tmp"));
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| IndexError::Dump(e.to_string()))?;
-        fs::write(&current_tmp, json).map_err(|e| io("writing CURRENT", e))?;
-        File::open(&current_tmp).and_then(|f| f.sync_all()).map_err(|e| io("syncing CURRENT", e))?;
-        fs::rename(&current_tmp, dir.join(CURRENT)).map_err(|e| io("renaming CURRENT", e))?;
-        sync_dir(dir)?;
+        write_atomic(&dir.join(CURRENT), &json).map_err(|e| io("writing CURRENT", e))?;
         self.shared.dumped_changes.store(changes, Ordering::Relaxed);
         remove_other_dumps(dir, &name);
         Ok(DumpReport { points, seconds: started.elapsed().as_secs_f64() })
     }
 
     /// Reloads the current dump of `model` from `dir`, or says why not.
-    pub fn load(dir: &Path, model: &str, dim: usize) -> (Option<Index>, Loaded) {
+    pub fn load(dir: &Path, model: &str, dim: usize) -> (Option<HnswIndex>, Loaded) {
         let started = Instant::now();
         let manifest: DumpManifest = match fs::read(dir.join(CURRENT)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, Loaded::Missing),
@@ -120,17 +119,13 @@ impl Index {
         if points != manifest.points {
             return (None, Loaded::Corrupt(format!("{points} points, CURRENT says {}", manifest.points)));
         }
-        let index = Index::with_graph(dim, Graph::from_hnsw(hnsw));
+        let index = HnswIndex::with_graph(dim, Graph::from_hnsw(hnsw));
         (Some(index), Loaded::Reloaded { points, seconds: started.elapsed().as_secs_f64() })
     }
 }
 
 fn read_graph(loader: HnswIo) -> anyhow::Result<Hnsw<'static, f32, DistDot>> {
     Box::leak(Box::new(loader)).load_hnsw::<f32, DistDot>()
-}
-
-fn sync_dir(dir: &Path) -> Result<(), IndexError> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| IndexError::Dump(format!("syncing {}: {e}", dir.display())))
 }
 
 /// Older dumps and leftovers of interrupted ones; failures only cost disk.
@@ -146,10 +141,6 @@ fn remove_other_dumps(dir: &Path, keep: &str) {
     }
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,7 +153,7 @@ mod tests {
     #[test]
     fn a_dump_reloads_with_its_items_and_replaces_the_previous_one() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::new(8, 64);
+        let index = HnswIndex::new(8, 64);
         index.insert(&(0..50).map(|i| (i as i64, vector(i))).collect::<Vec<_>>()).unwrap();
         index.dump(dir.path(), "m@1").unwrap();
         index.insert(&[(50, vector(50))]).unwrap();
@@ -172,7 +163,7 @@ mod tests {
         let dumps = fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
         assert_eq!(dumps, 1, "the older dump is removed");
 
-        let (reloaded, outcome) = Index::load(dir.path(), "m@1", 8);
+        let (reloaded, outcome) = HnswIndex::load(dir.path(), "m@1", 8);
         assert!(matches!(outcome, Loaded::Reloaded { points: 51, .. }), "{outcome:?}");
         let reloaded = reloaded.unwrap();
         assert_eq!(reloaded.live_ids().len(), 51);
@@ -180,17 +171,17 @@ mod tests {
         // A reloaded graph takes inserts and dumps again.
         reloaded.insert(&[(51, vector(51))]).unwrap();
         reloaded.dump(dir.path(), "m@1").unwrap();
-        assert!(matches!(Index::load(dir.path(), "m@1", 8).1, Loaded::Reloaded { points: 52, .. }));
+        assert!(matches!(HnswIndex::load(dir.path(), "m@1", 8).1, Loaded::Reloaded { points: 52, .. }));
     }
 
     #[test]
     fn missing_stale_and_corrupt_dumps_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(Index::load(dir.path(), "m@1", 8).1, Loaded::Missing));
-        let index = Index::new(8, 16);
+        assert!(matches!(HnswIndex::load(dir.path(), "m@1", 8).1, Loaded::Missing));
+        let index = HnswIndex::new(8, 16);
         index.insert(&(0..10).map(|i| (i as i64, vector(i))).collect::<Vec<_>>()).unwrap();
         index.dump(dir.path(), "m@1").unwrap();
-        assert!(matches!(Index::load(dir.path(), "m@2", 8).1, Loaded::Stale(_)));
+        assert!(matches!(HnswIndex::load(dir.path(), "m@2", 8).1, Loaded::Stale(_)));
         // Truncate the graph file: the loader must fail, not crash the process.
         let dump = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
         for file in fs::read_dir(&dump).unwrap() {
@@ -198,6 +189,6 @@ mod tests {
             let bytes = fs::read(&path).unwrap();
             fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
         }
-        assert!(matches!(Index::load(dir.path(), "m@1", 8).1, Loaded::Corrupt(_)));
+        assert!(matches!(HnswIndex::load(dir.path(), "m@1", 8).1, Loaded::Corrupt(_)));
     }
 }

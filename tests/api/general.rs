@@ -10,7 +10,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, Rgb, RgbImage};
 use serde_json::Value;
 
-use lookalike::config::BUNDLED_MODEL_DIR;
+use lookalike::manifest::BUNDLED_MODEL_DIR;
 use lookalike::preprocess::to_rgb_on_white;
 
 use crate::helpers::spawn_app_with;

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use lookalike::config::{ServeConfig, FASHION_MODEL_DIR};
+use clap::Parser;
+use lookalike::config::{Cli, Command, ServeConfig};
+use lookalike::manifest::FASHION_MODEL_DIR;
 use lookalike::startup::Application;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
@@ -27,43 +29,36 @@ pub struct TestApp {
     violations: Arc<Mutex<Vec<String>>>,
 }
 
+/// The service's own defaults (parsed as `lookalike serve` would parse
+/// them), with smaller limits so the tests can reach them cheaply.
 pub fn config(data_dir: &Path) -> ServeConfig {
-    ServeConfig {
-        host: "127.0.0.1".parse().unwrap(),
-        port: 0,
-        data_dir: data_dir.to_path_buf(),
-        // The fixtures are Fashion-MNIST images; tests/api/general.rs runs the general default.
-        model: FASHION_MODEL_DIR.into(),
-        device: "auto".into(),
-        replicas_per_device: 1,
-        precision: "fp32".into(),
-        max_batch: 8,
-        max_delay_ms: 1.0,
-        queue_capacity: 256,
-        torch_threads: 0,
-        preprocess_threads: 0,
-        max_body_bytes: 4 * 1024 * 1024,
-        max_image_side: 4096,
-        max_decoded_bytes: 64 * 1024 * 1024,
-        index_dump_interval_secs: 60,
-        near_duplicate_distance: 0.01,
-        compact_fraction: 0.1,
-        max_images_per_request: 16,
-        max_k: 50,
-        admin_token: None,
-        admin_token_file: None,
-        knn_k: 10,
-        unknown_distance: None,
-        cors_origins: Vec::new(),
-        max_form_parts: 24,
-        max_part_bytes: 2 * 1024 * 1024,
-        max_text_part_bytes: 4096,
-        request_timeout_secs: 30,
-        max_concurrent_requests: 64,
-        shutdown_grace_secs: 10,
-        shutdown_delay_secs: 0,
-        log_format: lookalike::config::LogFormat::Text,
-    }
+    const MIB: usize = 1024 * 1024;
+    let numbers = [
+        ("--port", 0),
+        ("--max-batch", 8),
+        ("--queue-capacity", 256),
+        ("--max-body-bytes", 4 * MIB),
+        ("--max-image-side", 4096),
+        ("--max-decoded-bytes", 64 * MIB),
+        ("--max-images-per-request", 16),
+        ("--max-k", 50),
+        ("--max-form-parts", 24),
+        ("--max-part-bytes", 2 * MIB),
+        ("--max-text-part-bytes", 4096),
+        ("--max-concurrent-requests", 64),
+        ("--shutdown-grace-secs", 10),
+    ];
+    let mut args: Vec<String> = ["lookalike", "serve", "--host", "127.0.0.1", "--near-duplicate-distance", "0.01"]
+        .map(String::from)
+        .into();
+    // The fixtures are Fashion-MNIST images; tests/api/general.rs runs the general default.
+    args.extend(["--model".into(), FASHION_MODEL_DIR.into(), "--data-dir".into(), data_dir.display().to_string()]);
+    args.extend(numbers.iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]));
+    let Command::Serve(config) = Cli::try_parse_from(args).expect("the test arguments parse").command else {
+        unreachable!("parsed the serve subcommand")
+    };
+    // Secrets may sit in the environment of whoever runs the tests; tests set their own.
+    ServeConfig { admin_token: None, admin_token_file: None, ..*config }
 }
 
 /// Starts the app on a fresh data directory. Logs only with `TEST_LOG=1`.

@@ -1,5 +1,6 @@
-//! Labels for a query from its labelled neighbours: a distance-weighted vote,
-//! or `unknown` when even the nearest labelled neighbour is too far. This is
+//! The label vote (k-NN): a query's likely label from its labelled
+//! neighbours by a distance-weighted vote, or `unknown` when even the
+//! nearest labelled neighbour is too far. This is
 //! how a class is recognised from a few labelled examples without retraining.
 
 use std::collections::HashMap;

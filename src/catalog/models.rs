@@ -1,0 +1,115 @@
+//! The model versions' lifecycle: listing them, saving a fine-tuned one,
+//! activating one, and the one-at-a-time slot that fine-tunes and
+//! activations share. Registry calls touch the disk: they run on blocking threads.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use serde_json::Value;
+
+use super::{Catalog, CatalogError, Switched, VersionInfo};
+use crate::manifest::Manifest;
+use crate::registry::{ModelVersion, Registry, RegistryError};
+
+/// What holds the one-at-a-time slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotHolder {
+    /// A fine-tune job, by id.
+    Job(String),
+    /// A model activation (`POST /admin/models/{version}/activate`).
+    Activation,
+}
+
+impl std::fmt::Display for SlotHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Job(id) => write!(f, "job {id}"),
+            Self::Activation => f.write_str("a model activation"),
+        }
+    }
+}
+
+/// The slot, held; frees it when dropped.
+pub struct Slot {
+    catalog: Catalog,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.catalog.lifecycle.lock().expect("lifecycle lock") = None;
+    }
+}
+
+impl Catalog {
+    /// Takes the one-at-a-time slot for `holder`, or says who has it.
+    pub fn claim(&self, holder: SlotHolder) -> Result<Slot, CatalogError> {
+        let mut slot = self.lifecycle.lock().expect("lifecycle lock");
+        if let Some(busy) = slot.as_ref() {
+            return Err(CatalogError::Busy(busy.clone()));
+        }
+        *slot = Some(holder);
+        Ok(Slot { catalog: self.clone() })
+    }
+
+    /// Who holds the slot now.
+    pub fn slot_holder(&self) -> Option<SlotHolder> {
+        self.lifecycle.lock().expect("lifecycle lock").clone()
+    }
+
+    /// Every model version, the bundled one first, with how much of the
+    /// gallery each has embedded.
+    pub async fn versions(&self) -> Result<Vec<VersionInfo>, CatalogError> {
+        let versions = self.with_registry(|registry| registry.list()).await?;
+        let active = self.active().version.version.clone();
+        let mut infos = Vec::with_capacity(versions.len());
+        for v in versions {
+            let embedded_items = self.store.count_embedded(v.model.clone()).await?;
+            infos.push(VersionInfo {
+                active: v.version == active,
+                parent: v.manifest.extra.get("parent").and_then(Value::as_str).map(str::to_string),
+                verification_threshold: v.manifest.verification_threshold,
+                finetune: v.manifest.extra.get("finetune").cloned(),
+                embedded_items,
+                version: v.version,
+                model: v.model,
+                bundled: v.bundled,
+            });
+        }
+        Ok(infos)
+    }
+
+    /// Switches to a saved version, embedding the gallery with it first if
+    /// its embeddings are not stored; holds the slot meanwhile.
+    pub async fn activate(&self, version: &str) -> Result<Switched, CatalogError> {
+        let wanted = version.to_string();
+        let target = self.with_registry(move |registry| registry.get(&wanted)).await.map_err(|e| match e {
+            CatalogError::Models(RegistryError::Unknown(v)) => CatalogError::UnknownVersion(v),
+            other => other,
+        })?;
+        let _slot = self.claim(SlotHolder::Activation)?;
+        let active = self.active();
+        if active.version.version == target.version {
+            let items = active.index.len();
+            return Ok(Switched { version: target.version, model: target.model, embedded: 0, items, seconds: 0.0 });
+        }
+        self.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await
+    }
+
+    /// Saves trained weights as the next version number, with `manifest`
+    /// (whose version it sets). Does not activate it.
+    pub async fn save_version(&self, weights: PathBuf, mut manifest: Manifest) -> Result<ModelVersion, CatalogError> {
+        self.with_registry(move |registry| {
+            manifest.version = registry.next_version()?;
+            registry.save(&weights, &manifest)
+        })
+        .await
+    }
+
+    async fn with_registry<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, CatalogError> {
+        let registry = self.registry.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&registry)).await??)
+    }
+}

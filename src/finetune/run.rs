@@ -1,0 +1,213 @@
+//! One job from start to end: read its images, train on a blocking thread,
+//! save the chosen weights as a version, switch the catalog to it; every
+//! step folded into the job's record.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::data::Split;
+use super::jobs::{Job, JobRecord, JobResult, JobState};
+use super::params::Commit;
+use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
+use crate::catalog::{Catalog, CatalogError, Progress};
+use crate::clock::now_millis;
+use crate::manifest::Manifest;
+use crate::registry::ModelVersion;
+
+/// Step losses kept in a job's record (the most recent ones).
+const MAX_STEP_LOSSES: usize = 5000;
+
+/// Why a job stopped before its end.
+enum Stop {
+    /// With the version saved before the cancel, if any.
+    Cancelled(Option<String>),
+    Failed(RunError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("scratch folder: {0}")]
+    Scratch(std::io::Error),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Train(TrainError),
+    #[error("the training thread failed: {0}")]
+    Thread(tokio::task::JoinError),
+    #[error("saved version {version}, but switching to it failed: {source}")]
+    Switch { version: String, source: CatalogError },
+}
+
+impl From<RunError> for Stop {
+    fn from(error: RunError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// What a job runs with.
+pub(super) struct Runner {
+    pub catalog: Catalog,
+    pub trainer: Trainer,
+    pub job: Arc<Job>,
+}
+
+impl Runner {
+    /// Runs the job to its end, recording how it ended.
+    pub async fn run(&self, base: ModelVersion, split: Split, scratch: &Path) {
+        let job = &self.job;
+        match self.steps(base, split, scratch).await {
+            Ok(result) => job.finish(JobState::Done, Some(result), None),
+            Err(Stop::Cancelled(version)) => {
+                let why = if job.shutdown.load(Ordering::Relaxed) { "stopped by a shutdown" } else { "cancelled" };
+                let reason = match &version {
+                    Some(v) => format!("{why} before the swap; version {v} is saved and can be activated"),
+                    None => format!("{why}; nothing was swapped"),
+                };
+                job.finish(JobState::Cancelled, Some(JobResult { committed: false, version, reason }), None)
+            }
+            Err(Stop::Failed(error)) => job.finish(JobState::Failed, None, Some(error.to_string())),
+        }
+    }
+
+    async fn steps(&self, base: ModelVersion, split: Split, scratch: &Path) -> Result<JobResult, Stop> {
+        let job = &self.job;
+        job.set_state(JobState::Training);
+        std::fs::create_dir_all(scratch).map_err(RunError::Scratch)?;
+        let ids: Vec<i64> = split.train.iter().chain(&split.validation).map(|(id, _)| *id).collect();
+        let images = self.catalog.images(ids).await.map_err(RunError::Catalog)?;
+        let trained = self.train(&base, split, images, scratch).await?;
+        let params = job.record().params;
+        let chosen = match (&trained.best, &trained.last, params.commit) {
+            (Some(best), _, _) => best.clone(),
+            (None, Some(last), Commit::Always) => last.clone(),
+            _ => {
+                let reason = format!(
+                    "no epoch beat the active model's validation {} (before: Recall@1 {:.4}, MAP@R {:.4}); \
+                     nothing was swapped",
+                    params.select_by, trained.before.recall_at_1, trained.before.map_at_r
+                );
+                return Ok(JobResult { committed: false, version: None, reason });
+            }
+        };
+        let manifest = new_manifest(&job.record(), &base, &trained, &chosen.0);
+        let version = self.catalog.save_version(chosen.1.clone(), manifest).await.map_err(RunError::Catalog)?;
+        tracing::info!(version = %version.version, parent = %base.version, "fine-tuned model saved");
+        let saved = version.version.clone();
+        let switched = self.switch(version).await.map_err(|e| match e {
+            CatalogError::Cancelled => Stop::Cancelled(Some(saved.clone())),
+            source => Stop::Failed(RunError::Switch { version: saved.clone(), source }),
+        })?;
+        let reason = format!(
+            "validation Recall@1 {:.4} -> {:.4}, MAP@R {:.4} -> {:.4}; {} images re-embedded, {} indexed",
+            trained.before.recall_at_1,
+            chosen.0.validation.recall_at_1,
+            trained.before.map_at_r,
+            chosen.0.validation.map_at_r,
+            switched.embedded,
+            switched.items
+        );
+        Ok(JobResult { committed: true, version: Some(saved), reason })
+    }
+
+    /// Decodes the images and trains on a blocking thread.
+    async fn train(
+        &self,
+        base: &ModelVersion,
+        split: Split,
+        images: Vec<(i64, Vec<u8>)>,
+        scratch: &Path,
+    ) -> Result<train::Outcome, Stop> {
+        let preprocessor = self.catalog.preprocessor();
+        let (job, trainer, encoder, scratch) =
+            (self.job.clone(), self.trainer.clone(), base.encoder_path(), scratch.to_path_buf());
+        let trained = tokio::task::spawn_blocking(move || {
+            let data = TrainData::build(&preprocessor, &split, images)?;
+            let params = job.record().params;
+            let mut report = |event: train::Event| on_event(&job, event);
+            train::train(&trainer, &encoder, &data, &params, &scratch, &mut report, &job.cancel)
+        })
+        .await
+        .map_err(RunError::Thread)?;
+        trained.map_err(|e| match e {
+            TrainError::Cancelled => Stop::Cancelled(None),
+            other => Stop::Failed(RunError::Train(other)),
+        })
+    }
+
+    /// Re-embeds and swaps, reporting progress into the job.
+    async fn switch(&self, version: ModelVersion) -> Result<crate::catalog::Switched, CatalogError> {
+        let job = &self.job;
+        job.set_state(JobState::ReEmbedding);
+        let started = Instant::now();
+        let progress = |step: Progress| {
+            let rate = step.embedded as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            job.update(false, |_, live| {
+                live.reembedding = Some(step);
+                live.eta_seconds = Some((step.to_embed - step.embedded) as f64 / rate.max(1e-3));
+            });
+        };
+        let swapping = || job.set_state(JobState::Swapping);
+        self.catalog.switch_to(version, &progress, &swapping, &job.cancel).await
+    }
+}
+
+/// Folds a training event into the job's record.
+fn on_event(job: &Job, event: train::Event) {
+    match event {
+        train::Event::Started { before, steps_per_epoch } => job.update(true, |r, _| {
+            r.validation.before = Some(before);
+            r.validation.latest = Some(before);
+            r.steps_per_epoch = steps_per_epoch;
+        }),
+        train::Event::Step { epoch, step, loss, seconds_per_step } => job.update(false, |r, live| {
+            (r.epoch, r.step) = (epoch, step);
+            r.step_losses.push(loss);
+            if r.step_losses.len() > MAX_STEP_LOSSES {
+                r.step_losses.remove(0);
+            }
+            let steps_left = (r.epochs - epoch) * r.steps_per_epoch + (r.steps_per_epoch - step);
+            live.eta_seconds = Some(steps_left as f64 * seconds_per_step);
+        }),
+        train::Event::Epoch(record) => job.update(true, |r, _| {
+            r.validation.latest = Some(record.validation);
+            let best = r.validation.best.or(r.validation.before);
+            if best.is_none_or(|b| record.validation.beats(&b, r.params.select_by)) {
+                r.validation.best = Some(record.validation);
+            }
+            r.history.push(record);
+        }),
+    }
+}
+
+/// The manifest of the chosen weights: the parent's, with the parent, the
+/// job's parameters and figures, and the recalibrated verification threshold.
+fn new_manifest(job: &JobRecord, base: &ModelVersion, trained: &train::Outcome, chosen: &EpochRecord) -> Manifest {
+    let mut manifest = base.manifest.clone();
+    manifest.trained = true;
+    manifest.verification_threshold = Some(chosen.validation.threshold);
+    // The parent's training and evaluation figures do not describe this model.
+    manifest.extra.remove("training");
+    manifest.extra.remove("evaluation");
+    manifest.extra.remove("encoder_sha256");
+    manifest.extra.insert("parent".into(), json!(base.version));
+    manifest.extra.insert(
+        "finetune".into(),
+        json!({
+            "job": job.id,
+            "created_at": now_millis(),
+            "params": job.params,
+            "data": job.data,
+            "validation_before": trained.before,
+            "validation_after": chosen.validation,
+            "epoch": chosen.epoch,
+            "stopped_early": trained.stopped_early,
+            "history": job.history,
+            "train_seconds": job.elapsed_seconds,
+        }),
+    );
+    manifest
+}

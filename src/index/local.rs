@@ -1,0 +1,152 @@
+//! Embedded mode's vector index: an `HnswIndex` in memory, dumped to the
+//! data folder (`persist`) and compacted in the background once deletes pile
+//! up. Graph work runs on blocking threads, off the async runtime.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{DumpReport, HnswIndex, Hit, IndexError, IndexProvider, IndexSource, Loaded, VectorIndex};
+
+/// One model version's graph, with where its dumps go.
+#[derive(Clone)]
+pub struct LocalIndex {
+    graph: HnswIndex,
+    dir: PathBuf,
+    model: String,
+    /// Tombstones, as a fraction of the graph, that trigger a compaction.
+    compact_fraction: f64,
+}
+
+impl LocalIndex {
+    pub fn graph(&self) -> &HnswIndex {
+        &self.graph
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalIndex) -> T + Send + 'static,
+    ) -> Result<T, IndexError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this)).await.map_err(|e| IndexError::Task(e.to_string()))
+    }
+
+    /// Rebuilds the graph without its tombstones on a thread of its own,
+    /// when they pass the fraction; searches and writes go on meanwhile.
+    fn compact_if_needed(&self) {
+        if !self.graph.needs_compaction(self.compact_fraction) {
+            return;
+        }
+        let graph = self.graph.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let purged = graph.compact();
+            tracing::info!(purged, seconds = started.elapsed().as_secs_f64(), "index compacted");
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl VectorIndex for LocalIndex {
+    fn len(&self) -> usize {
+        self.graph.len()
+    }
+
+    fn ids(&self) -> HashSet<i64> {
+        self.graph.live_ids()
+    }
+
+    async fn insert(&self, items: Vec<(i64, Vec<f32>)>) -> Result<(), IndexError> {
+        self.blocking(move |index| index.graph.insert(&items)).await?
+    }
+
+    async fn delete(&self, ids: Vec<i64>) -> Result<(), IndexError> {
+        self.blocking(move |index| index.graph.delete(&ids)).await?;
+        self.compact_if_needed();
+        Ok(())
+    }
+
+    /// On the calling thread: a search is a fraction of a millisecond to a
+    /// few milliseconds of graph walking.
+    async fn search(&self, query: &[f32], k: usize, allowed: Option<&[i64]>) -> Result<Vec<Hit>, IndexError> {
+        self.graph.search(query, k, allowed)
+    }
+
+    async fn save(&self) -> Result<Option<DumpReport>, IndexError> {
+        if !self.graph.is_dirty() {
+            return Ok(None);
+        }
+        self.blocking(|index| index.graph.dump(&index.dir, &index.model)).await?.map(Some)
+    }
+}
+
+/// Makes `LocalIndex`es whose dumps live in `dir`.
+pub struct LocalIndexes {
+    pub dir: PathBuf,
+    pub compact_fraction: f64,
+}
+
+impl LocalIndexes {
+    /// An empty graph for `model`, as `create` makes it.
+    pub fn new_index(&self, model: &str, dim: usize, capacity: usize) -> LocalIndex {
+        self.wrap(HnswIndex::new(dim, capacity), model)
+    }
+
+    fn wrap(&self, graph: HnswIndex, model: &str) -> LocalIndex {
+        LocalIndex { graph, dir: self.dir.clone(), model: model.to_string(), compact_fraction: self.compact_fraction }
+    }
+}
+
+#[async_trait::async_trait]
+impl IndexProvider for LocalIndexes {
+    fn create(&self, model: &str, dim: usize, capacity: usize) -> Arc<dyn VectorIndex> {
+        Arc::new(self.new_index(model, dim, capacity))
+    }
+
+    async fn open(&self, model: &str, dim: usize, capacity: usize) -> (Arc<dyn VectorIndex>, IndexSource, String) {
+        let (dir, key) = (self.dir.clone(), model.to_string());
+        let loaded = tokio::task::spawn_blocking(move || HnswIndex::load(&dir, &key, dim)).await;
+        let (graph, source, reason) = match loaded {
+            Ok((Some(graph), Loaded::Reloaded { points, seconds })) => {
+                (graph, IndexSource::Reloaded, format!("dump of {points} points read in {seconds:.2} s"))
+            }
+            Ok((_, Loaded::Missing)) => (HnswIndex::new(dim, capacity), IndexSource::Rebuilt, "no index dump".into()),
+            Ok((_, Loaded::Stale(why))) => {
+                (HnswIndex::new(dim, capacity), IndexSource::Rebuilt, format!("stale dump: {why}"))
+            }
+            Ok((_, other)) => {
+                (HnswIndex::new(dim, capacity), IndexSource::Rebuilt, format!("unusable dump: {other:?}"))
+            }
+            Err(e) => (HnswIndex::new(dim, capacity), IndexSource::Rebuilt, format!("reading the dump failed: {e}")),
+        };
+        (Arc::new(self.wrap(graph, model)), source, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deletes past the fraction start a compaction on its own thread; it
+    /// purges the tombstones while the deleted ids stay out of results.
+    #[tokio::test]
+    async fn deletes_past_the_fraction_compact_the_graph() {
+        let dir = tempfile::tempdir().unwrap();
+        let indexes = LocalIndexes { dir: dir.path().into(), compact_fraction: 0.1 };
+        let index = indexes.new_index("m@1", 16, 32);
+        let vector = |i: usize| (0..16).map(|j| ((i + 1) * (j + 1)) as f32 * 0.37).map(f32::sin).collect::<Vec<_>>();
+        index.insert((0..32).map(|i| (i as i64, vector(i))).collect()).await.unwrap();
+        index.delete(vec![3]).await.unwrap();
+        assert_eq!((index.graph().tombstones(), index.len()), (1, 31), "one delete in 32 is under the fraction");
+        index.delete(vec![4, 5, 6]).await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while index.graph().tombstones() > 0 {
+            assert!(Instant::now() < deadline, "no compaction within 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(index.len(), 28);
+        let hits = index.search(&vector(4), 32, None).await.unwrap();
+        assert!(hits.iter().all(|h| ![3, 4, 5, 6].contains(&h.id)) && hits.len() == 28);
+    }
+}
