@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use lookalike::manifest::BUNDLED_MODEL_DIR;
 use lookalike::embed::{
     BatchPolicy, DeviceChoice, Embedder, EmbedderConfig, Encoder, Precision, Priority, TorchEncoder,
 };
 use lookalike::manifest::Manifest;
+use lookalike::manifest::BUNDLED_MODEL_DIR;
 use lookalike::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
 use tch::Device;
 
@@ -74,7 +74,13 @@ fn main() -> anyhow::Result<()> {
             .spawn(|| -> anyhow::Result<(usize, f64)> {
                 tch::set_num_threads(if device == Device::Cpu { cores as i32 } else { 1 });
                 let (size, dim) = (manifest.input.size, manifest.embedding.dim);
-                let mut encoder = TorchEncoder::load(&args.model.join("encoder.pt"), device, precision, size, dim)?;
+                let mut encoder = TorchEncoder::load(
+                    &args.model.join(lookalike::manifest::ENCODER_FILE),
+                    device,
+                    precision,
+                    size,
+                    dim,
+                )?;
                 let mut best = (0, 0.0);
                 for &batch in &args.batches {
                     let rate = raw_forward(&mut encoder, batch, input_len, duration)?;

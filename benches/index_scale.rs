@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use hnsw_rs::prelude::{DistCosine, DistL2, Distance, Hnsw};
-use lookalike::manifest::FASHION_MODEL_DIR;
 use lookalike::embed::{Encoder, Precision, TorchEncoder};
 use lookalike::eval::fashion_mnist;
 use lookalike::index::HnswIndex as Index;
 use lookalike::manifest::Manifest;
+use lookalike::manifest::FASHION_MODEL_DIR;
 use lookalike::preprocess::{ImageLimits, Preprocessor};
 use serde_json::json;
 use tch::Device;

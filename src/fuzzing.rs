@@ -7,8 +7,8 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 
 use crate::api::upload::{parse_gallery_body, FormLimits};
-use crate::manifest::BUNDLED_MODEL_DIR;
 use crate::manifest::Manifest;
+use crate::manifest::BUNDLED_MODEL_DIR;
 use crate::preprocess::{ImageLimits, Preprocessor};
 
 /// The multipart boundary of the upload target's content type.

@@ -55,8 +55,7 @@ impl Application {
         let metrics_handle = metrics::handle();
         let store = SqliteGallery::open(&config.data_dir)
             .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
-        let indexes =
-            LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
+        let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);

@@ -1,7 +1,7 @@
 //! The label vote (k-NN): a query's likely label from its labelled
 //! neighbours by a distance-weighted vote, or `unknown` when even the
-//! nearest labelled neighbour is too far. This is
-//! how a class is recognised from a few labelled examples without retraining.
+//! nearest labelled neighbour is too far. This is how a class is recognised
+//! from a few labelled examples without retraining.
 
 use std::collections::HashMap;
 

@@ -9,12 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::catalog::CatalogError;
-use crate::embed::EmbedError;
+use crate::catalog::{CatalogError, EmbedError, GalleryError, IndexError, PreprocessError};
 use crate::finetune::JobError;
-use crate::gallery::GalleryError;
-use crate::index::IndexError;
-use crate::preprocess::PreprocessError;
 
 /// Seconds a client is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "1";

@@ -26,17 +26,24 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-pub use models::{Slot, SlotHolder};
 pub use crate::gallery::{ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
+pub use models::{Slot, SlotHolder};
 pub use types::*;
 
-use crate::embed::{EmbedError, Embedder};
-use crate::gallery::{GalleryError, GalleryStore};
-use crate::index::{IndexError, IndexProvider};
+// The errors a catalog call can carry, part of its interface.
+pub use crate::embed::EmbedError;
+pub use crate::gallery::GalleryError;
+pub use crate::index::IndexError;
+pub use crate::preprocess::PreprocessError;
+pub use crate::registry::RegistryError;
+
+use crate::embed::Embedder;
+use crate::gallery::GalleryStore;
+use crate::index::IndexProvider;
 use crate::metrics;
-use crate::preprocess::{PreprocessError, PreprocessPool, Preprocessor};
-use crate::registry::{ModelVersion, Registry, RegistryError};
+use crate::preprocess::{PreprocessPool, Preprocessor};
+use crate::registry::{ModelVersion, Registry};
 use active::ActiveModel;
 
 #[derive(Debug, thiserror::Error)]
@@ -107,17 +114,20 @@ impl Catalog {
         settings: CatalogSettings,
     ) -> Result<(Self, IndexStartup), CatalogError> {
         let started = Instant::now();
-        let version = {
-            let registry = registry.clone();
-            tokio::task::spawn_blocking(move || registry.active()).await??
-        };
+        let version = models::registry_call(&registry, |registry| registry.active()).await?;
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
         let (index, source, reason) = indexes.open(&version.model, dim, capacity).await;
         let model = ActiveModel::start(version, &settings, index).await?;
         model.embed_missing(store.as_ref(), &|_| {}, &AtomicBool::new(false)).await?;
         let (added, removed) = switch::reconcile(store.as_ref(), &model).await?;
-        let startup =
-            IndexStartup { source, reason, items: model.index.len(), added, removed, seconds: started.elapsed().as_secs_f64() };
+        let startup = IndexStartup {
+            source,
+            reason,
+            items: model.index.len(),
+            added,
+            removed,
+            seconds: started.elapsed().as_secs_f64(),
+        };
         let info = model.embedder.info();
         metrics::model_info(&info.model_key, &info.device, &info.precision.to_string(), true);
         let catalog = Self {
@@ -169,7 +179,12 @@ impl Catalog {
     }
 
     /// A page of items in id order after `after`, optionally of one label.
-    pub async fn list(&self, label: Option<String>, after: i64, limit: usize) -> Result<Vec<ItemSummary>, CatalogError> {
+    pub async fn list(
+        &self,
+        label: Option<String>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ItemSummary>, CatalogError> {
         Ok(self.store.list(label, after, limit).await?)
     }
 

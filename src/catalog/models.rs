@@ -109,7 +109,15 @@ impl Catalog {
         &self,
         f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
     ) -> Result<T, CatalogError> {
-        let registry = self.registry.clone();
-        Ok(tokio::task::spawn_blocking(move || f(&registry)).await??)
+        registry_call(&self.registry, f).await
     }
+}
+
+/// Runs a registry call (it reads and writes model folders) on a blocking thread.
+pub(super) async fn registry_call<T: Send + 'static>(
+    registry: &Registry,
+    f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, CatalogError> {
+    let registry = registry.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&registry)).await??)
 }

@@ -92,9 +92,8 @@ impl Catalog {
             embedded += model.embed_missing(self.store.as_ref(), progress, &AtomicBool::new(false)).await?;
             reconcile(self.store.as_ref(), model).await?;
         }
-        let registry = self.registry.clone();
         let version = model.version.version.clone();
-        tokio::task::spawn_blocking(move || registry.set_active(&version)).await??;
+        super::models::registry_call(&self.registry, move |registry| registry.set_active(&version)).await?;
         Ok((embedded, exclusive))
     }
 }

@@ -172,7 +172,8 @@ impl Embedder {
                 .map_err(|e| EmbedError::Load(format!("cannot spawn a thread: {e}")))
         };
         let worker_queue = queue.clone();
-        let worker = spawn("embed-test-0", Box::new(move || worker::run_worker(encoder, &worker_queue, batches, "cpu")))?;
+        let worker =
+            spawn("embed-test-0", Box::new(move || worker::run_worker(encoder, &worker_queue, batches, "cpu")))?;
         let batcher_queue = queue.clone();
         let batcher =
             spawn("embed-batcher", Box::new(move || worker::run_batcher(&batcher_queue, handoff, input_len)))?;

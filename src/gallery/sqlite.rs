@@ -92,12 +92,7 @@ impl GalleryStore for SqliteGallery {
     }
 
     /// A page of items in id order, after `after` (a cursor), optionally of one label.
-    async fn list(
-        &self,
-        label: Option<String>,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<ItemSummary>, GalleryError> {
+    async fn list(&self, label: Option<String>, after: i64, limit: usize) -> Result<Vec<ItemSummary>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items
@@ -135,7 +130,8 @@ impl GalleryStore for SqliteGallery {
 
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
-        let deleted = self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await?;
+        let deleted =
+            self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await?;
         if deleted {
             self.changed();
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{DumpReport, HnswIndex, Hit, IndexError, IndexProvider, IndexSource, Loaded, VectorIndex};
+use super::{DumpReport, Hit, HnswIndex, IndexError, IndexProvider, IndexSource, Loaded, VectorIndex};
 
 /// One model version's graph, with where its dumps go.
 #[derive(Clone)]

@@ -48,9 +48,8 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         ("--max-concurrent-requests", 64),
         ("--shutdown-grace-secs", 10),
     ];
-    let mut args: Vec<String> = ["lookalike", "serve", "--host", "127.0.0.1", "--near-duplicate-distance", "0.01"]
-        .map(String::from)
-        .into();
+    let mut args: Vec<String> =
+        ["lookalike", "serve", "--host", "127.0.0.1", "--near-duplicate-distance", "0.01"].map(String::from).into();
     // The fixtures are Fashion-MNIST images; tests/api/general.rs runs the general default.
     args.extend(["--model".into(), FASHION_MODEL_DIR.into(), "--data-dir".into(), data_dir.display().to_string()]);
     args.extend(numbers.iter().flat_map(|(flag, value)| [flag.to_string(), value.to_string()]));
