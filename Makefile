@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune fuzz fuzz-seeds soak
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -158,6 +158,14 @@ bench-index: bench-setup dataset
 
 # One POST /admin/finetune over HTTP: unseen-class retrieval before and after,
 # the job's wall time, and search latency while it runs (about 8 minutes).
+# Peak memory while 64 abandoned searches each decode an 8192 x 8192 PNG.
+bench-decode-memory: build bench-setup
+	$(VENV)/bin/python bench/decode_memory.py
+
+# Filtered search latency from 1k to 20k items, and the exact-search threshold.
+bench-filtered: build bench-setup dataset
+	$(VENV)/bin/python bench/filtered_search.py
+
 bench-finetune: build dataset
 	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)' --model $(FINETUNE_MODEL)
 

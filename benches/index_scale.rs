@@ -204,6 +204,7 @@ fn startup(manifest: &Manifest) -> anyhow::Result<()> {
                         label: None,
                         metadata: json!({}),
                         embedding: v.clone(),
+                        unless_stored: false,
                     }
                 })
                 .collect();

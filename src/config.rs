@@ -135,6 +135,16 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
+    /// Request-body bytes all requests together may hold in memory; past it a request gets 503
+    /// with Retry-After. At least `--max-body-bytes`.
+    #[arg(long, env = "LOOKALIKE_MAX_BUFFERED_BODY_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_buffered_body_bytes: usize,
+
+    /// Seconds a connection may take to send a request's head (line and headers); past it the
+    /// connection is closed, so slow-header clients cannot hold connections open.
+    #[arg(long, env = "LOOKALIKE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
     /// Seconds between SIGTERM and closing the listener, while `/ready` answers 503 and
     /// requests are still served: time for a load balancer to take the instance out.
     #[arg(long, env = "LOOKALIKE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
@@ -155,6 +165,12 @@ pub struct ServeConfig {
     /// Labelled neighbours that vote for the label a search predicts.
     #[arg(long, env = "LOOKALIKE_KNN_K", default_value_t = 10)]
     pub knn_k: usize,
+
+    /// A search filtered by a label with at most this many items compares the query with each
+    /// of them (exactly); a larger label is searched by a filtered graph walk, which visits more
+    /// of the graph the rarer the label. Chosen with `make bench-filtered`.
+    #[arg(long, env = "LOOKALIKE_EXACT_SEARCH_LIMIT", default_value_t = 512)]
+    pub exact_search_limit: usize,
 
     /// Cosine distance beyond which a search's nearest labelled neighbour means the label is
     /// `unknown`. Default: 1 - the active model's verification threshold.
@@ -178,6 +194,23 @@ pub struct ServeConfig {
     /// File holding the admin token (surrounding whitespace is trimmed); for secrets mounted as files.
     #[arg(long, env = "LOOKALIKE_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     pub admin_token_file: Option<PathBuf>,
+
+    /// API key for every gallery and search route, writes included (`Authorization: Bearer <key>`
+    /// or `api-key: <key>`). With no API key configured those routes are open (see README "Security").
+    #[arg(long, env = "LOOKALIKE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// File holding the read-write API key (surrounding whitespace is trimmed).
+    #[arg(long, env = "LOOKALIKE_API_KEY_FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// API key that may search, verify and read the gallery, but not add or delete (403).
+    #[arg(long, env = "LOOKALIKE_READ_ONLY_API_KEY", hide_env_values = true)]
+    pub read_only_api_key: Option<String>,
+
+    /// File holding the read-only API key (surrounding whitespace is trimmed).
+    #[arg(long, env = "LOOKALIKE_READ_ONLY_API_KEY_FILE", conflicts_with = "read_only_api_key")]
+    pub read_only_api_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

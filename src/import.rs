@@ -2,8 +2,8 @@
 //!
 //! It talks to the service over HTTP rather than writing the data directory
 //! itself: the service is the single writer of the store and the index, and
-//! its batcher embeds the import's requests alongside live traffic (which
-//! keeps priority). Files already stored (same bytes) are skipped by the
+//! its batcher embeds the import's requests (sent with `priority=bulk`)
+//! behind live traffic, which keeps priority. Files already stored (same bytes) are skipped by the
 //! service (`on_duplicate=skip`), so a re-run resumes where one stopped.
 //!
 //! Layout: images in sub-folders take the sub-folder's name as label (one
@@ -221,7 +221,7 @@ async fn post(
             form = form.part("image", Part::bytes(bytes.clone()).file_name(name));
         }
         let response = client
-            .post(format!("{url}/gallery?on_duplicate=skip"))
+            .post(format!("{url}/gallery?on_duplicate=skip&priority=bulk"))
             .multipart(form)
             .send()
             .await

@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod preprocess;
 pub mod registry;
+pub mod server;
 pub mod startup;
 pub mod telemetry;
 pub mod vector;

@@ -70,10 +70,15 @@ impl PreprocessPool {
         &self.preprocessor
     }
 
+    /// Decodes and prepares on a blocking thread, holding one of the pool's
+    /// permits until the decode ends: a request dropped meanwhile (client
+    /// gone, timeout) frees its concurrency slot, but not the permit of a
+    /// decode still running, so decodes at once stay within the budget.
     pub async fn prepare(&self, bytes: Bytes) -> Result<Prepared, PreprocessError> {
-        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         let pre = self.preprocessor.clone();
         let joined = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let started = Instant::now();
             let prepared = pre.prepare(&bytes);
             crate::metrics::preprocess(started.elapsed());

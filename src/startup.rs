@@ -1,7 +1,6 @@
 //! Building the application from its configuration and running it.
 
 use std::future::Future;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,7 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::api::upload::FormLimits;
 use crate::api::{self, AppState, RequestLimits};
-use crate::auth::AdminToken;
+use crate::auth::{self, ApiKeys};
 use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
@@ -23,6 +22,7 @@ use crate::manifest::Manifest;
 use crate::metrics;
 use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
 use crate::registry::{ModelVersion, Registry};
+use crate::server;
 
 /// A bound listener and a ready state: everything but the serving loop.
 pub struct Application {
@@ -30,6 +30,8 @@ pub struct Application {
     address: SocketAddr,
     state: AppState,
     dump_interval: Duration,
+    /// How long a connection may take to send a request's head.
+    header_timeout: Duration,
     /// How long shutdown waits for requests in flight, then for a running job.
     grace: Duration,
     /// How long `/ready` answers 503 before the listener closes.
@@ -47,6 +49,11 @@ impl Application {
         anyhow::ensure!(config.knn_k >= 1, "--knn-k must be at least 1");
         anyhow::ensure!(config.max_concurrent_requests >= 1, "--max-concurrent-requests must be at least 1");
         anyhow::ensure!(config.max_form_parts >= 1, "--max-form-parts must be at least 1");
+        anyhow::ensure!(config.header_read_timeout_secs >= 1, "--header-read-timeout-secs must be at least 1");
+        anyhow::ensure!(
+            config.max_buffered_body_bytes >= config.max_body_bytes,
+            "--max-buffered-body-bytes must be at least --max-body-bytes"
+        );
         anyhow::ensure!(
             config.unknown_distance.is_none_or(|d| (0.0..=2.0).contains(&d)),
             "--unknown-distance must be between 0 and 2"
@@ -64,6 +71,7 @@ impl Application {
             preprocess,
             near_duplicate_distance: config.near_duplicate_distance,
             knn_k: config.knn_k,
+            exact_search_limit: config.exact_search_limit,
             unknown_distance: config.unknown_distance,
         };
         let registry = Registry::new(&config.model, &config.data_dir);
@@ -81,7 +89,12 @@ impl Application {
             removed = startup.removed, seconds = startup.seconds, data_dir = %config.data_dir.display(),
             "index ready"
         );
-        let admin = AdminToken::from_config(&config)?;
+        let admin = auth::admin_token(&config)?;
+        let api_keys = ApiKeys::from_config(&config)?;
+        if !api_keys.required() && !config.host.is_loopback() {
+            tracing::warn!(host = %config.host, "no API key is configured and the service listens beyond this machine: \
+                anyone who reaches the port can add, delete and search (see --api-key and README \"Security\")");
+        }
         let trainer = Trainer { device: config.device.parse()?, threads: config.finetune_threads };
         let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), trainer)?;
 
@@ -100,6 +113,7 @@ impl Application {
             },
             request_timeout: Duration::from_secs(config.request_timeout_secs),
             max_concurrent_requests: config.max_concurrent_requests,
+            max_buffered_body_bytes: config.max_buffered_body_bytes,
         };
         let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
         let state = AppState {
@@ -108,13 +122,15 @@ impl Application {
             metrics: metrics_handle,
             index_startup: Arc::new(startup),
             admin: admin.map(Arc::new),
+            api_keys: Arc::new(api_keys),
             jobs,
             cors_origins: config.cors_origins.clone().into(),
             draining: Arc::default(),
         };
         let grace = Duration::from_secs(config.shutdown_grace_secs);
         let delay = Duration::from_secs(config.shutdown_delay_secs);
-        Ok(Self { listener, address, state, dump_interval, grace, delay })
+        let header_timeout = Duration::from_secs(config.header_read_timeout_secs);
+        Ok(Self { listener, address, state, dump_interval, header_timeout, grace, delay })
     }
 
     pub fn address(&self) -> SocketAddr {
@@ -150,12 +166,11 @@ impl Application {
             }
             let _ = stopping_tx.send(());
         };
-        let serve = axum::serve(self.listener, api::router(self.state)).with_graceful_shutdown(signal);
-        let served = tokio::select! {
-            served = serve.into_future() => served,
+        let serve = server::serve(self.listener, api::router(self.state), self.header_timeout, signal);
+        tokio::select! {
+            () = serve => {},
             _ = async { let _ = stopping.await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period are dropped");
-                Ok(())
             }
         };
         tracing::info!("no longer serving requests");
@@ -176,7 +191,7 @@ impl Application {
                 tracing::error!(%error, "could not checkpoint the gallery store; the next start recovers its log")
             }
         }
-        served
+        Ok(())
     }
 }
 

@@ -20,9 +20,12 @@ pub enum ApiError {
     /// 400: the request is malformed (bad multipart, bad query string, empty body, missing part).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
-    /// 401: an admin route without the right bearer token.
+    /// 401: a route without the right API key, or an admin route without the right admin token.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: a read-only API key asked to add or delete.
+    #[error("this API key is read-only: adding and deleting items needs the read-write key")]
+    ReadOnlyKey,
     /// 403: admin routes are disabled (no admin token configured).
     #[error("admin routes are disabled: start the service with LOOKALIKE_ADMIN_TOKEN or --admin-token-file")]
     AdminDisabled,
@@ -53,6 +56,9 @@ pub enum ApiError {
     /// 503: the concurrent-request limit is reached; retry shortly.
     #[error("too many requests are being handled at once, retry shortly")]
     TooManyRequests,
+    /// 503: the request bodies held in memory at once are at their budget; retry shortly.
+    #[error("request bodies being read are at their memory budget (--max-buffered-body-bytes), retry shortly")]
+    BodyBudget,
     /// 503: from `/ready`: the service should not be sent traffic now.
     #[error("not ready: {0}")]
     NotReady(String),
@@ -82,6 +88,7 @@ impl ApiError {
         match self {
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::ReadOnlyKey => (StatusCode::FORBIDDEN, "read_only_key"),
             Self::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -91,7 +98,7 @@ impl ApiError {
             Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
-            Self::TooManyRequests => (StatusCode::SERVICE_UNAVAILABLE, "too_many_requests"),
+            Self::TooManyRequests | Self::BodyBudget => (StatusCode::SERVICE_UNAVAILABLE, "too_many_requests"),
             Self::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -185,7 +192,9 @@ impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
         match e {
             CatalogError::Image { position, source } => image_error(Some(format!("image {position}")), source),
-            CatalogError::Duplicate { .. } => Self::Conflict { code: "duplicate", message: e.to_string() },
+            CatalogError::Duplicate { .. } | CatalogError::DuplicateInRequest { .. } => {
+                Self::Conflict { code: "duplicate", message: e.to_string() }
+            }
             CatalogError::UnknownVersion(_) => Self::NotFound(e.to_string()),
             CatalogError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
             CatalogError::Task(_) | CatalogError::Models(_) => Self::Internal(e.to_string()),

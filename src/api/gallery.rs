@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::upload::read_gallery_form;
 use super::AppState;
-use crate::catalog::{AddStatus, Added, ItemSummary, OnDuplicate, Upload};
+use crate::catalog::{AddStatus, Added, ItemSummary, OnDuplicate, Priority, Upload};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -21,6 +21,17 @@ const MAX_PAGE: usize = 500;
 pub struct AddParams {
     #[serde(default)]
     on_duplicate: OnDuplicate,
+    /// `bulk` for batch clients (`lookalike import`): embedded behind live traffic.
+    #[serde(default)]
+    priority: AddPriority,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AddPriority {
+    #[default]
+    Interactive,
+    Bulk,
 }
 
 #[derive(Serialize)]
@@ -49,7 +60,11 @@ pub async fn add(
         .into_iter()
         .map(|bytes| Upload { bytes, label: form.label.clone(), metadata: metadata.clone() })
         .collect();
-    let added = state.catalog.add(uploads, params.on_duplicate).await?;
+    let priority = match params.priority {
+        AddPriority::Interactive => Priority::Interactive,
+        AddPriority::Bulk => Priority::Bulk,
+    };
+    let added = state.catalog.add(uploads, params.on_duplicate, priority).await?;
     let any_stored = added.iter().any(|a| a.status == AddStatus::Added);
     let items = added.into_iter().map(|added| AddedItem { added, label: form.label.clone() }).collect();
     // 201 when something was stored; 200 when every image was a skipped duplicate.

@@ -23,6 +23,8 @@ pub struct Health {
     indexed_items: usize,
     /// How the index was made ready at start: `reloaded` (from its dump) or `rebuilt`.
     index_source: IndexSource,
+    /// Stored items the serving model could not preprocess (not searchable).
+    unembeddable_items: usize,
 }
 
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
@@ -38,6 +40,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         model_version: serving.version,
         indexed_items: serving.indexed_items,
         index_source: state.index_startup.source,
+        unembeddable_items: serving.unembeddable_items,
     })
 }
 

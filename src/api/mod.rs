@@ -5,6 +5,7 @@ mod admin;
 mod error;
 mod gallery;
 mod health;
+mod keys;
 mod limits;
 mod metrics;
 mod search;
@@ -26,13 +27,14 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::Level;
 
 pub use error::ApiError;
 
-use crate::auth::AdminToken;
+use crate::auth::{AdminToken, ApiKeys};
 use crate::catalog::{Catalog, IndexStartup};
 use crate::finetune::Jobs;
 use upload::FormLimits;
@@ -46,6 +48,8 @@ pub struct RequestLimits {
     /// Zero: no timeout.
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// Request-body bytes all requests together may hold in memory.
+    pub max_buffered_body_bytes: usize,
 }
 
 /// What every handler can reach; cheap to clone.
@@ -57,6 +61,8 @@ pub struct AppState {
     pub index_startup: Arc<IndexStartup>,
     /// `None`: admin routes are disabled.
     pub admin: Option<Arc<AdminToken>>,
+    /// Keys the other routes need; none configured: they are open.
+    pub api_keys: Arc<ApiKeys>,
     pub jobs: Jobs,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Arc<[String]>,
@@ -65,14 +71,19 @@ pub struct AppState {
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+const DENY: HeaderValue = HeaderValue::from_static("DENY");
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let timeout = state.limits.request_timeout;
     let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests));
+    let budget = limits::BodyBudget::new(state.limits.max_buffered_body_bytes, body_limit);
     Router::new()
         .route("/", get(web_page))
+        .route("/app.js", get(web_script))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(metrics::render))
@@ -91,7 +102,9 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(timeout, limits::timeout))
+        .layer(middleware::from_fn_with_state(budget, limits::body_budget))
         .layer(middleware::from_fn_with_state(slots, limits::concurrency))
+        .layer(middleware::from_fn_with_state(state.api_keys.clone(), keys::require))
         .layer(cors(&state.cors_origins))
         .layer(
             ServiceBuilder::new()
@@ -106,6 +119,10 @@ pub fn router(state: AppState) -> Router {
                         .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Millis)),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+                // The service returns user-uploaded bytes: browsers must not guess their type,
+                // and no other site may frame its page.
+                .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF))
+                .layer(SetResponseHeaderLayer::overriding(header::X_FRAME_OPTIONS, DENY))
                 .layer(middleware::from_fn(metrics::record))
                 // A panic (a bug) answers 500 in the usual error shape instead of dropping the connection.
                 .layer(CatchPanicLayer::custom(|_| {
@@ -130,21 +147,27 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, API_KEY])
         .expose_headers([REQUEST_ID, header::LOCATION])
         .max_age(std::time::Duration::from_secs(3600))
 }
 
-/// The web page: one self-contained file embedded in the binary (no CDN), so
-/// the service and its page are always the same version. The policy keeps
-/// the page to its own origin.
+/// The web page: an HTML file and its script, embedded in the binary (no
+/// CDN), so the service and its page are always the same version. The
+/// policy keeps the page to its own origin, runs only its own script file
+/// (no inline script) and lets no other site frame it.
 async fn web_page() -> impl IntoResponse {
     const POLICY: &str = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; \
-                          script-src 'unsafe-inline'; connect-src 'self'";
+                          script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+                          form-action 'self'";
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CONTENT_SECURITY_POLICY, POLICY)],
         include_str!("../../static/index.html"),
     )
+}
+
+async fn web_script() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], include_str!("../../static/app.js"))
 }
 
 /// The API contract, embedded at build time so it always matches this binary.

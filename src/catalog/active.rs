@@ -1,8 +1,9 @@
 //! `ActiveModel`: one model version ready to serve (its embedding workers,
 //! its preprocessing and the vector index of its embeddings), swapped as one.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -14,8 +15,21 @@ use crate::index::VectorIndex;
 use crate::preprocess::{Prepared, PreprocessPool};
 use crate::registry::ModelVersion;
 
-/// Images re-embedded per round trip to the store.
+/// Images re-embedded per round trip to the store, at most; and the most
+/// original bytes one round holds in memory (photos can be megabytes each).
 const EMBED_CHUNK: usize = 256;
+const EMBED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+
+/// How `embed_missing` goes about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// Beside live traffic: bulk priority, and no more items than were
+    /// missing when it began, so continuous uploads cannot keep it going.
+    Background,
+    /// Everything still missing, at interactive priority: at start, or while
+    /// a switch holds the writers' lock and every add and delete waits on it.
+    Final,
+}
 
 /// A model version with its workers, preprocessing and index.
 pub(super) struct ActiveModel {
@@ -23,6 +37,10 @@ pub(super) struct ActiveModel {
     pub(super) embedder: Embedder,
     pub(super) preprocess: PreprocessPool,
     pub(super) index: Arc<dyn VectorIndex>,
+    /// Stored items this model's preprocessing refuses (for example after
+    /// `--max-image-side` was lowered): left out of its index, not searchable.
+    /// A std `Mutex`: held for a set operation, never across an `.await`.
+    pub(super) unembeddable: Mutex<BTreeSet<i64>>,
 }
 
 impl ActiveModel {
@@ -36,44 +54,81 @@ impl ActiveModel {
         let for_workers = version.clone();
         let embedder = tokio::task::spawn_blocking(move || start(&for_workers)).await??;
         let preprocess = settings.preprocess.for_input(version.manifest.input.clone());
-        Ok(Self { version, embedder, preprocess, index })
+        Ok(Self { version, embedder, preprocess, index, unembeddable: Mutex::default() })
     }
 
-    /// The key this model's embeddings are stored under.
+    /// The key this model's embeddings and index are stored under (it names the encoder's content).
     pub(super) fn key(&self) -> String {
+        self.version.key.clone()
+    }
+
+    /// `name@version`, as answers show it.
+    pub(super) fn name(&self) -> String {
         self.version.model.clone()
     }
 
     /// Embeds, from their stored originals, the items that have no embedding
-    /// of this model, at bulk priority. Returns how many it embedded.
+    /// of this model. Returns how many it embedded. An item
+    /// whose image no longer preprocesses is skipped and remembered
+    /// (`unembeddable`), not an error: one image must not block a switch or a start.
     pub(super) async fn embed_missing(
         &self,
         store: &dyn GalleryStore,
+        pass: Pass,
         progress: &(dyn Fn(Progress) + Sync),
         cancel: &AtomicBool,
     ) -> Result<usize, CatalogError> {
         let model = self.key();
+        let priority = if pass == Pass::Background { Priority::Bulk } else { Priority::Interactive };
         // Saturating: an item added between the two counts is embedded already.
         let to_embed = store.count().await?.saturating_sub(store.count_embedded(model.clone()).await?) as usize;
         if to_embed > 0 {
             tracing::info!(count = to_embed, %model, "embedding stored images for the model");
         }
-        let mut embedded = 0;
+        let (mut embedded, mut seen, mut after) = (0, 0, 0);
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return Err(CatalogError::Cancelled);
             }
-            let missing = store.missing_embeddings(model.clone(), EMBED_CHUNK).await?;
-            if missing.is_empty() {
-                return Ok(embedded);
+            if pass == Pass::Background && seen >= to_embed {
+                return Ok(embedded); // the rest arrived meanwhile: the final pass takes it
             }
-            let (ids, images): (Vec<i64>, Vec<Bytes>) = missing.into_iter().map(|(id, b)| (id, b.into())).unzip();
-            let prepared = self.prepare_all(images).await?;
-            let vectors = self.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Bulk).await?;
+            let missing = store.missing_embeddings(model.clone(), after, EMBED_CHUNK, EMBED_CHUNK_BYTES).await?;
+            let Some(&(last, _)) = missing.last() else { return Ok(embedded) };
+            (after, seen) = (last, seen + missing.len());
+            let (ids, pixels) = self.prepare_stored(missing).await;
+            let vectors = self.embed_all(pixels, priority).await?;
             embedded += ids.len();
             store.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
             progress(Progress { embedded, to_embed: to_embed.max(embedded) });
         }
+    }
+
+    /// Preprocesses stored images, leaving out (and remembering) those that fail.
+    async fn prepare_stored(&self, items: Vec<(i64, Vec<u8>)>) -> (Vec<i64>, Vec<Vec<f32>>) {
+        let prepared = join_all(
+            items.into_iter().map(|(id, bytes)| async move { (id, self.preprocess.prepare(Bytes::from(bytes)).await) }),
+        )
+        .await;
+        let (mut ids, mut pixels) = (Vec::new(), Vec::new());
+        for (id, result) in prepared {
+            match result {
+                Ok(p) => {
+                    ids.push(id);
+                    pixels.push(p.pixels);
+                }
+                Err(error) => {
+                    tracing::warn!(item = id, model = %self.version.model, %error,
+                        "a stored image no longer preprocesses; it is left out of the index");
+                    self.lock_unembeddable().insert(id);
+                }
+            }
+        }
+        (ids, pixels)
+    }
+
+    pub(super) fn lock_unembeddable(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
+        self.unembeddable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Preprocesses images on the bounded pool, all at once.

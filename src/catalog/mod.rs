@@ -12,6 +12,7 @@
 //! so a model switch never mixes two models' embeddings in one answer.
 
 mod active;
+mod labels;
 mod models;
 mod search;
 mod switch;
@@ -31,6 +32,8 @@ pub use crate::index::IndexSource;
 pub use models::{Slot, SlotHolder};
 pub use types::*;
 
+pub use crate::embed::Priority;
+
 // The errors a catalog call can carry, part of its interface.
 pub use crate::embed::EmbedError;
 pub use crate::gallery::GalleryError;
@@ -44,7 +47,7 @@ use crate::index::IndexProvider;
 use crate::metrics;
 use crate::preprocess::{PreprocessPool, Preprocessor};
 use crate::registry::{ModelVersion, Registry};
-use active::ActiveModel;
+use active::{ActiveModel, Pass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -52,6 +55,8 @@ pub enum CatalogError {
     Image { position: usize, source: PreprocessError },
     #[error("image {position} duplicates item {existing} (similarity {score:.4})")]
     Duplicate { position: usize, existing: i64, score: f32 },
+    #[error("image {position} duplicates image {earlier} of the same request")]
+    DuplicateInRequest { position: usize, earlier: usize },
     #[error("no model version `{0}`")]
     UnknownVersion(String),
     #[error("{0} is still running; wait for it or cancel it")]
@@ -82,6 +87,9 @@ pub struct CatalogSettings {
     pub near_duplicate_distance: f32,
     /// Labelled neighbours that vote for a search's predicted label.
     pub knn_k: usize,
+    /// Labels with at most this many items are searched exactly; larger ones
+    /// by a filtered graph walk.
+    pub exact_search_limit: usize,
     /// Cosine distance beyond which the nearest labelled neighbour means
     /// `unknown`; `None` takes 1 - the active model's verification threshold.
     pub unknown_distance: Option<f32>,
@@ -98,6 +106,8 @@ pub struct Catalog {
     /// Adds and deletes hold it shared; a model switch holds it alone while it
     /// catches up with them and swaps.
     writes: Arc<tokio::sync::RwLock<()>>,
+    /// The items of each label, for filtered searches.
+    labels: Arc<labels::LabelMap>,
     /// Who holds the one-at-a-time slot of fine-tunes and activations. A std
     /// `Mutex`: held for a field read or write, never across an `.await`.
     lifecycle: Arc<Mutex<Option<SlotHolder>>>,
@@ -116,10 +126,11 @@ impl Catalog {
         let started = Instant::now();
         let version = models::registry_call(&registry, |registry| registry.active()).await?;
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
-        let (index, source, reason) = indexes.open(&version.model, dim, capacity).await;
+        let (index, source, reason) = indexes.open(&version.key, dim, capacity).await;
         let model = ActiveModel::start(version, &settings, index).await?;
-        model.embed_missing(store.as_ref(), &|_| {}, &AtomicBool::new(false)).await?;
+        model.embed_missing(store.as_ref(), Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
         let (added, removed) = switch::reconcile(store.as_ref(), &model).await?;
+        let labels = Arc::new(labels::LabelMap::new(store.labelled().await?));
         let startup = IndexStartup {
             source,
             reason,
@@ -137,6 +148,7 @@ impl Catalog {
             registry,
             settings: Arc::new(settings),
             writes: Arc::default(),
+            labels,
             lifecycle: Arc::default(),
         };
         Ok((catalog, startup))
@@ -161,6 +173,7 @@ impl Catalog {
     pub fn serving(&self) -> Serving {
         let active = self.active();
         let info = active.embedder.info();
+        let unembeddable_items = active.lock_unembeddable().len();
         Serving {
             model: info.model_key.clone(),
             version: active.version.version.clone(),
@@ -175,6 +188,7 @@ impl Catalog {
             cuda_devices: info.cuda.device_count,
             workers_running: active.embedder.is_running(),
             indexed_items: active.index.len(),
+            unembeddable_items,
         }
     }
 

@@ -63,7 +63,7 @@ impl Catalog {
         let active = self.active().version.version.clone();
         let mut infos = Vec::with_capacity(versions.len());
         for v in versions {
-            let embedded_items = self.store.count_embedded(v.model.clone()).await?;
+            let embedded_items = self.store.count_embedded(v.key.clone()).await?;
             infos.push(VersionInfo {
                 active: v.version == active,
                 parent: v.manifest.extra.get("parent").and_then(Value::as_str).map(str::to_string),
@@ -89,8 +89,9 @@ impl Catalog {
         let _slot = self.claim(SlotHolder::Activation)?;
         let active = self.active();
         if active.version.version == target.version {
-            let items = active.index.len();
-            return Ok(Switched { version: target.version, model: target.model, embedded: 0, items, seconds: 0.0 });
+            let (items, unembeddable) = (active.index.len(), active.lock_unembeddable().iter().copied().collect());
+            let (version, model) = (target.version, target.model);
+            return Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 });
         }
         self.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await
     }

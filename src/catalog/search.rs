@@ -9,6 +9,7 @@ use super::active::ActiveModel;
 use super::{Catalog, CatalogError, Neighbour, SearchOutcome, SearchQuery, Timing, Verified};
 use crate::embed::Priority;
 use crate::gallery::ItemSummary;
+use crate::index::Hit;
 use crate::vector::{cosine, unit_distance};
 use crate::vote::{self, Prediction};
 
@@ -31,7 +32,7 @@ impl Catalog {
             search_ms: ms(after_embed, Instant::now()),
             total_ms: ms(start, Instant::now()),
         };
-        Ok(SearchOutcome { model: active.key(), results, prediction, timing })
+        Ok(SearchOutcome { model: active.name(), results, prediction, timing })
     }
 
     /// The items most similar to a stored item (itself left out), from its
@@ -45,7 +46,7 @@ impl Catalog {
         let (results, prediction) = self.neighbours(&active, &vector, query, Some(id)).await?;
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
         let timing = Timing { search_ms: total_ms, total_ms, ..Timing::default() };
-        Ok(Some(SearchOutcome { model: active.key(), results, prediction, timing }))
+        Ok(Some(SearchOutcome { model: active.name(), results, prediction, timing }))
     }
 
     /// Searches the index (fetching enough for the label vote), reads the
@@ -57,12 +58,8 @@ impl Catalog {
         query: &SearchQuery,
         exclude: Option<i64>,
     ) -> Result<(Vec<Neighbour>, Prediction), CatalogError> {
-        let allowed = match &query.label {
-            Some(label) => Some(self.store.ids_with_label(label.clone()).await?),
-            None => None,
-        };
         let fetch = query.k.max(self.settings.knn_k) + usize::from(exclude.is_some());
-        let mut hits = active.index.search(vector, fetch, allowed.as_deref()).await?;
+        let mut hits = self.nearest(active, vector, fetch, query.label.as_deref()).await?;
         hits.retain(|hit| Some(hit.id) != exclude);
         let summaries = self.store.summaries(hits.iter().map(|h| h.id).collect()).await?;
         // An item deleted between the index search and here is simply left out.
@@ -80,6 +77,29 @@ impl Catalog {
         Ok((results, prediction))
     }
 
+    /// The `fetch` nearest items, of `label` only when one is given. An
+    /// unknown label answers at once; a small one is searched exactly, from
+    /// its stored vectors, since a filtered graph walk visits ever more of the
+    /// graph the rarer the label; a large one by the filtered walk.
+    async fn nearest(
+        &self,
+        active: &ActiveModel,
+        vector: &[f32],
+        fetch: usize,
+        label: Option<&str>,
+    ) -> Result<Vec<Hit>, CatalogError> {
+        let Some(label) = label else { return Ok(active.index.search(vector, fetch, None).await?) };
+        let Some(ids) = self.labels.ids(label) else { return Ok(Vec::new()) };
+        if ids.len() > self.settings.exact_search_limit {
+            return Ok(active.index.search(vector, fetch, Some(ids)).await?);
+        }
+        let stored = self.store.embeddings_of(active.key(), ids.to_vec()).await?;
+        let mut hits: Vec<Hit> = stored.iter().map(|(id, v)| Hit { id: *id, score: cosine(vector, v) }).collect();
+        hits.sort_by(|a, b| b.score.total_cmp(&a.score));
+        hits.truncate(fetch);
+        Ok(hits)
+    }
+
     /// Whether two images show the same thing: their similarity against the
     /// active model's verification threshold.
     pub async fn verify(&self, a: Bytes, b: Bytes) -> Result<Verified, CatalogError> {
@@ -89,7 +109,7 @@ impl Catalog {
         let similarity = cosine(&vectors[0], &vectors[1]);
         let threshold = active.version.manifest.verification_threshold;
         Ok(Verified {
-            model: active.key(),
+            model: active.name(),
             similarity,
             distance: unit_distance(similarity),
             same: threshold.map(|t| similarity >= t),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::active::{retire, ActiveModel};
+use super::active::{retire, ActiveModel, Pass};
 use super::{Catalog, CatalogError, Progress, Switched};
 use crate::gallery::GalleryStore;
 use crate::metrics;
@@ -35,7 +35,7 @@ impl Catalog {
     ) -> Result<Switched, CatalogError> {
         let started = Instant::now();
         let capacity = self.store.count().await? as usize;
-        let index = self.indexes.create(&version.model, version.manifest.embedding.dim, capacity);
+        let index = self.indexes.create(&version.key, version.manifest.embedding.dim, capacity);
         let model = ActiveModel::start(version, &self.settings, index).await?;
         let (embedded, exclusive) = match self.prepare_switch(&model, progress, swapping, cancel).await {
             Ok(prepared) => prepared,
@@ -47,9 +47,10 @@ impl Catalog {
         let info = model.embedder.info().clone();
         let switched = Switched {
             version: model.version.version.clone(),
-            model: model.key(),
+            model: model.name(),
             embedded,
             items: model.index.len(),
+            unembeddable: model.lock_unembeddable().iter().copied().collect(),
             seconds: started.elapsed().as_secs_f64(),
         };
         let previous = self.active.swap(Arc::new(model));
@@ -79,7 +80,7 @@ impl Catalog {
         cancel: &AtomicBool,
     ) -> Result<(usize, Exclusive), CatalogError> {
         let before = self.store.change_sequence();
-        let mut embedded = model.embed_missing(self.store.as_ref(), progress, cancel).await?;
+        let mut embedded = model.embed_missing(self.store.as_ref(), Pass::Background, progress, cancel).await?;
         reconcile(self.store.as_ref(), model).await?;
         if cancel.load(Ordering::Relaxed) {
             return Err(CatalogError::Cancelled);
@@ -89,7 +90,8 @@ impl Catalog {
         // Every add and delete holds the writers' lock: with it held alone and
         // the sequence unchanged, nothing happened since the pass began.
         if self.store.change_sequence() != before {
-            embedded += model.embed_missing(self.store.as_ref(), progress, &AtomicBool::new(false)).await?;
+            let store = self.store.as_ref();
+            embedded += model.embed_missing(store, Pass::Final, progress, &AtomicBool::new(false)).await?;
             reconcile(self.store.as_ref(), model).await?;
         }
         let version = model.version.version.clone();

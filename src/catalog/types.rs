@@ -135,6 +135,9 @@ pub struct Switched {
     /// Images embedded because no embedding of this model was stored.
     pub embedded: usize,
     pub items: usize,
+    /// Ids of stored items whose image this model's preprocessing refuses
+    /// (left out of its index; for example after `--max-image-side` was lowered).
+    pub unembeddable: Vec<i64>,
     pub seconds: f64,
 }
 
@@ -163,6 +166,8 @@ pub struct Serving {
     /// Whether every embedding worker is still running.
     pub workers_running: bool,
     pub indexed_items: usize,
+    /// Stored items the serving model could not preprocess, so not searchable.
+    pub unembeddable_items: usize,
 }
 
 /// One model version, as `GET /admin/models` lists it.

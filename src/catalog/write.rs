@@ -8,6 +8,7 @@ use super::active::ActiveModel;
 use super::{AddStatus, Added, Catalog, CatalogError, NearDuplicate, OnDuplicate, Upload};
 use crate::embed::Priority;
 use crate::gallery::{content_hash, Inserted, NewItem};
+use crate::vector::cosine;
 
 /// One upload on its way to the store.
 struct Pending {
@@ -29,7 +30,7 @@ struct EmbeddedUpload {
 }
 
 impl Pending {
-    fn new_item(&self) -> Option<NewItem> {
+    fn new_item(&self, on_duplicate: OnDuplicate) -> Option<NewItem> {
         let embedded = self.embedded.as_ref()?;
         Some(NewItem {
             image: self.upload.bytes.clone(),
@@ -40,14 +41,20 @@ impl Pending {
             label: self.upload.label.clone(),
             metadata: self.upload.metadata.clone(),
             embedding: embedded.embedding.clone(),
+            unless_stored: on_duplicate == OnDuplicate::Skip,
         })
     }
 }
 
 impl Catalog {
-    /// Decodes, embeds and stores the uploads, then indexes them. Either every
-    /// stored image is committed or none is.
-    pub async fn add(&self, uploads: Vec<Upload>, on_duplicate: OnDuplicate) -> Result<Vec<Added>, CatalogError> {
+    /// Decodes, embeds (at `priority`) and stores the uploads, then indexes
+    /// them. Either every stored image is committed or none is.
+    pub async fn add(
+        &self,
+        uploads: Vec<Upload>,
+        on_duplicate: OnDuplicate,
+        priority: Priority,
+    ) -> Result<Vec<Added>, CatalogError> {
         let writing = self.writes.clone().read_owned().await;
         let active = self.active();
         let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
@@ -57,7 +64,10 @@ impl Catalog {
             .zip(hashes.into_iter().zip(existing))
             .map(|(upload, (content_hash, exact))| Pending { upload, content_hash, exact, embedded: None, near: None })
             .collect();
-        embed_uploads(&active, &mut pending, on_duplicate).await?;
+        if on_duplicate == OnDuplicate::Reject {
+            refuse_copies_within(&pending, |a, b| a.content_hash == b.content_hash)?;
+        }
+        embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
         for (position, upload) in pending.iter_mut().enumerate() {
             let Some(embedded) = &upload.embedded else { continue };
             upload.near = self.nearest_duplicate(&active, &embedded.embedding).await?;
@@ -66,12 +76,30 @@ impl Catalog {
                 return Err(CatalogError::Duplicate { position, existing, score });
             }
         }
-        let items: Vec<NewItem> = pending.iter().filter_map(Pending::new_item).collect();
-        let (store, index, model) = (self.store.clone(), active.index.clone(), active.key());
+        if on_duplicate == OnDuplicate::Reject {
+            let near = 1.0 - self.settings.near_duplicate_distance;
+            refuse_copies_within(&pending, |a, b| match (&a.embedded, &b.embedded) {
+                (Some(a), Some(b)) => {
+                    self.settings.near_duplicate_distance > 0.0 && cosine(&a.embedding, &b.embedding) >= near
+                }
+                _ => false,
+            })?;
+        }
+        let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
+        let (store, index, model, labels) =
+            (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
         let inserted = store_then_index(writing, async move {
-            let vectors: Vec<Vec<f32>> = items.iter().map(|i| i.embedding.clone()).collect();
+            let described: Vec<(Vec<f32>, Option<String>)> =
+                items.iter().map(|i| (i.embedding.clone(), i.label.clone())).collect();
             let inserted = store.insert(items, model).await?;
-            index.insert(inserted.iter().map(|i| i.id).zip(vectors).collect()).await?;
+            let mut stored = Vec::new();
+            for (item, (vector, label)) in inserted.iter().zip(described).filter(|(i, _)| i.stored) {
+                if let Some(label) = label {
+                    labels.insert(item.id, &label);
+                }
+                stored.push((item.id, vector));
+            }
+            index.insert(stored).await?;
             Ok(inserted)
         })
         .await?;
@@ -96,15 +124,19 @@ impl Catalog {
     /// Deletes an item: from the store (committed), then from results at once.
     pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
         let writing = self.writes.clone().read_owned().await;
-        let (store, index) = (self.store.clone(), self.active().index.clone());
-        store_then_index(writing, async move {
+        let active = self.active();
+        let (store, index, labels) = (self.store.clone(), active.index.clone(), self.labels.clone());
+        let deleted = store_then_index(writing, async move {
             if !store.delete(id).await? {
                 return Ok(false);
             }
+            labels.remove(id);
             index.delete(vec![id]).await?;
             Ok(true)
         })
-        .await
+        .await?;
+        active.lock_unembeddable().remove(&id);
+        Ok(deleted)
     }
 }
 
@@ -114,6 +146,7 @@ async fn embed_uploads(
     active: &Arc<ActiveModel>,
     pending: &mut [Pending],
     on_duplicate: OnDuplicate,
+    priority: Priority,
 ) -> Result<(), CatalogError> {
     let todo: Vec<usize> =
         (0..pending.len()).filter(|&i| !(on_duplicate == OnDuplicate::Skip && pending[i].exact.is_some())).collect();
@@ -123,9 +156,20 @@ async fn embed_uploads(
         other => other,
     })?;
     let shapes: Vec<_> = prepared.iter().map(|p| (p.format.to_mime_type(), p.width, p.height)).collect();
-    let vectors = active.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Interactive).await?;
+    let vectors = active.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), priority).await?;
     for ((i, (media_type, width, height)), embedding) in todo.into_iter().zip(shapes).zip(vectors) {
         pending[i].embedded = Some(EmbeddedUpload { media_type, width, height, embedding });
+    }
+    Ok(())
+}
+
+/// With `reject`, refuses the request when one upload copies an earlier one
+/// of the same request (`same`: byte-identical, or near duplicates).
+fn refuse_copies_within(pending: &[Pending], same: impl Fn(&Pending, &Pending) -> bool) -> Result<(), CatalogError> {
+    for (position, upload) in pending.iter().enumerate() {
+        if let Some(earlier) = pending[..position].iter().position(|other| same(other, upload)) {
+            return Err(CatalogError::DuplicateInRequest { position, earlier });
+        }
     }
     Ok(())
 }
@@ -144,11 +188,12 @@ fn reports(pending: Vec<Pending>, inserted: Vec<Inserted>) -> Vec<Added> {
                 near_duplicate_of: None,
             },
             Some(_) => {
-                let item = stored.next().expect("one stored item per embedded upload");
-                // The store's answer also covers byte duplicates inside this very request.
+                let item = stored.next().expect("one insert report per embedded upload");
+                // The store's answer also covers byte duplicates inside this very request,
+                // and uploads a concurrent request stored first.
                 Added {
                     id: item.id,
-                    status: AddStatus::Added,
+                    status: if item.stored { AddStatus::Added } else { AddStatus::Skipped },
                     content_hash: upload.content_hash,
                     duplicate_of: item.duplicate_of,
                     near_duplicate_of: upload.near,

@@ -27,6 +27,30 @@ pub struct DataSummary {
     pub ignored_labels: Vec<String>,
 }
 
+/// The job's images, preprocessed, as the training loop takes them: the
+/// pixels of every image one after another, its label index, and which
+/// positions train and which validate.
+#[derive(Debug, Default)]
+pub struct PreparedImages {
+    pub pixels: Vec<f32>,
+    pub labels: Vec<usize>,
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+}
+
+impl PreparedImages {
+    pub fn push(&mut self, pixels: &[f32], label: usize, is_train: bool) {
+        let position = self.labels.len();
+        self.pixels.extend_from_slice(pixels);
+        self.labels.push(label);
+        if is_train {
+            self.train.push(position)
+        } else {
+            self.validation.push(position)
+        }
+    }
+}
+
 /// Why the labelled gallery cannot be fine-tuned on.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SplitError {

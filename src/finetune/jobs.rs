@@ -63,6 +63,10 @@ pub struct JobRecord {
     pub params: FinetuneParams,
     /// The version that was active when the job started.
     pub base_version: String,
+    /// The version the chosen weights were saved as, once they are (written
+    /// before the switch, so a restart can tell whether the switch happened).
+    #[serde(default)]
+    pub saved_version: Option<String>,
     pub data: DataSummary,
     pub epoch: usize,
     pub epochs: usize,
@@ -173,8 +177,10 @@ pub struct JobBook {
 }
 
 impl JobBook {
-    /// Reads the job records in `dir`; jobs that were running are marked failed.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    /// Reads the job records in `dir`. A job that was running when the
+    /// service stopped is marked done if the version it saved is the active
+    /// one (`active`: the stop came after its swap), failed otherwise.
+    pub fn open(dir: &Path, active: &str) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut jobs = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
@@ -188,11 +194,8 @@ impl JobBook {
                 continue;
             };
             if !record.state.is_finished() {
-                let was = record.state;
-                tracing::warn!(job = %record.id, state = ?was, "a fine-tune job was interrupted by a restart");
-                record.state = JobState::Failed;
-                record.error = Some(format!("interrupted by a restart while {was:?}; nothing was swapped"));
-                record.finished_at = Some(now_millis());
+                tracing::warn!(job = %record.id, state = ?record.state, "a fine-tune job was interrupted by a restart");
+                settle_interrupted(&mut record, active);
                 write_record(&path, &record)?;
             }
             jobs.insert(record.id.clone(), Arc::new(Job::new(record, path)));
@@ -224,6 +227,29 @@ impl JobBook {
         let mut statuses: Vec<JobStatus> = jobs.iter().map(|j| j.status()).collect();
         statuses.sort_by_key(|s| std::cmp::Reverse(s.record.created_at));
         statuses
+    }
+}
+
+/// How an interrupted job ended, agreeing with which version is active.
+fn settle_interrupted(record: &mut JobRecord, active: &str) {
+    let was = record.state;
+    record.finished_at = Some(now_millis());
+    match record.saved_version.clone() {
+        Some(version) if version == active => {
+            record.state = JobState::Done;
+            let reason = format!("interrupted by a restart after its swap while {was:?}; version {version} is active");
+            record.result = Some(JobResult { committed: true, version: Some(version), reason });
+        }
+        Some(version) => {
+            record.state = JobState::Failed;
+            record.error = Some(format!(
+                "interrupted by a restart while {was:?}, before its swap; version {version} is saved and can be activated"
+            ));
+        }
+        None => {
+            record.state = JobState::Failed;
+            record.error = Some(format!("interrupted by a restart while {was:?}; nothing was swapped"));
+        }
     }
 }
 

@@ -52,9 +52,10 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Reads the job records in `dir`; jobs that were running are marked failed.
+    /// Reads the job records in `dir`; see `JobBook::open` for jobs a stop interrupted.
     pub fn open(dir: &Path, catalog: Catalog, trainer: Trainer) -> Result<Self, JobError> {
-        Ok(Self { book: JobBook::open(dir)?, catalog, trainer })
+        let active = catalog.active_version().version;
+        Ok(Self { book: JobBook::open(dir, &active)?, catalog, trainer })
     }
 
     pub fn get(&self, id: &str) -> Option<std::sync::Arc<Job>> {
@@ -82,6 +83,7 @@ impl Jobs {
             epochs: params.epochs,
             params,
             base_version: base.version.clone(),
+            saved_version: None,
             data: split.summary.clone(),
             epoch: 0,
             step: 0,

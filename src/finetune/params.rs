@@ -121,7 +121,10 @@ impl FinetuneParams {
         )?;
         check((2..=64).contains(&self.p), "p must be between 2 and 64")?;
         check((2..=64).contains(&self.k), "k must be between 2 and 64")?;
-        check(self.p * self.k <= 1024, "p * k (the batch size) must be at most 1024")?;
+        check(
+            self.p * self.k <= MAX_BATCH,
+            "p * k (the batch size) must be at most 256: the triplet loss holds batch^3 values per tensor",
+        )?;
         check(
             self.validation_fraction.is_finite() && (0.0..=0.5).contains(&self.validation_fraction),
             "validation_fraction must be between 0 and 0.5",
@@ -134,6 +137,10 @@ impl FinetuneParams {
         Ok(())
     }
 }
+
+/// Largest P x K batch. The triplet loss builds [n, n, n] tensors (gaps,
+/// masks and their gradients): 64 MiB each at 256, 4 GiB each at 1,024.
+pub const MAX_BATCH: usize = 256;
 
 /// A parameter out of its range: the rule it broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -149,6 +156,8 @@ mod tests {
         assert!(FinetuneParams::default().validate().is_ok());
         let bad = FinetuneParams { learning_rate: 0.0, ..Default::default() };
         assert!(bad.validate().unwrap_err().0.contains("learning_rate"));
+        let bad = FinetuneParams { p: 32, k: 32, ..Default::default() };
+        assert!(bad.validate().unwrap_err().0.starts_with("p * k"));
         let bad = FinetuneParams { p: 1, ..Default::default() };
         assert!(bad.validate().unwrap_err().0.starts_with("p "));
         let parsed: FinetuneParams = serde_json::from_str(r#"{"epochs": 3, "mining": "batch_hard"}"#).unwrap();

@@ -2,6 +2,7 @@
 //! save the chosen weights as a version, switch the catalog to it; every
 //! step folded into the job's record.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::data::Split;
+use super::data::{PreparedImages, Split};
 use super::jobs::{Job, JobRecord, JobResult, JobState};
 use super::params::Commit;
 use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
@@ -20,6 +21,10 @@ use crate::registry::ModelVersion;
 
 /// Step losses kept in a job's record (the most recent ones).
 const MAX_STEP_LOSSES: usize = 5000;
+/// Images read from the store at a time while a job prepares its data: the
+/// store is held for one chunk at a time (searches and uploads go on in
+/// between), and only one chunk's original bytes are in memory.
+const READ_CHUNK: usize = 32;
 
 /// Why a job stopped before its end.
 enum Stop {
@@ -77,9 +82,8 @@ impl Runner {
         let job = &self.job;
         job.set_state(JobState::Training);
         std::fs::create_dir_all(scratch).map_err(RunError::Scratch)?;
-        let ids: Vec<i64> = split.train.iter().chain(&split.validation).map(|(id, _)| *id).collect();
-        let images = self.catalog.images(ids).await.map_err(RunError::Catalog)?;
-        let trained = self.train(&base, split, images, scratch).await?;
+        let prepared = self.prepare(&split).await?;
+        let trained = self.train(&base, prepared, scratch).await?;
         let params = job.record().params;
         let chosen = match (&trained.best, &trained.last, params.commit) {
             (Some(best), _, _) => best.clone(),
@@ -97,35 +101,65 @@ impl Runner {
         let version = self.catalog.save_version(chosen.1.clone(), manifest).await.map_err(RunError::Catalog)?;
         tracing::info!(version = %version.version, parent = %base.version, "fine-tuned model saved");
         let saved = version.version.clone();
+        job.update(true, |r, _| r.saved_version = Some(saved.clone()));
         let switched = self.switch(version).await.map_err(|e| match e {
             CatalogError::Cancelled => Stop::Cancelled(Some(saved.clone())),
             source => Stop::Failed(RunError::Switch { version: saved.clone(), source }),
         })?;
         let reason = format!(
-            "validation Recall@1 {:.4} -> {:.4}, MAP@R {:.4} -> {:.4}; {} images re-embedded, {} indexed",
+            "validation Recall@1 {:.4} -> {:.4}, MAP@R {:.4} -> {:.4}; {} images re-embedded, {} indexed{}",
             trained.before.recall_at_1,
             chosen.0.validation.recall_at_1,
             trained.before.map_at_r,
             chosen.0.validation.map_at_r,
             switched.embedded,
-            switched.items
+            switched.items,
+            unembeddable_note(&switched.unembeddable)
         );
         Ok(JobResult { committed: true, version: Some(saved), reason })
     }
 
-    /// Decodes the images and trains on a blocking thread.
+    /// Reads and preprocesses the split's images a chunk at a time; an item
+    /// deleted since the split, or one that no longer decodes, is left out.
+    async fn prepare(&self, split: &Split) -> Result<PreparedImages, Stop> {
+        let preprocessor = self.catalog.preprocessor();
+        let mut prepared = PreparedImages::default();
+        for (members, is_train) in [(&split.train, true), (&split.validation, false)] {
+            for chunk in members.chunks(READ_CHUNK) {
+                if self.job.cancel.load(Ordering::Relaxed) {
+                    return Err(Stop::Cancelled(None));
+                }
+                let ids = chunk.iter().map(|(id, _)| *id).collect();
+                let images: BTreeMap<i64, Vec<u8>> =
+                    self.catalog.images(ids).await.map_err(RunError::Catalog)?.into_iter().collect();
+                let (preprocessor, chunk) = (preprocessor.clone(), chunk.to_vec());
+                prepared = tokio::task::spawn_blocking(move || {
+                    for (id, label) in chunk {
+                        if let Some(image) = images.get(&id).and_then(|bytes| preprocessor.prepare(bytes).ok()) {
+                            prepared.push(&image.pixels, label, is_train);
+                        }
+                    }
+                    prepared
+                })
+                .await
+                .map_err(RunError::Thread)?;
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Trains on a blocking thread.
     async fn train(
         &self,
         base: &ModelVersion,
-        split: Split,
-        images: Vec<(i64, Vec<u8>)>,
+        prepared: PreparedImages,
         scratch: &Path,
     ) -> Result<train::Outcome, Stop> {
         let preprocessor = self.catalog.preprocessor();
         let (job, trainer, encoder, scratch) =
             (self.job.clone(), self.trainer.clone(), base.encoder_path(), scratch.to_path_buf());
         let trained = tokio::task::spawn_blocking(move || {
-            let data = TrainData::build(&preprocessor, &split, images)?;
+            let data = TrainData::new(prepared, &preprocessor)?;
             let params = job.record().params;
             let mut report = |event: train::Event| on_event(&job, event);
             train::train(&trainer, &encoder, &data, &params, &scratch, &mut report, &job.cancel)
@@ -153,6 +187,20 @@ impl Runner {
         let swapping = || job.set_state(JobState::Swapping);
         self.catalog.switch_to(version, &progress, &swapping, &job.cancel).await
     }
+}
+
+/// For a job's result: how many stored items the new model could not preprocess, and which.
+fn unembeddable_note(ids: &[i64]) -> String {
+    if ids.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = ids.iter().take(20).map(i64::to_string).collect();
+    let more = if ids.len() > shown.len() { ", ..." } else { "" };
+    format!(
+        "; {} stored images could not be preprocessed and are not searchable (ids {}{more})",
+        ids.len(),
+        shown.join(", ")
+    )
 }
 
 /// Folds a training event into the job's record.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor, TrainableCModule};
 
-use super::data::{PkSampler, Split};
+use super::data::{PkSampler, PreparedImages};
 use super::loss::triplet_loss;
 use super::params::{Commit, FinetuneParams, SelectBy};
 use crate::embed::{resolve_devices, CudaInfo, DeviceChoice, EmbedError};
@@ -73,24 +73,9 @@ pub struct TrainData {
 }
 
 impl TrainData {
-    /// Decodes and preprocesses the split's images (`(id, bytes)`); an item
-    /// deleted since the split, or one that no longer decodes, is left out.
-    pub fn build(preprocessor: &Preprocessor, split: &Split, images: Vec<(i64, Vec<u8>)>) -> Result<Self, TrainError> {
-        let bytes: std::collections::BTreeMap<i64, Vec<u8>> = images.into_iter().collect();
-        let (mut pixels, mut labels, mut train, mut validation) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (set, is_train) in [(&split.train, true), (&split.validation, false)] {
-            for (id, label) in set {
-                let Some(prepared) = bytes.get(id).and_then(|b| preprocessor.prepare(b).ok()) else { continue };
-                let position = labels.len();
-                pixels.extend_from_slice(&prepared.pixels);
-                labels.push(*label);
-                if is_train {
-                    train.push(position)
-                } else {
-                    validation.push(position)
-                }
-            }
-        }
+    /// The prepared images as one tensor, normalised as `preprocessor` left them.
+    pub fn new(prepared: PreparedImages, preprocessor: &Preprocessor) -> Result<Self, TrainError> {
+        let PreparedImages { pixels, labels, train, validation } = prepared;
         if validation.is_empty() || train.len() < 4 {
             return Err(TrainError::TooFewImages);
         }

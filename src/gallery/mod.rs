@@ -37,15 +37,22 @@ pub struct NewItem {
     pub label: Option<String>,
     pub metadata: serde_json::Value,
     pub embedding: Vec<f32>,
+    /// Not stored when a byte-identical item exists when the insert commits
+    /// (checked inside its transaction, so two concurrent uploads of new bytes
+    /// store them once).
+    pub unless_stored: bool,
 }
 
 /// What an insert reports for each item.
 #[derive(Debug, Clone, Serialize)]
 pub struct Inserted {
+    /// The new item, or the existing one when `stored` is false.
     pub id: i64,
     pub content_hash: String,
     /// An older item with byte-identical content, if any.
     pub duplicate_of: Option<i64>,
+    /// False when `unless_stored` found the bytes stored already.
+    pub stored: bool,
 }
 
 /// Hex SHA-256 of an image's bytes: how exact duplicates are recognised.
@@ -103,9 +110,6 @@ pub trait GalleryStore: Send + Sync + 'static {
 
     async fn count(&self) -> Result<u64, GalleryError>;
 
-    /// Ids of the items with this label, ascending.
-    async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError>;
-
     /// Every labelled item as `(id, label)`, ascending by id: the fine-tuning data.
     async fn labelled(&self) -> Result<Vec<(i64, String)>, GalleryError>;
 
@@ -121,10 +125,19 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// The embeddings under `model` of the given ids (those that have one).
     async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError>;
 
-    /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError>;
+    /// Up to `limit` items after id `after` that have no embedding under
+    /// `model` yet, with their bytes, ascending by id; fewer once their
+    /// bytes reach `max_bytes` (at least one).
+    async fn missing_embeddings(
+        &self,
+        model: String,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError>;
 
-    /// Stores embeddings computed later (for another model), in one transaction.
+    /// Stores embeddings computed later (for another model), in one
+    /// transaction; ids of items deleted meanwhile are skipped.
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError>;
 
     /// A number that grows with every committed insert or delete of items:

@@ -138,11 +138,6 @@ impl GalleryStore for SqliteGallery {
         Ok(deleted)
     }
 
-    /// Ids of the items with this label, ascending.
-    async fn ids_with_label(&self, label: String) -> Result<Vec<i64>, GalleryError> {
-        self.with_conn(move |conn| ids(conn, "SELECT id FROM items WHERE label = ?1 ORDER BY id", label)).await
-    }
-
     /// For each hash, the oldest item with those exact bytes, if any.
     async fn oldest_with_hashes(&self, hashes: Vec<String>) -> Result<Vec<Option<i64>>, GalleryError> {
         self.with_conn(move |conn| hashes.iter().map(|hash| oldest_with_hash(conn, hash)).collect()).await
@@ -207,25 +202,42 @@ impl GalleryStore for SqliteGallery {
     }
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    async fn missing_embeddings(&self, model: String, limit: usize) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+    async fn missing_embeddings(
+        &self,
+        model: String,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
         self.with_conn(move |conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, image FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
-                 ORDER BY id LIMIT ?2",
+                "SELECT id, image FROM items
+                 WHERE id > ?2 AND id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
+                 ORDER BY id LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![model, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            let mut rows = stmt.query(params![model, after, limit as i64])?;
+            let (mut out, mut bytes) = (Vec::new(), 0);
+            while let Some(row) = rows.next()? {
+                let image: Vec<u8> = row.get(1)?;
+                bytes += image.len();
+                out.push((row.get(0)?, image));
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
         })
         .await
     }
 
-    /// Stores embeddings computed later (e.g. for a new model), in one transaction.
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             for (id, v) in vectors {
+                // An item deleted since it was read is skipped, not a foreign-key failure.
                 tx.execute(
-                    "INSERT OR REPLACE INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
+                    "INSERT OR REPLACE INTO embeddings (item_id, model, vector)
+                     SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM items WHERE id = ?1)",
                     params![id, model, encode_vector(&v)],
                 )?;
             }
@@ -243,6 +255,9 @@ impl GalleryStore for SqliteGallery {
 fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Result<Inserted, GalleryError> {
     let content_hash = item.content_hash;
     let duplicate_of = oldest_with_hash(tx, &content_hash)?;
+    if let (true, Some(existing)) = (item.unless_stored, duplicate_of) {
+        return Ok(Inserted { id: existing, content_hash, duplicate_of, stored: false });
+    }
     tx.execute(
         "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -262,7 +277,7 @@ fn insert_one(tx: &rusqlite::Transaction<'_>, item: NewItem, model: &str) -> Res
         "INSERT INTO embeddings (item_id, model, vector) VALUES (?1, ?2, ?3)",
         params![id, model, encode_vector(&item.embedding)],
     )?;
-    Ok(Inserted { id, content_hash, duplicate_of })
+    Ok(Inserted { id, content_hash, duplicate_of, stored: true })
 }
 
 fn oldest_with_hash(conn: &Connection, content_hash: &str) -> Result<Option<i64>, GalleryError> {

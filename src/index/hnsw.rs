@@ -10,11 +10,15 @@
 //! results at once, and the graph is rebuilt without them (compaction) once
 //! they pass a fraction of it. Every change goes through one writer lock, so a
 //! dump (which holds the graph's read lock throughout) never runs beside an
-//! insert, and searches never wait behind a blocked insert.
+//! insert, and searches never wait behind a blocked insert. The tombstones
+//! are a copy-on-write set: a search reads a snapshot without a lock, so a
+//! delete never makes searches (or `len`, which the probes read) wait.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use arc_swap::ArcSwap;
 
 use hnsw_rs::prelude::{DistDot, Hnsw};
 
@@ -40,7 +44,7 @@ const OVERFETCH_LIMIT: usize = 256;
 /// The HNSW graph and the ids deleted from it since it was built.
 pub(super) struct Graph {
     pub(super) hnsw: Hnsw<'static, f32, DistDot>,
-    tombstones: RwLock<HashSet<i64>>,
+    tombstones: ArcSwap<HashSet<i64>>,
 }
 
 impl Graph {
@@ -50,11 +54,18 @@ impl Graph {
     }
 
     pub(super) fn from_hnsw(hnsw: Hnsw<'static, f32, DistDot>) -> Self {
-        Self { hnsw, tombstones: RwLock::new(HashSet::new()) }
+        Self { hnsw, tombstones: ArcSwap::default() }
     }
 
-    fn tombstones(&self) -> std::sync::RwLockReadGuard<'_, HashSet<i64>> {
-        self.tombstones.read().unwrap_or_else(|e| e.into_inner())
+    fn tombstones(&self) -> Arc<HashSet<i64>> {
+        self.tombstones.load_full()
+    }
+
+    /// Adds tombstones: a new set replaces the old (writers are serialised by the writer lock).
+    fn bury(&self, ids: impl IntoIterator<Item = i64>) {
+        let mut dead = HashSet::clone(&self.tombstones.load());
+        dead.extend(ids);
+        self.tombstones.store(Arc::new(dead));
     }
 
     /// Every id in the graph, tombstoned or not.
@@ -176,7 +187,7 @@ impl HnswIndex {
     pub fn delete(&self, ids: &[i64]) {
         let mut writer = self.writer();
         let graph = self.graph();
-        graph.tombstones.write().unwrap_or_else(|e| e.into_inner()).extend(ids.iter().copied());
+        graph.bury(ids.iter().copied());
         if let Some(journal) = writer.journal.as_mut() {
             journal.extend(ids.iter().map(|&id| Change::Delete(id)));
         }
@@ -209,9 +220,7 @@ impl HnswIndex {
         for change in writer.journal.take().unwrap_or_default() {
             match change {
                 Change::Insert(id, v) => fresh.hnsw.insert((&v, id as usize)),
-                Change::Delete(id) => {
-                    fresh.tombstones.write().unwrap_or_else(|e| e.into_inner()).insert(id);
-                }
+                Change::Delete(id) => fresh.bury([id]),
             }
         }
         let purged = self.graph().hnsw.get_nb_point().saturating_sub(fresh.hnsw.get_nb_point());

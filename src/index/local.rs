@@ -67,10 +67,11 @@ impl VectorIndex for LocalIndex {
         Ok(())
     }
 
-    /// On the calling thread: a search is a fraction of a millisecond to a
-    /// few milliseconds of graph walking.
-    async fn search(&self, query: &[f32], k: usize, allowed: Option<&[i64]>) -> Result<Vec<Hit>, IndexError> {
-        self.graph.search(query, k, allowed)
+    /// On a blocking thread: a graph walk is a fraction of a millisecond to
+    /// milliseconds (more with a filter), too long for an async worker.
+    async fn search(&self, query: &[f32], k: usize, allowed: Option<Arc<Vec<i64>>>) -> Result<Vec<Hit>, IndexError> {
+        let query = query.to_vec();
+        self.blocking(move |index| index.graph.search(&query, k, allowed.as_deref().map(Vec::as_slice))).await?
     }
 
     async fn save(&self) -> Result<Option<DumpReport>, IndexError> {
@@ -147,6 +148,10 @@ mod tests {
         }
         assert_eq!(index.len(), 28);
         let hits = index.search(&vector(4), 32, None).await.unwrap();
+        let only = index.search(&vector(4), 32, Some(Arc::new(vec![1, 4, 7]))).await.unwrap();
+        let mut ids: Vec<i64> = only.iter().map(|h| h.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 7], "4 is deleted: {only:?}");
         assert!(hits.iter().all(|h| ![3, 4, 5, 6].contains(&h.id)) && hits.len() == 28);
     }
 }

@@ -73,7 +73,7 @@ pub trait VectorIndex: Send + Sync + 'static {
     async fn delete(&self, ids: Vec<i64>) -> Result<(), IndexError>;
 
     /// The `k` nearest items, best first; with `allowed` (ascending ids), only those.
-    async fn search(&self, query: &[f32], k: usize, allowed: Option<&[i64]>) -> Result<Vec<Hit>, IndexError>;
+    async fn search(&self, query: &[f32], k: usize, allowed: Option<Arc<Vec<i64>>>) -> Result<Vec<Hit>, IndexError>;
 
     /// Saves the index where it keeps one (a dump), when it changed since the
     /// last save; `None` when there was nothing to do.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::finetune::{wait_for_job, TOKEN};
 use crate::helpers::{fixtures, spawn_app_with};
 
-fn python(args: &[&str]) {
+pub fn python(args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let status = Command::new(root.join(".venv/bin/python")).args(args).current_dir(root).status().expect("run python");
     assert!(status.success(), "python {args:?} failed");

@@ -62,6 +62,7 @@ async fn bad_input_matrix() {
     let image = png();
     let jpeg = reencode(&image, ImageFormat::Jpeg);
     let seeded: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, png)| png).collect();
+    let unseeded = fixtures().remove(5).1;
     assert_eq!(app.add_images(&seeded, Some("seed"), None).await.status(), 201);
     let before = gallery_listing(&app).await;
 
@@ -308,6 +309,22 @@ async fn bad_input_matrix() {
                 .body("{"),
             400,
             "invalid_json",
+        ),
+        case(
+            "fine-tune with a P x K batch the triplet loss cannot hold",
+            app.client.post(app.url("/admin/finetune")).bearer_auth(TOKEN).json(&serde_json::json!({"p": 32, "k": 32})),
+            422,
+            "invalid_params",
+        ),
+        case(
+            "a request that uploads one image twice, with on_duplicate=reject",
+            app.client.post(app.url("/gallery?on_duplicate=reject")).multipart(
+                Form::new()
+                    .part("image", Part::bytes(unseeded.clone()).file_name("a.png"))
+                    .part("image", Part::bytes(unseeded.clone()).file_name("b.png")),
+            ),
+            409,
+            "duplicate",
         ),
     ];
     for case in cases {

@@ -38,7 +38,7 @@ async fn every_supported_format_finds_the_png_original() {
     let id = add(&app, &png).await;
     // Distractors: the other classes.
     for (class, bytes) in fixtures().into_iter().filter(|(c, _)| c != "trouser") {
-        app.add_images(&[bytes], Some(&class), None).await;
+        assert_eq!(app.add_images(&[bytes], Some(&class), None).await.status(), 201, "a distractor upload");
     }
     let rgb = DynamicImage::ImageRgb8(image::load_from_memory(&png).unwrap().to_rgb8());
     for format in [ImageFormat::Jpeg, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::WebP] {

@@ -57,7 +57,15 @@ pub fn config(data_dir: &Path) -> ServeConfig {
         unreachable!("parsed the serve subcommand")
     };
     // Secrets may sit in the environment of whoever runs the tests; tests set their own.
-    ServeConfig { admin_token: None, admin_token_file: None, ..*config }
+    ServeConfig {
+        admin_token: None,
+        admin_token_file: None,
+        api_key: None,
+        api_key_file: None,
+        read_only_api_key: None,
+        read_only_api_key_file: None,
+        ..*config
+    }
 }
 
 /// Starts the app on a fresh data directory. Logs only with `TEST_LOG=1`.
@@ -97,6 +105,18 @@ pub async fn spawn_with(config: ServeConfig) -> TestApp {
         stop: Some(stop),
         server: Some(server),
         violations,
+    }
+}
+
+/// Every answer the proxy saw must keep the contract, whether or not the
+/// test calls `stop()`.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let violations = self.violations.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert!(violations.is_empty(), "answers that break openapi.yaml:\n{}", violations.join("\n"));
     }
 }
 

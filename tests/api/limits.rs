@@ -42,3 +42,35 @@ async fn requests_past_the_concurrency_limit_get_503_and_probes_still_answer() {
     assert_eq!(app.search_raw(&image, "1", "image/png").await.status(), 200, "the slot is free again");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn bodies_past_the_memory_budget_get_503_and_small_requests_still_pass() {
+    const MIB: usize = 1024 * 1024;
+    let app = spawn_app_with(|c| c.max_buffered_body_bytes = 5 * MIB).await;
+    let image = fixtures().remove(0).1;
+    let mut large = image.clone();
+    large.resize(3 * MIB, 0); // a PNG with trailing padding: 3 MiB declared
+                              // 3 MiB of the 5 MiB budget, held by a client still sending its body.
+    let holder = SlowRequest::start(app.direct, "/search?k=1", "image/png", &large, 10).await;
+    // Another 3 MiB body does not fit beside it: 503 once the holder's head is read.
+    let mut refused = None;
+    for _ in 0..100 {
+        let response = app.search_raw(&large, "1", "image/png").await;
+        if response.status() == 503 {
+            refused = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("a body past the budget is refused");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests", "{body}");
+    // A small body fits beside the holder.
+    assert_eq!(app.search_raw(&image, "1", "image/png").await.status(), 200);
+
+    let (status, body) = holder.finish().await;
+    assert_ne!(status, 503, "{body}");
+    assert_ne!(app.search_raw(&large, "1", "image/png").await.status(), 503, "the budget is free again");
+    app.stop().await;
+}

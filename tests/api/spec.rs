@@ -141,7 +141,7 @@ async fn forward(State(proxy): State<Proxy>, request: Request) -> Response {
 fn the_checker_catches_a_body_that_breaks_the_contract() {
     let spec = Spec::load();
     let ok = json!({"status": "ok", "model": "m@1", "model_version": "1", "device": "cpu", "workers": 1, "precision": "fp32",
-        "max_batch": 8, "cuda_available": false, "indexed_items": 0, "index_source": "rebuilt"});
+        "max_batch": 8, "cuda_available": false, "indexed_items": 0, "index_source": "rebuilt", "unembeddable_items": 0});
     let bytes = |v: &Value| serde_json::to_vec(v).unwrap();
     assert_eq!(spec.violation(&Method::GET, "/health", StatusCode::OK, "application/json", &bytes(&ok)), None);
     let mut missing = ok.clone();

@@ -1,7 +1,8 @@
 // End-to-end test of the web page in headless Chromium: starts the release
 // binary on a fresh data directory, then, through the page only: adds
 // labelled images, searches and sees the expected item first with the right
-// predicted label, verifies a pair, deletes an item. Screenshots of each step
+// predicted label, verifies a pair, deletes an item, fine-tunes; then, on a
+// service with an API key, gives the key when asked. Screenshots of each step
 // go to target/browser-artifacts/ (kept as test artefacts).
 //
 //   node tests/browser/e2e.mjs        (after `cargo build --release`; `make browser-test` does both)
@@ -41,14 +42,29 @@ function check(condition, message) {
   console.log(`ok: ${message}`);
 }
 
+/// The release binary on a fresh data directory and a free port, with `env` added.
+async function startService(env) {
+  const dataDir = mkdtempSync(join(tmpdir(), "lookalike-browser-"));
+  const port = await freePort();
+  const args = ["serve", "--port", String(port), "--data-dir", dataDir];
+  const process_ = spawn(join(root, "target/release/lookalike"), args, {
+    stdio: ["ignore", "ignore", "inherit"],
+    env: { ...process.env, RUST_LOG: "warn", ...env },
+  });
+  return { process: process_, dataDir, url: `http://127.0.0.1:${port}` };
+}
+
+/// A graceful stop dumps the index into the data directory: wait for it before removing it.
+async function stopService({ process: child, dataDir }) {
+  const exited = child.exitCode !== null ? Promise.resolve() : new Promise((ok) => child.once("exit", ok));
+  child.kill("SIGTERM");
+  await exited;
+  rmSync(dataDir, { recursive: true, force: true });
+}
+
 const token = `browser-test-${process.pid}-0123456789`;
-const dataDir = mkdtempSync(join(tmpdir(), "lookalike-browser-"));
-const port = await freePort();
-const url = `http://127.0.0.1:${port}`;
-const service = spawn(join(root, "target/release/lookalike"), ["serve", "--port", String(port), "--data-dir", dataDir], {
-  stdio: ["ignore", "ignore", "inherit"],
-  env: { ...process.env, RUST_LOG: "warn", LOOKALIKE_ADMIN_TOKEN: token },
-});
+const service = await startService({ LOOKALIKE_ADMIN_TOKEN: token });
+const url = service.url;
 let browser;
 try {
   await waitHealthy(url);
@@ -134,12 +150,33 @@ try {
   check(/Recall@1 before\d\.\d{3}/.test(await page.textContent("#ft-figures")), "Recall@1 before training is shown");
   await page.screenshot({ path: join(artifacts, "5-admin-finetune.png"), fullPage: true });
   await page.close();
+
+  // With an API key configured, the page asks for it at the first refusal, then works as before
+  // (stored images too, which it fetches with the key).
+  const key = `browser-test-key-${process.pid}-0123456789`;
+  const keyed = await startService({ LOOKALIKE_API_KEY: key });
+  try {
+    await waitHealthy(keyed.url);
+    const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+    let asked = 0;
+    page.on("dialog", (dialog) => { asked += 1; dialog.accept(key); });
+    await page.goto(keyed.url);
+    await page.click('nav button[data-tab="add"]');
+    await page.setInputFiles("#add-files", [fixture("bag-0")]);
+    await page.fill("#add-label", "bag");
+    await page.click("#add-submit");
+    await page.waitForSelector("#add-status.ok");
+    await page.click('nav button[data-tab="gallery"]');
+    await page.waitForFunction(() => document.querySelector("#gallery-items .card img")?.src.startsWith("blob:"));
+    check(asked === 1, `the page asked for the API key once (${asked})`);
+    check((await fetch(`${keyed.url}/gallery`)).status === 401, "the service refuses a client without the key");
+    await page.screenshot({ path: join(artifacts, "6-api-key.png"), fullPage: true });
+    await page.close();
+  } finally {
+    await stopService(keyed);
+  }
   console.log(`browser test passed; screenshots in ${artifacts}`);
 } finally {
   await browser?.close();
-  // A graceful stop dumps the index into the data directory: wait for it before removing it.
-  const exited = service.exitCode !== null ? Promise.resolve() : new Promise((ok) => service.once("exit", ok));
-  service.kill("SIGTERM");
-  await exited;
-  rmSync(dataDir, { recursive: true, force: true });
+  await stopService(service);
 }

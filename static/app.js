@@ -1,0 +1,240 @@
+// The web page's script, served as its own file so the page's policy can forbid inline script.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const text = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+
+// The API key, when the service requires one: asked for at the first 401 of
+// a gallery or search call and kept for the session (admin routes take the admin token).
+const apiKey = () => sessionStorage.getItem("lookalike-api-key");
+const keyHeaders = () => (apiKey() ? { "api-key": apiKey() } : {});
+
+async function api(path, options = {}, retried = false) {
+  const response = await fetch(path, { ...options, headers: { ...keyHeaders(), ...(options.headers ?? {}) } });
+  const body = response.status === 204 ? null : await response.json().catch(() => null);
+  if (response.status === 401 && !path.startsWith("/admin") && !retried) {
+    const key = window.prompt("This service needs an API key:");
+    if (key?.trim()) {
+      sessionStorage.setItem("lookalike-api-key", key.trim());
+      return api(path, options, true);
+    }
+  }
+  if (!response.ok) throw new Error(body?.error?.message ?? `HTTP ${response.status}`);
+  return body;
+}
+
+// Stored images are fetched with the key (an <img> cannot send one) and shown from blob URLs.
+function loadImages(container) {
+  for (const img of container.querySelectorAll("img[data-src]")) {
+    fetch(img.dataset.src, { headers: keyHeaders() })
+      .then((r) => (r.ok ? r.blob() : null))
+      .then((blob) => {
+        if (!blob) return;
+        img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+        img.src = URL.createObjectURL(blob);
+      });
+  }
+}
+function show(el, message, kind = "") { el.className = `status ${kind}`; el.textContent = message; }
+
+// Tabs
+for (const button of document.querySelectorAll("nav button")) {
+  button.addEventListener("click", () => {
+    for (const b of document.querySelectorAll("nav button")) b.setAttribute("aria-selected", String(b === button));
+    for (const s of document.querySelectorAll("main section")) s.hidden = s.id !== `tab-${button.dataset.tab}`;
+    if (button.dataset.tab === "gallery") loadGallery(true);
+    if (button.dataset.tab === "admin") loadModels();
+  });
+}
+
+// Drop zones: click to pick, drop to choose; `onFiles` gets the files.
+function dropZone(zone, input, onFiles) {
+  zone.addEventListener("click", (e) => { if (e.target !== input) input.click(); });
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") input.click(); });
+  input.addEventListener("change", () => input.files.length && onFiles([...input.files]));
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault(); zone.classList.remove("over");
+    if (e.dataTransfer.files.length) onFiles([...e.dataTransfer.files]);
+  });
+}
+function preview(zone, file) {
+  zone.querySelector("img")?.remove();
+  const img = document.createElement("img");
+  img.src = URL.createObjectURL(file); img.alt = file.name;
+  zone.appendChild(img);
+}
+function card(item, extra = "") {
+  return `<div class="card" data-id="${item.id}">
+    <img data-src="/gallery/${item.id}/image" alt="item ${item.id}">
+    <div class="label">${text(item.label ?? "—")}</div>
+    <div class="muted">#${item.id}${item.score !== undefined ? ` · ${item.score.toFixed(3)}` : ""}</div>${extra}</div>`;
+}
+
+async function refreshHealth() {
+  try {
+    const h = await api("/health");
+    $("health").textContent = `${h.model} on ${h.device} · ${h.indexed_items} items`;
+  } catch (e) { $("health").textContent = `unreachable: ${e.message}`; }
+}
+
+// Search
+dropZone($("search-drop"), $("search-file"), (files) => search(files[0]));
+async function search(file) {
+  preview($("search-drop"), file);
+  show($("search-status"), "searching…");
+  $("search-results").innerHTML = ""; $("search-prediction").textContent = "";
+  const params = new URLSearchParams({ k: $("search-k").value || "12" });
+  if ($("search-label").value.trim()) params.set("label", $("search-label").value.trim());
+  const form = new FormData(); form.append("image", file);
+  try {
+    const r = await api(`/search?${params}`, { method: "POST", body: form });
+    const p = r.prediction;
+    $("search-prediction").innerHTML = p.known
+      ? `Looks like <b>${text(p.label)}</b> (${Math.round(p.confidence * 100)} % of ${p.votes} votes)`
+      : `Label: <b>unknown</b>${p.nearest_distance != null ? ` (nearest labelled item at distance ${p.nearest_distance.toFixed(3)})` : ""}`;
+    $("search-results").innerHTML = r.results.map((n) => card(n)).join("");
+    loadImages($("search-results"));
+    show($("search-status"), `${r.results.length} results in ${r.timing.total_ms.toFixed(1)} ms`, "ok");
+  } catch (e) { show($("search-status"), e.message, "error"); }
+}
+
+// Add
+let toAdd = [];
+dropZone($("add-drop"), $("add-files"), (files) => {
+  toAdd = files;
+  $("add-preview").innerHTML = files.map((f) => `<div class="card"><img src="${URL.createObjectURL(f)}" alt="${text(f.name)}"><div class="muted">${text(f.name)}</div></div>`).join("");
+  $("add-submit").disabled = false;
+  show($("add-status"), `${files.length} image(s) ready`);
+});
+$("add-submit").addEventListener("click", async () => {
+  const form = new FormData();
+  for (const f of toAdd) form.append("image", f);
+  if ($("add-label").value.trim()) form.append("label", $("add-label").value.trim());
+  $("add-submit").disabled = true;
+  try {
+    const r = await api("/gallery", { method: "POST", body: form });
+    show($("add-status"), `added ${r.items.map((i) => `#${i.id}`).join(", ")}`, "ok");
+    toAdd = []; $("add-preview").innerHTML = ""; $("add-files").value = "";
+    refreshHealth();
+  } catch (e) { show($("add-status"), e.message, "error"); $("add-submit").disabled = false; }
+});
+
+// Gallery
+let nextCursor = null;
+async function loadGallery(reset) {
+  const params = new URLSearchParams({ limit: "24" });
+  if ($("gallery-label").value.trim()) params.set("label", $("gallery-label").value.trim());
+  if (!reset && nextCursor) params.set("cursor", nextCursor);
+  try {
+    const page = await api(`/gallery?${params}`);
+    nextCursor = page.next_cursor;
+    $("gallery-next").disabled = !nextCursor;
+    $("gallery-items").innerHTML = page.items.map((i) => card(i, `<button class="small danger" data-delete="${i.id}">Delete</button>`)).join("");
+    loadImages($("gallery-items"));
+    show($("gallery-status"), page.items.length ? `${page.items.length} items on this page` : "no items");
+  } catch (e) { show($("gallery-status"), e.message, "error"); }
+}
+$("gallery-refresh").addEventListener("click", () => loadGallery(true));
+$("gallery-next").addEventListener("click", () => loadGallery(false));
+$("gallery-items").addEventListener("click", async (e) => {
+  const id = e.target.dataset?.delete;
+  if (!id) return;
+  try {
+    await api(`/gallery/${id}`, { method: "DELETE" });
+    e.target.closest(".card").remove();
+    show($("gallery-status"), `deleted #${id}`, "ok");
+    refreshHealth();
+  } catch (err) { show($("gallery-status"), err.message, "error"); }
+});
+
+// Verify
+const pair = {};
+for (const side of ["a", "b"]) {
+  dropZone($(`verify-drop-${side}`), $(`verify-${side}`), (files) => {
+    pair[side] = files[0]; preview($(`verify-drop-${side}`), files[0]); verify();
+  });
+}
+async function verify() {
+  if (!pair.a || !pair.b) return;
+  const form = new FormData(); form.append("a", pair.a); form.append("b", pair.b);
+  try {
+    const r = await api("/verify", { method: "POST", body: form });
+    const verdict = r.same === null ? "no calibrated threshold" : r.same ? "the same" : "different";
+    $("verify-status").innerHTML = `<b>${verdict}</b> · similarity ${r.similarity.toFixed(3)} (threshold ${r.threshold?.toFixed(3) ?? "—"})`;
+  } catch (e) { show($("verify-status"), e.message, "error"); }
+}
+
+// Admin
+$("admin-token").value = sessionStorage.getItem("lookalike-token") ?? "";
+$("admin-token").addEventListener("change", () => { sessionStorage.setItem("lookalike-token", $("admin-token").value); loadModels(); });
+const admin = (path, options = {}) => api(path, { ...options, headers: { ...(options.headers ?? {}), authorization: `Bearer ${$("admin-token").value}` } });
+let jobId = null, polling = null;
+
+$("ft-start").addEventListener("click", async () => {
+  const params = { epochs: Number($("ft-epochs").value), learning_rate: Number($("ft-lr").value), mining: $("ft-mining").value };
+  try {
+    const job = await admin("/admin/finetune", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(params) });
+    jobId = job.id; renderJob(job); poll();
+  } catch (e) { show($("ft-status"), e.message, "error"); }
+});
+$("ft-cancel").addEventListener("click", async () => {
+  try { renderJob(await admin(`/admin/finetune/${jobId}`, { method: "DELETE" })); } catch (e) { show($("ft-status"), e.message, "error"); }
+});
+function poll() {
+  clearInterval(polling);
+  polling = setInterval(async () => {
+    try {
+      const job = await admin(`/admin/finetune/${jobId}`);
+      renderJob(job);
+      if (["done", "failed", "cancelled"].includes(job.state)) { clearInterval(polling); loadModels(); refreshHealth(); }
+    } catch (e) { show($("ft-status"), e.message, "error"); clearInterval(polling); }
+  }, 1000);
+}
+function renderJob(job) {
+  const finished = ["done", "failed", "cancelled"].includes(job.state);
+  $("ft-cancel").disabled = finished;
+  const eta = job.eta_seconds != null ? ` · about ${Math.ceil(job.eta_seconds)} s left` : "";
+  const outcome = job.result ? ` · ${job.result.reason}` : job.error ? ` · ${job.error}` : "";
+  show($("ft-status"), `${job.state} · epoch ${job.epoch}/${job.epochs}, step ${job.step}/${job.steps_per_epoch} · ${job.elapsed_seconds.toFixed(0)} s${eta}${outcome}`,
+    job.state === "failed" ? "error" : job.state === "done" ? "ok" : "");
+  const v = job.validation, fmt = (x) => (x == null ? "—" : x.toFixed(3));
+  $("ft-figures").innerHTML = [
+    ["Recall@1 before", fmt(v.before?.recall_at_1)], ["Recall@1 best", fmt(v.best?.recall_at_1)],
+    ["MAP@R before", fmt(v.before?.map_at_r)], ["MAP@R best", fmt(v.best?.map_at_r)],
+    ["re-embedded", job.reembedding ? `${job.reembedding.embedded}/${job.reembedding.to_embed}` : "—"],
+  ].map(([k, x]) => `<div><span class="muted">${k}</span><b>${x}</b></div>`).join("");
+  drawLoss(job.step_losses);
+}
+function drawLoss(losses) {
+  const svg = $("ft-chart");
+  if (!losses.length) { svg.innerHTML = ""; return; }
+  const max = Math.max(...losses) || 1, w = 640, h = 180, pad = 8;
+  const x = (i) => pad + (i / Math.max(losses.length - 1, 1)) * (w - 2 * pad);
+  const y = (v) => h - pad - (v / max) * (h - 2 * pad);
+  const points = losses.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+  svg.innerHTML = `<polyline fill="none" stroke="#2f6fde" stroke-width="1.5" points="${points}"/>
+    <text x="${pad}" y="16" font-size="12" fill="#667085">loss (max ${max.toFixed(3)}), ${losses.length} steps</text>`;
+}
+async function loadModels() {
+  if (!$("admin-token").value) { show($("models-status"), "type the admin token to manage models"); return; }
+  try {
+    const m = await admin("/admin/models");
+    $("models").innerHTML = m.versions.map((v) => {
+      const after = v.finetune?.validation_after, before = v.finetune?.validation_before;
+      const figures = after ? `Recall@1 ${before.recall_at_1.toFixed(3)} → ${after.recall_at_1.toFixed(3)}, MAP@R ${before.map_at_r.toFixed(3)} → ${after.map_at_r.toFixed(3)}` : v.bundled ? "bundled" : "—";
+      const action = v.active ? "<b>active</b>" : `<button class="small" data-activate="${text(v.version)}">Activate</button>`;
+      return `<tr><td>${text(v.version)}</td><td>${text(v.parent ?? "—")}</td><td>${figures}</td><td>${v.embedded_items}</td><td>${action}</td></tr>`;
+    }).join("");
+    show($("models-status"), `active: version ${m.active}`, "ok");
+  } catch (e) { show($("models-status"), e.message, "error"); }
+}
+$("models").addEventListener("click", async (e) => {
+  const version = e.target.dataset?.activate;
+  if (!version) return;
+  show($("models-status"), `activating ${version}…`);
+  try { await admin(`/admin/models/${encodeURIComponent(version)}/activate`, { method: "POST" }); loadModels(); refreshHealth(); }
+  catch (err) { show($("models-status"), err.message, "error"); }
+});
+
+refreshHealth();

@@ -1,0 +1,170 @@
+//! Stored vectors belong to one encoder: a different `encoder.pt` under a
+//! reused name and version is re-embedded, never served another encoder's
+//! vectors, and one that contradicts its manifest is refused at start.
+
+use std::path::Path;
+
+use lookalike::manifest::{ENCODER_FILE, FASHION_MODEL_DIR};
+use lookalike::startup::Application;
+use serde_json::Value;
+
+use crate::backbones::python;
+use crate::finetune::TOKEN;
+use crate::helpers::{config, fixtures, spawn_with};
+
+/// The Fashion-MNIST model copied to `dir`, its manifest without `encoder_sha256`.
+fn unpinned_copy(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let source = Path::new(FASHION_MODEL_DIR);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest.as_object_mut().unwrap().remove("encoder_sha256");
+    std::fs::write(dir.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    std::fs::copy(source.join(ENCODER_FILE), dir.join(ENCODER_FILE)).unwrap();
+}
+
+async fn top_score(app: &crate::helpers::TestApp, png: &[u8]) -> f64 {
+    let body: Value = app.search_raw(png, "1", "image/png").await.json().await.unwrap();
+    body["results"][0]["score"].as_f64().unwrap()
+}
+
+#[tokio::test]
+async fn another_encoder_under_the_same_name_and_version_is_re_embedded_not_reused() {
+    let (model, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    unpinned_copy(model.path());
+    let with_model = || {
+        let mut c = config(data.path());
+        c.model = model.path().into();
+        c
+    };
+    let images: Vec<Vec<u8>> = fixtures().into_iter().take(4).map(|(_, png)| png).collect();
+    let app = spawn_with(with_model()).await;
+    assert_eq!(app.add_images(&images, None, None).await.status(), 201);
+    assert!(top_score(&app, &images[0]).await > 0.999);
+    app.stop().await;
+
+    // Same name, same version, other weights.
+    let encoder = model.path().join(ENCODER_FILE);
+    python(&[
+        "-c",
+        "import sys, torch; torch.manual_seed(0); m = torch.jit.load(sys.argv[1])\n\
+         with torch.no_grad():\n    for p in m.parameters(): p.add_(torch.randn_like(p) * 0.1)\n\
+         torch.jit.save(m, sys.argv[1])",
+        encoder.to_str().unwrap(),
+    ]);
+    let app = spawn_with(with_model()).await;
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["index_source"], "rebuilt", "the old encoder's index dump is not reloaded: {health}");
+    assert_eq!(health["indexed_items"], 4);
+    // Each image finds itself as itself: its stored vector comes from this encoder.
+    for png in &images {
+        assert!(top_score(&app, png).await > 0.999, "a stored vector of the old encoder was served");
+    }
+    app.stop().await;
+
+    // A manifest that records another encoder's hash is refused, with the reason.
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(model.path().join("manifest.json")).unwrap()).unwrap();
+    manifest["encoder_sha256"] = "0".repeat(64).into();
+    std::fs::write(model.path().join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let refused = Application::build(with_model()).await.err().expect("a mismatched encoder is refused");
+    assert!(format!("{refused:#}").contains("encoder_sha256"), "{refused:#}");
+}
+
+/// A PNG of `side` x `side` pixels.
+fn png_of_side(side: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test]
+async fn an_image_that_no_longer_preprocesses_is_left_out_of_a_switch_and_counted() {
+    let data = tempfile::tempdir().unwrap();
+    let with_side = |side: u32| {
+        let mut c = config(data.path());
+        (c.admin_token, c.max_image_side) = (Some(TOKEN.into()), side);
+        c
+    };
+    let app = spawn_with(with_side(4096)).await;
+    let small: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, png)| png).collect();
+    assert_eq!(app.add_images(&small, None, None).await.status(), 201);
+    let big: Value = app.add_images(&[png_of_side(300)], None, None).await.json().await.unwrap();
+    let big = big["items"][0]["id"].as_i64().unwrap();
+    app.stop().await;
+
+    // A second version of the model beside the data, then a lower side limit than the big image.
+    let saved = data.path().join("models/2");
+    std::fs::create_dir_all(&saved).unwrap();
+    let source = Path::new(FASHION_MODEL_DIR);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = "2".into();
+    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
+    let app = spawn_with(with_side(128)).await;
+    let activate = app.client.post(app.url("/admin/models/2/activate")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(activate.status(), 200);
+    let switched: Value = activate.json().await.unwrap();
+    assert_eq!((switched["items"].as_u64(), switched["unembeddable"].clone()), (Some(3), serde_json::json!([big])));
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!((health["model_version"].as_str(), health["unembeddable_items"].as_u64()), (Some("2"), Some(1)));
+    app.stop().await;
+
+    // A restart on that version starts, and says the same.
+    let app = spawn_with(with_side(128)).await;
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!((health["indexed_items"].as_u64(), health["unembeddable_items"].as_u64()), (Some(3), Some(1)));
+    app.stop().await;
+}
+
+/// A job record as a service killed in the middle of a job leaves it.
+fn interrupted_record(id: &str, state: &str, saved_version: Option<&str>) -> Value {
+    serde_json::json!({
+        "id": id, "state": state, "params": lookalike::finetune::FinetuneParams::default(),
+        "base_version": "1", "saved_version": saved_version,
+        "data": {"labels": ["a", "b"], "train_images": 8, "validation_images": 2, "ignored_labels": []},
+        "epoch": 3, "epochs": 3, "step": 10, "steps_per_epoch": 10, "history": [], "step_losses": [],
+        "validation": {}, "created_at": 1, "finished_at": null, "elapsed_seconds": 5.0, "result": null, "error": null,
+    })
+}
+
+#[tokio::test]
+async fn an_interrupted_job_is_recorded_as_the_active_version_says() {
+    let data = tempfile::tempdir().unwrap();
+    // The kill came after job `swapped` made its version 2 active, and before job `early` saved anything.
+    let saved = data.path().join("models/2");
+    std::fs::create_dir_all(&saved).unwrap();
+    let source = Path::new(FASHION_MODEL_DIR);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = "2".into();
+    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
+    std::fs::write(data.path().join("models/ACTIVE"), "2").unwrap();
+    let jobs = data.path().join("finetune");
+    std::fs::create_dir_all(&jobs).unwrap();
+    for (id, state, version) in [("swapped", "swapping", Some("2")), ("early", "training", None)] {
+        let record = serde_json::to_vec(&interrupted_record(id, state, version)).unwrap();
+        std::fs::write(jobs.join(format!("{id}.json")), record).unwrap();
+    }
+
+    let mut c = config(data.path());
+    c.admin_token = Some(TOKEN.into());
+    let app = spawn_with(c).await;
+    let status = |id: &'static str| {
+        let request = app.client.get(app.url(&format!("/admin/finetune/{id}"))).bearer_auth(TOKEN);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let swapped = status("swapped").await;
+    assert_eq!(
+        (swapped["state"].as_str(), swapped["result"]["committed"].as_bool()),
+        (Some("done"), Some(true)),
+        "{swapped}"
+    );
+    assert_eq!(swapped["result"]["version"], "2");
+    let early = status("early").await;
+    assert_eq!(early["state"], "failed", "{early}");
+    assert!(early["error"].as_str().unwrap().contains("nothing was swapped"), "{early}");
+    let health: Value = app.health().await.json().await.unwrap();
+    assert_eq!(health["model_version"], "2");
+    app.stop().await;
+}
