@@ -151,8 +151,7 @@ impl HnswIndex {
 
     pub fn tombstones(&self) -> usize {
         let graph = self.graph();
-        let dead = graph.tombstones().len();
-        dead
+        graph.tombstones().len()
     }
 
     /// Every id in the graph that is not tombstoned.
