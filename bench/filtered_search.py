@@ -3,7 +3,8 @@ with no label, an unknown label, and labels of 5 to 4,096 items, on galleries
 of 1,000, 5,000 and 20,000 Fashion-MNIST images (the Fashion-MNIST model),
 through the release binary. Then, at the largest size, the same labels
 searched only exactly and only by the filtered graph walk, which is how
-`--exact-search-limit` was chosen.
+`--exact-search-limit` was chosen; and `/health` latency while one filtered
+search per core runs back to back and items are deleted one after another.
 
     python bench/filtered_search.py [--sizes 1000,5000,20000] [--queries 200]   (make bench-filtered)
 """
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,6 +83,41 @@ def latency_ms(base: str, label: str | None, queries: int) -> float:
     return statistics.median(times)
 
 
+def probes_under_load(base: str, seconds: float, first_id: int, last_id: int) -> tuple[float, float, int]:
+    """`/health` latency (median and worst ms) with filtered searches on every
+    core and deletes in flight; and how many items were deleted meanwhile."""
+    stop = threading.Event()
+
+    def search() -> None:
+        while not stop.is_set():
+            request(f"{base}/gallery/1/similar?k=10&label=common")
+
+    deleted = 0
+
+    def delete() -> None:
+        nonlocal deleted
+        item = first_id
+        while not stop.is_set() and item <= last_id:
+            req = urllib.request.Request(f"{base}/gallery/{item}", method="DELETE")
+            urllib.request.urlopen(req, timeout=600).read()
+            deleted, item = deleted + 1, item + 1
+
+    workers = [threading.Thread(target=search) for _ in range(os.cpu_count() or 2)] + [threading.Thread(target=delete)]
+    for w in workers:
+        w.start()
+    times = []
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        started = time.perf_counter()
+        request(f"{base}/health")
+        times.append((time.perf_counter() - started) * 1e3)
+        time.sleep(0.02)
+    stop.set()
+    for w in workers:
+        w.join()
+    return statistics.median(times), max(times), deleted
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,5000,20000")
@@ -93,6 +130,7 @@ def main() -> int:
     print(f"median ms of {args.queries} GET /gallery/1/similar?k=10 per cell, by gallery size and label filter")
     print("| gallery | mode | " + " | ".join(name for name, _ in columns) + " |")
     print("| --- | --- |" + " --- |" * len(columns))
+    probes = []
     for size in sizes:
         data_dir = Path(tempfile.mkdtemp(prefix="lookalike-filtered-"))
         try:
@@ -108,8 +146,13 @@ def main() -> int:
                         present = label is None or label in ("nope", "common") or dict(LABELS)[label] < size
                         cells.append(f"{latency_ms(base, label, args.queries):.2f}" if present else "")
                     print(f"| {size:,} | {mode} | " + " | ".join(cells) + " |", flush=True)
+                    if size == max(sizes) and mode == "default":
+                        probes.append((size, *probes_under_load(base, 10.0, size - 2000, size)))
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
+    for size, median, worst, deleted in probes:
+        print(f"\n/health during 10 s of one `label=common` search per core plus back-to-back deletes "
+              f"({deleted} items deleted), gallery of {size:,}: median {median:.1f} ms, worst {worst:.1f} ms")
     return 0
 
 

@@ -46,6 +46,10 @@ pub struct ImportConfig {
     /// No progress bar (for logs and scripts).
     #[arg(long)]
     pub quiet: bool,
+
+    /// API key of a service that requires one (the read-write key: importing adds items).
+    #[arg(long, env = "LOOKALIKE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// One image file to import.
@@ -83,11 +87,23 @@ impl ImportSummary {
     }
 }
 
+/// An HTTP client that sends the API key, when there is one, with every request.
+fn client(api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(key.trim()).context("the API key is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert("api-key", value);
+    }
+    Ok(reqwest::Client::builder().default_headers(headers).build()?)
+}
+
 pub async fn run(config: &ImportConfig) -> anyhow::Result<ImportSummary> {
     let started = Instant::now();
     let sources = discover(&config.dir)?;
     anyhow::ensure!(!sources.is_empty(), "no images ({}) under {}", IMAGE_EXTENSIONS.join(", "), config.dir.display());
-    let client = reqwest::Client::new();
+    let client = client(config.api_key.as_deref())?;
     let url = config.url.trim_end_matches('/').to_string();
     client
         .get(format!("{url}/health"))

@@ -79,21 +79,29 @@ impl Catalog {
     }
 
     /// Switches to a saved version, embedding the gallery with it first if
-    /// its embeddings are not stored; holds the slot meanwhile.
+    /// its embeddings are not stored; holds the slot meanwhile. The switch
+    /// runs on a task of its own: a caller that goes away (a client closing
+    /// its connection) does not stop it halfway, for example between
+    /// recording the version as active and swapping to it.
     pub async fn activate(&self, version: &str) -> Result<Switched, CatalogError> {
         let wanted = version.to_string();
         let target = self.with_registry(move |registry| registry.get(&wanted)).await.map_err(|e| match e {
             CatalogError::Models(RegistryError::Unknown(v)) => CatalogError::UnknownVersion(v),
             other => other,
         })?;
-        let _slot = self.claim(SlotHolder::Activation)?;
+        let slot = self.claim(SlotHolder::Activation)?;
         let active = self.active();
         if active.version.version == target.version {
             let (items, unembeddable) = (active.index.len(), active.lock_unembeddable().iter().copied().collect());
             let (version, model) = (target.version, target.model);
             return Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 });
         }
-        self.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await
+        let catalog = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            catalog.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await
+        })
+        .await?
     }
 
     /// Saves trained weights as the next version number, with `manifest`

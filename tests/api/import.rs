@@ -63,3 +63,32 @@ fn marked(png: &[u8]) -> Vec<u8> {
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
     out
 }
+
+#[tokio::test]
+async fn an_import_into_a_service_with_api_keys_sends_its_key() {
+    const KEY: &str = "import-test-api-key-0123456789";
+    let app = crate::helpers::spawn_app_with(|c| c.api_key = Some(KEY.into())).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("bag")).unwrap();
+    for (i, (_, png)) in fixtures().into_iter().take(2).enumerate() {
+        std::fs::write(dir.path().join(format!("bag/{i}.png")), png).unwrap();
+    }
+    let output = tokio::task::spawn_blocking({
+        let (dir, url) = (dir.path().to_path_buf(), app.address.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_lookalike"))
+                .args(["import", "--quiet", "--url", &url])
+                .arg(&dir)
+                .env("LOOKALIKE_API_KEY", KEY)
+                .output()
+                .expect("the binary runs")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "import failed: {}", String::from_utf8_lossy(&output.stderr));
+    let listed: Value =
+        app.client.get(app.url("/gallery?label=bag")).bearer_auth(KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "{listed}");
+    app.stop().await;
+}
