@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import multipart, png, request  # noqa: E402
+from finetune import multipart, png, request, wait_healthy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 import fashion_mnist  # noqa: E402
@@ -46,12 +45,7 @@ def service(data_dir: Path, port: int, options: list[str]) -> Iterator[str]:
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
-            try:
-                request(f"{base}/health")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
+        wait_healthy(base)
         yield base
     finally:
         server.terminate()

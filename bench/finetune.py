@@ -56,6 +56,16 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
         return json.loads(response.read())
 
 
+def wait_healthy(base: str, seconds: float = 120) -> None:
+    """Returns once `/health` answers (the service loads its model first)."""
+    for _ in range(int(seconds * 10)):
+        try:
+            request(f"{base}/health")
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def serve(binary: Path, port: int, options: list[str], prefix: str) -> Iterator[str]:
     """The release binary on a fresh data directory with the admin token, until
@@ -67,12 +77,7 @@ def serve(binary: Path, port: int, options: list[str], prefix: str) -> Iterator[
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                request(f"{base}/health")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
+        wait_healthy(base)
         yield base
     finally:
         server.terminate()

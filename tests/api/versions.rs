@@ -70,6 +70,17 @@ async fn another_encoder_under_the_same_name_and_version_is_re_embedded_not_reus
     assert!(format!("{refused:#}").contains("encoder_sha256"), "{refused:#}");
 }
 
+/// The Fashion-MNIST model saved into `data_dir` as version 2, as fine-tuning would.
+fn saved_copy_as_version_2(data_dir: &Path) {
+    let saved = data_dir.join("models/2");
+    std::fs::create_dir_all(&saved).unwrap();
+    let source = Path::new(FASHION_MODEL_DIR);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = "2".into();
+    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
+}
+
 /// A PNG of `side` x `side` pixels.
 fn png_of_side(side: u32) -> Vec<u8> {
     let image = image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
@@ -94,13 +105,7 @@ async fn an_image_that_no_longer_preprocesses_is_left_out_of_a_switch_and_counte
     app.stop().await;
 
     // A second version of the model beside the data, then a lower side limit than the big image.
-    let saved = data.path().join("models/2");
-    std::fs::create_dir_all(&saved).unwrap();
-    let source = Path::new(FASHION_MODEL_DIR);
-    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
-    manifest["version"] = "2".into();
-    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
+    saved_copy_as_version_2(data.path());
     let app = spawn_with(with_side(128)).await;
     let activate = app.client.post(app.url("/admin/models/2/activate")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(activate.status(), 200);
@@ -132,13 +137,7 @@ fn interrupted_record(id: &str, state: &str, saved_version: Option<&str>) -> Val
 async fn an_interrupted_job_is_recorded_as_the_active_version_says() {
     let data = tempfile::tempdir().unwrap();
     // The kill came after job `swapped` made its version 2 active, and before job `early` saved anything.
-    let saved = data.path().join("models/2");
-    std::fs::create_dir_all(&saved).unwrap();
-    let source = Path::new(FASHION_MODEL_DIR);
-    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
-    manifest["version"] = "2".into();
-    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
+    saved_copy_as_version_2(data.path());
     std::fs::write(data.path().join("models/ACTIVE"), "2").unwrap();
     let jobs = data.path().join("finetune");
     std::fs::create_dir_all(&jobs).unwrap();
