@@ -140,8 +140,9 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_BUFFERED_BODY_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
 
-    /// Seconds a connection may take to send a request's head (line and headers); past it the
-    /// connection is closed, so slow-header clients cannot hold connections open.
+    /// Seconds a connection may take to send a request's head (line and headers), the idle time
+    /// of a keep-alive connection before its next request included; past it the connection is
+    /// closed, so slow-header clients cannot hold connections open.
     #[arg(long, env = "LOOKALIKE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
 

@@ -68,27 +68,50 @@ impl Catalog {
             refuse_copies_within(&pending, |a, b| a.content_hash == b.content_hash)?;
         }
         embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
+        self.find_near_duplicates(&active, &mut pending, on_duplicate).await?;
+        let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
+        let inserted = self.store_and_index(writing, &active, items).await?;
+        Ok(reports(pending, inserted))
+    }
+
+    /// Notes each embedded upload's nearest stored item when it is a near
+    /// duplicate; with `reject`, refuses the request on any duplicate, of a
+    /// stored item or of another upload of the request.
+    async fn find_near_duplicates(
+        &self,
+        active: &ActiveModel,
+        pending: &mut [Pending],
+        on_duplicate: OnDuplicate,
+    ) -> Result<(), CatalogError> {
         for (position, upload) in pending.iter_mut().enumerate() {
             let Some(embedded) = &upload.embedded else { continue };
-            upload.near = self.nearest_duplicate(&active, &embedded.embedding).await?;
+            upload.near = self.nearest_duplicate(active, &embedded.embedding).await?;
             let duplicate = upload.exact.map(|id| (id, 1.0)).or(upload.near.map(|n| (n.id, n.score)));
             if let (OnDuplicate::Reject, Some((existing, score))) = (on_duplicate, duplicate) {
                 return Err(CatalogError::Duplicate { position, existing, score });
             }
         }
-        if on_duplicate == OnDuplicate::Reject {
-            let near = 1.0 - self.settings.near_duplicate_distance;
-            refuse_copies_within(&pending, |a, b| match (&a.embedded, &b.embedded) {
-                (Some(a), Some(b)) => {
-                    self.settings.near_duplicate_distance > 0.0 && cosine(&a.embedding, &b.embedding) >= near
-                }
-                _ => false,
-            })?;
+        let distance = self.settings.near_duplicate_distance;
+        if on_duplicate != OnDuplicate::Reject || distance <= 0.0 {
+            return Ok(());
         }
-        let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
+        refuse_copies_within(pending, |a, b| match (&a.embedded, &b.embedded) {
+            (Some(a), Some(b)) => cosine(&a.embedding, &b.embedding) >= 1.0 - distance,
+            _ => false,
+        })
+    }
+
+    /// Stores the items, then indexes (and labels) those stored, on a task of
+    /// their own holding `writing`.
+    async fn store_and_index(
+        &self,
+        writing: tokio::sync::OwnedRwLockReadGuard<()>,
+        active: &ActiveModel,
+        items: Vec<NewItem>,
+    ) -> Result<Vec<Inserted>, CatalogError> {
         let (store, index, model, labels) =
             (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
-        let inserted = store_then_index(writing, async move {
+        detached_write(writing, async move {
             let described: Vec<(Vec<f32>, Option<String>)> =
                 items.iter().map(|i| (i.embedding.clone(), i.label.clone())).collect();
             let inserted = store.insert(items, model).await?;
@@ -102,8 +125,7 @@ impl Catalog {
             index.insert(stored).await?;
             Ok(inserted)
         })
-        .await?;
-        Ok(reports(pending, inserted))
+        .await
     }
 
     /// The most similar stored item, when it is within the near-duplicate
@@ -126,7 +148,7 @@ impl Catalog {
         let writing = self.writes.clone().read_owned().await;
         let active = self.active();
         let (store, index, labels) = (self.store.clone(), active.index.clone(), self.labels.clone());
-        let deleted = store_then_index(writing, async move {
+        let deleted = detached_write(writing, async move {
             if !store.delete(id).await? {
                 return Ok(false);
             }
@@ -206,7 +228,7 @@ fn reports(pending: Vec<Pending>, inserted: Vec<Inserted>) -> Vec<Added> {
 /// Runs a write's store-then-index steps on a task of their own, holding the
 /// writers' lock: a request dropped meanwhile (timeout, client gone) cannot
 /// leave the index behind the store.
-async fn store_then_index<T: Send + 'static>(
+async fn detached_write<T: Send + 'static>(
     writing: tokio::sync::OwnedRwLockReadGuard<()>,
     steps: impl Future<Output = Result<T, CatalogError>> + Send + 'static,
 ) -> Result<T, CatalogError> {

@@ -116,6 +116,8 @@ pub(super) struct Shared {
     /// Counts changes, so a dump knows whether it is needed.
     pub(super) changes: AtomicU64,
     pub(super) dumped_changes: AtomicU64,
+    /// Held through a whole dump, so two never interleave their files and `CURRENT`.
+    pub(super) dumping: Mutex<()>,
 }
 
 impl HnswIndex {
@@ -130,6 +132,7 @@ impl HnswIndex {
             writer: Mutex::new(WriterState::default()),
             changes: AtomicU64::new(0),
             dumped_changes: AtomicU64::new(0),
+            dumping: Mutex::default(),
         };
         Self { shared: Arc::new(shared) }
     }

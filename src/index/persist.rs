@@ -54,26 +54,31 @@ pub enum Loaded {
 }
 
 impl HnswIndex {
-    /// Writes the graph to `dir` atomically. Holds the writer lock, so no
-    /// insert waits on the graph's lock meanwhile (searches go on).
+    /// Writes the graph to `dir` atomically. Dumps run one at a time. The
+    /// writer lock is held only while the graph is written out (an insert
+    /// meanwhile would change what is being written), not through the fsyncs,
+    /// renames and `CURRENT` that follow, so adds and deletes wait less;
+    /// searches go on throughout.
     pub fn dump(&self, dir: &Path, model: &str) -> Result<DumpReport, IndexError> {
         let started = Instant::now();
-        let _writer = self.writer();
-        let changes = self.shared.changes.load(Ordering::Relaxed);
-        let graph = self.graph();
+        let _one_dump = self.shared.dumping.lock().unwrap_or_else(|e| e.into_inner());
         let io = |what: &str, e: std::io::Error| IndexError::Dump(format!("{what}: {e}"));
         fs::create_dir_all(dir).map_err(|e| io("creating the index directory", e))?;
         let name = format!("dump-{}", uuid::Uuid::new_v4().simple());
         let tmp = dir.join(format!(".tmp-{name}"));
         fs::create_dir(&tmp).map_err(|e| io("creating a dump directory", e))?;
-        let basename = graph.hnsw.file_dump(&tmp, "graph").map_err(|e| IndexError::Dump(e.to_string()))?;
+        let (basename, points, changes) = {
+            let _writer = self.writer();
+            let graph = self.graph();
+            let basename = graph.hnsw.file_dump(&tmp, "graph").map_err(|e| IndexError::Dump(e.to_string()))?;
+            (basename, graph.hnsw.get_nb_point(), self.shared.changes.load(Ordering::Relaxed))
+        };
         for entry in fs::read_dir(&tmp).map_err(|e| io("listing the dump", e))? {
             let path = entry.map_err(|e| io("listing the dump", e))?.path();
             File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io("syncing the dump", e))?;
         }
         sync_dir(&tmp).map_err(|e| io("syncing the dump", e))?;
         fs::rename(&tmp, dir.join(&name)).map_err(|e| io("renaming the dump", e))?;
-        let points = graph.hnsw.get_nb_point();
         let manifest = DumpManifest {
             format: FORMAT,
             dir: name.clone(),
