@@ -20,7 +20,7 @@ from finetune import ROOT, SearchProbe, fashion_mnist, multipart, pick, png, pro
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", default="0,1", help="--finetune-threads values (0: libtorch's default, every core)")
+    ap.add_argument("--threads", default="2,1", help="--finetune-threads values")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--port", type=int, default=8182)
     args = ap.parse_args()

@@ -77,7 +77,8 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
 
-    /// libtorch intra-op threads of a fine-tune's training thread; 0 keeps libtorch's default (every core).
+    /// libtorch intra-op threads of a fine-tune's training thread; 0 takes half the cores (at least
+    /// one), leaving the rest to serving (measured with `make bench-finetune-threads`).
     #[arg(long, env = "LOOKALIKE_FINETUNE_THREADS", default_value_t = 0)]
     pub finetune_threads: usize,
 
