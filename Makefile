@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads fuzz fuzz-seeds soak
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -169,6 +169,10 @@ bench-filtered: build bench-setup dataset
 # Search latency while a fine-tune trains, by --finetune-threads.
 bench-finetune-threads: build dataset
 	$(VENV)/bin/python bench/finetune_threads.py
+
+# Search latency while `lookalike import` adds 2,000 images.
+bench-import-latency: build dataset
+	$(VENV)/bin/python bench/import_latency.py
 
 bench-finetune: build dataset
 	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)' --model $(FINETUNE_MODEL)
