@@ -10,15 +10,16 @@ use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::limits::is_probe;
 use super::ApiError;
 use crate::auth::{Access, ApiKeys};
 
-/// Routes that answer without a key.
-const OPEN: [&str; 6] = ["/health", "/ready", "/metrics", "/", "/app.js", "/openapi.yaml"];
+/// Routes besides the probes that answer without a key: the page and the contract.
+const OPEN: [&str; 3] = ["/", "/app.js", "/openapi.yaml"];
 
 pub async fn require(State(keys): State<Arc<ApiKeys>>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let exempt = OPEN.contains(&path) || path == "/admin" || path.starts_with("/admin/");
+    let exempt = is_probe(path) || OPEN.contains(&path) || path == "/admin" || path.starts_with("/admin/");
     if !keys.required() || exempt || request.method() == Method::OPTIONS {
         return next.run(request).await;
     }

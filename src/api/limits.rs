@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use super::error::ApiError;
 
 /// Probes and scrapes: never counted or timed out, so they answer under load.
-fn is_probe(path: &str) -> bool {
+pub(super) fn is_probe(path: &str) -> bool {
     matches!(path, "/health" | "/ready" | "/metrics")
 }
 
