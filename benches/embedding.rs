@@ -100,7 +100,12 @@ fn main() -> anyhow::Result<()> {
         device: choice,
         replicas_per_device: 1,
         precision,
-        policy: BatchPolicy { max_batch: best.0, max_delay: Duration::from_millis(1), capacity: 64 * best.0 },
+        policy: BatchPolicy {
+            max_batch: best.0,
+            max_delay: Duration::from_millis(1),
+            capacity: 64 * best.0,
+            max_bulk_batch: best.0,
+        },
         torch_threads: 0,
     };
     let embedder = Embedder::start(&config, &manifest)?;

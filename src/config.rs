@@ -65,6 +65,11 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_BATCH", default_value_t = 32)]
     pub max_batch: usize,
 
+    /// Most images of bulk work (imports, re-embedding) in one forward pass: a search waits for
+    /// the pass under way, so a small share keeps its wait short (`make bench-import-latency`).
+    #[arg(long, env = "LOOKALIKE_MAX_BULK_BATCH", default_value_t = 4)]
+    pub max_bulk_batch: usize,
+
     /// Longest an image waits for its batch to fill while a worker is free, in milliseconds.
     #[arg(long, env = "LOOKALIKE_MAX_DELAY_MS", default_value_t = 1.0)]
     pub max_delay_ms: f64,
@@ -73,7 +78,7 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_QUEUE_CAPACITY", default_value_t = 512)]
     pub queue_capacity: usize,
 
-    /// libtorch intra-op threads per CPU worker; 0 shares the cores among the CPU workers.
+    /// libtorch intra-op threads per CPU worker; 0 shares every core but one among the CPU workers.
     #[arg(long, env = "LOOKALIKE_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
 

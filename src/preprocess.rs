@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
+use crate::embed::Priority;
 use crate::manifest::{InputSpec, ResizeFilter, ResizePolicy};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +46,14 @@ pub struct Prepared {
 /// A bounded pool for preprocessing off the async runtime: at most `threads`
 /// images are decoded at once (on tokio's blocking threads), so a burst of
 /// uploads queues here instead of spawning a decoder thread per image and
-/// starving the encoder of cores.
+/// starving the encoder of cores. Bulk work holds at most `threads - 1` of
+/// them (one, with a single thread), so a search never queues behind an
+/// import's whole backlog of decodes.
 #[derive(Debug, Clone)]
 pub struct PreprocessPool {
     preprocessor: Preprocessor,
     permits: Arc<Semaphore>,
+    bulk_permits: Arc<Semaphore>,
 }
 
 impl PreprocessPool {
@@ -57,12 +61,13 @@ impl PreprocessPool {
     pub fn new(preprocessor: Preprocessor, threads: usize) -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = if threads == 0 { cores } else { threads };
-        Self { preprocessor, permits: Arc::new(Semaphore::new(threads)) }
+        let bulk = threads.saturating_sub(1).max(1);
+        Self { preprocessor, permits: Arc::new(Semaphore::new(threads)), bulk_permits: Arc::new(Semaphore::new(bulk)) }
     }
 
     /// The same thread budget, preparing input for another model.
     pub fn for_input(&self, spec: InputSpec) -> Self {
-        Self { preprocessor: Preprocessor::new(spec, self.preprocessor.limits), permits: self.permits.clone() }
+        Self { preprocessor: Preprocessor::new(spec, self.preprocessor.limits), ..self.clone() }
     }
 
     /// The synchronous preprocessor, for callers already on their own thread.
@@ -74,11 +79,15 @@ impl PreprocessPool {
     /// permits until the decode ends: a request dropped meanwhile (client
     /// gone, timeout) frees its concurrency slot, but not the permit of a
     /// decode still running, so decodes at once stay within the budget.
-    pub async fn prepare(&self, bytes: Bytes) -> Result<Prepared, PreprocessError> {
-        let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+    pub async fn prepare(&self, bytes: Bytes, priority: Priority) -> Result<Prepared, PreprocessError> {
+        let bulk_permit = match priority {
+            Priority::Interactive => None,
+            Priority::Bulk => Some(acquire(&self.bulk_permits).await),
+        };
+        let permit = acquire(&self.permits).await;
         let pre = self.preprocessor.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _permits = (permit, bulk_permit);
             let started = Instant::now();
             let prepared = pre.prepare(&bytes);
             crate::metrics::preprocess(started.elapsed());
@@ -90,6 +99,10 @@ impl PreprocessPool {
             Err(PreprocessError::Corrupt { format: "image".into(), reason: "the decoder failed".into() })
         })
     }
+}
+
+async fn acquire(permits: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    permits.clone().acquire_owned().await.expect("the semaphore is never closed")
 }
 
 /// Turns image bytes into encoder input for one model's manifest.

@@ -231,6 +231,7 @@ fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {
             max_batch: config.max_batch,
             max_delay: Duration::from_secs_f64(config.max_delay_ms / 1e3),
             capacity: config.queue_capacity,
+            max_bulk_batch: config.max_bulk_batch,
         },
         torch_threads: config.torch_threads,
     })

@@ -233,8 +233,16 @@ $("models").addEventListener("click", async (e) => {
   const version = e.target.dataset?.activate;
   if (!version) return;
   show($("models-status"), `activating ${version}…`);
-  try { await admin(`/admin/models/${encodeURIComponent(version)}/activate`, { method: "POST" }); loadModels(); refreshHealth(); }
-  catch (err) { show($("models-status"), err.message, "error"); }
+  try {
+    let run = await admin(`/admin/models/${encodeURIComponent(version)}/activate`, { method: "POST" });
+    while (run.state === "running") {
+      show($("models-status"), `activating ${version}: ${run.progress.embedded} of ${run.progress.to_embed} images embedded`);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      run = await admin(`/admin/activations/${encodeURIComponent(run.id)}`);
+    }
+    if (run.state === "failed") throw new Error(run.error);
+    loadModels(); refreshHealth();
+  } catch (err) { show($("models-status"), err.message, "error"); }
 });
 
 refreshHealth();

@@ -10,7 +10,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::{ApiError, AppState};
-use crate::catalog::{Switched, VersionInfo};
+use crate::catalog::{ActivationStatus, VersionInfo};
 use crate::finetune::{FinetuneParams, JobStatus};
 
 /// Proof that the request carried the admin token; handlers that take it are admin-only.
@@ -92,14 +92,37 @@ pub async fn models(_: Admin, State(state): State<AppState>) -> Result<Json<Mode
     Ok(Json(Models { active, versions }))
 }
 
-/// `POST /admin/models/{version}/activate`: switches to a version, embedding
-/// the gallery with it first if its embeddings are not stored. Answers when done.
+/// `POST /admin/models/{version}/activate`: starts switching to a version,
+/// embedding the gallery with it first where its embeddings are not stored.
+/// Answers `202` at once; the switch goes on even if the client goes away.
 pub async fn activate(
     _: Admin,
     State(state): State<AppState>,
     Path(version): Path<String>,
-) -> Result<Json<Switched>, ApiError> {
-    Ok(Json(state.catalog.activate(&version).await?))
+) -> Result<Response, ApiError> {
+    let status = state.catalog.activate(&version).await?;
+    let location = format!("/admin/activations/{}", status.id);
+    Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
+}
+
+#[derive(Serialize)]
+pub struct ActivationList {
+    activations: Vec<ActivationStatus>,
+}
+
+/// `GET /admin/activations`: the activations since start, newest first.
+pub async fn activations(_: Admin, State(state): State<AppState>) -> Json<ActivationList> {
+    Json(ActivationList { activations: state.catalog.activations() })
+}
+
+/// `GET /admin/activations/{id}`
+pub async fn activation(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ActivationStatus>, ApiError> {
+    let status = state.catalog.activation(&id);
+    status.map(Json).ok_or_else(|| ApiError::NotFound(format!("no model activation `{id}`")))
 }
 
 fn no_job(id: &str) -> ApiError {

@@ -98,6 +98,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/finetune/{id}", get(admin::status).delete(admin::cancel))
         .route("/admin/models", get(admin::models))
         .route("/admin/models/{version}/activate", post(admin::activate))
+        .route("/admin/activations", get(admin::activations))
+        .route("/admin/activations/{id}", get(admin::activation))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -96,7 +96,7 @@ impl ActiveModel {
             let missing = store.missing_embeddings(model.clone(), after, EMBED_CHUNK, EMBED_CHUNK_BYTES).await?;
             let Some(&(last, _)) = missing.last() else { return Ok(embedded) };
             (after, seen) = (last, seen + missing.len());
-            let (ids, pixels) = self.prepare_stored(missing).await;
+            let (ids, pixels) = self.prepare_stored(missing, priority).await;
             let vectors = self.embed_all(pixels, priority).await?;
             embedded += ids.len();
             store.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
@@ -105,9 +105,11 @@ impl ActiveModel {
     }
 
     /// Preprocesses stored images, leaving out (and remembering) those that fail.
-    async fn prepare_stored(&self, items: Vec<(i64, Vec<u8>)>) -> (Vec<i64>, Vec<Vec<f32>>) {
+    async fn prepare_stored(&self, items: Vec<(i64, Vec<u8>)>, priority: Priority) -> (Vec<i64>, Vec<Vec<f32>>) {
         let prepared = join_all(
-            items.into_iter().map(|(id, bytes)| async move { (id, self.preprocess.prepare(Bytes::from(bytes)).await) }),
+            items
+                .into_iter()
+                .map(|(id, bytes)| async move { (id, self.preprocess.prepare(Bytes::from(bytes), priority).await) }),
         )
         .await;
         let (mut ids, mut pixels) = (Vec::new(), Vec::new());
@@ -132,8 +134,12 @@ impl ActiveModel {
     }
 
     /// Preprocesses images on the bounded pool, all at once.
-    pub(super) async fn prepare_all(&self, images: Vec<Bytes>) -> Result<Vec<Prepared>, CatalogError> {
-        let results = join_all(images.into_iter().map(|bytes| self.preprocess.prepare(bytes))).await;
+    pub(super) async fn prepare_all(
+        &self,
+        images: Vec<Bytes>,
+        priority: Priority,
+    ) -> Result<Vec<Prepared>, CatalogError> {
+        let results = join_all(images.into_iter().map(|bytes| self.preprocess.prepare(bytes, priority))).await;
         results
             .into_iter()
             .enumerate()

@@ -2,7 +2,8 @@
 //! preprocessing, the embedder, a vector index and a gallery store together
 //! (add, search, verify, delete; `write`, `search`), keeps the index in step
 //! with the store across restarts and model switches (`switch`), and owns the
-//! model versions' lifecycle (`models`). HTTP-agnostic; `api/` translates.
+//! model versions' lifecycle (`models`, activations as jobs in `activation`).
+//! HTTP-agnostic; `api/` translates.
 //!
 //! Order of writes: the store first, then the index. The store is the truth;
 //! whatever the index missed in a crash is reconciled at the next start.
@@ -11,6 +12,7 @@
 //! value behind an `ArcSwap`: a request takes it once and uses it throughout,
 //! so a model switch never mixes two models' embeddings in one answer.
 
+mod activation;
 mod active;
 mod labels;
 mod models;
@@ -29,6 +31,7 @@ use arc_swap::ArcSwap;
 
 pub use crate::gallery::{ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
+pub use activation::{ActivationState, ActivationStatus};
 pub use models::{Slot, SlotHolder};
 pub use types::*;
 
@@ -111,6 +114,7 @@ pub struct Catalog {
     /// Who holds the one-at-a-time slot of fine-tunes and activations. A std
     /// `Mutex`: held for a field read or write, never across an `.await`.
     lifecycle: Arc<Mutex<Option<SlotHolder>>>,
+    activations: Arc<activation::Activations>,
 }
 
 impl Catalog {
@@ -150,6 +154,7 @@ impl Catalog {
             writes: Arc::default(),
             labels,
             lifecycle: Arc::default(),
+            activations: Arc::default(),
         };
         Ok((catalog, startup))
     }

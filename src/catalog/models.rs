@@ -3,11 +3,10 @@
 //! activations share. Registry calls touch the disk: they run on blocking threads.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 use serde_json::Value;
 
-use super::{Catalog, CatalogError, Switched, VersionInfo};
+use super::{Catalog, CatalogError, VersionInfo};
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry, RegistryError};
 
@@ -16,15 +15,15 @@ use crate::registry::{ModelVersion, Registry, RegistryError};
 pub enum SlotHolder {
     /// A fine-tune job, by id.
     Job(String),
-    /// A model activation (`POST /admin/models/{version}/activate`).
-    Activation,
+    /// A model activation (`POST /admin/models/{version}/activate`), by id.
+    Activation(String),
 }
 
 impl std::fmt::Display for SlotHolder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Job(id) => write!(f, "job {id}"),
-            Self::Activation => f.write_str("a model activation"),
+            Self::Activation(id) => write!(f, "model activation {id}"),
         }
     }
 }
@@ -78,32 +77,6 @@ impl Catalog {
         Ok(infos)
     }
 
-    /// Switches to a saved version, embedding the gallery with it first if
-    /// its embeddings are not stored; holds the slot meanwhile. The switch
-    /// runs on a task of its own: a caller that goes away (a client closing
-    /// its connection) does not stop it halfway, for example between
-    /// recording the version as active and swapping to it.
-    pub async fn activate(&self, version: &str) -> Result<Switched, CatalogError> {
-        let wanted = version.to_string();
-        let target = self.with_registry(move |registry| registry.get(&wanted)).await.map_err(|e| match e {
-            CatalogError::Models(RegistryError::Unknown(v)) => CatalogError::UnknownVersion(v),
-            other => other,
-        })?;
-        let slot = self.claim(SlotHolder::Activation)?;
-        let active = self.active();
-        if active.version.version == target.version {
-            let (items, unembeddable) = (active.index.len(), active.lock_unembeddable().iter().copied().collect());
-            let (version, model) = (target.version, target.model);
-            return Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 });
-        }
-        let catalog = self.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            catalog.switch_to(target, &|_| {}, &|| {}, &AtomicBool::new(false)).await
-        })
-        .await?
-    }
-
     /// Saves trained weights as the next version number, with `manifest`
     /// (whose version it sets). Does not activate it.
     pub async fn save_version(&self, weights: PathBuf, mut manifest: Manifest) -> Result<ModelVersion, CatalogError> {
@@ -114,7 +87,7 @@ impl Catalog {
         .await
     }
 
-    async fn with_registry<T: Send + 'static>(
+    pub(super) async fn with_registry<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
     ) -> Result<T, CatalogError> {

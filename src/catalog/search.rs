@@ -18,7 +18,7 @@ impl Catalog {
     pub async fn search(&self, bytes: Bytes, query: &SearchQuery) -> Result<SearchOutcome, CatalogError> {
         let start = Instant::now();
         let active = self.active();
-        let prepared = active.prepare_all(vec![bytes]).await?.remove(0);
+        let prepared = active.prepare_all(vec![bytes], Priority::Interactive).await?.remove(0);
         let preprocessed = Instant::now();
         let embedded = active.embedder.embed(prepared.pixels, Priority::Interactive).await?;
         let after_embed = Instant::now();
@@ -104,7 +104,7 @@ impl Catalog {
     /// active model's verification threshold.
     pub async fn verify(&self, a: Bytes, b: Bytes) -> Result<Verified, CatalogError> {
         let active = self.active();
-        let prepared = active.prepare_all(vec![a, b]).await?;
+        let prepared = active.prepare_all(vec![a, b], Priority::Interactive).await?;
         let vectors = active.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), Priority::Interactive).await?;
         let similarity = cosine(&vectors[0], &vectors[1]);
         let threshold = active.version.manifest.verification_threshold;

@@ -62,7 +62,7 @@ fn settings() -> CatalogSettings {
 fn settings_gated(gate: Option<Arc<Gate>>) -> CatalogSettings {
     let manifest = Manifest::load(Path::new(FASHION_MODEL_DIR)).unwrap();
     let limits = ImageLimits { max_side: 1024, max_decoded_bytes: 1 << 24 };
-    let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(1), capacity: 64 };
+    let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(1), capacity: 64, max_bulk_batch: 8 };
     CatalogSettings {
         start_embedder: Arc::new(move |version: &ModelVersion| {
             let input = &version.manifest.input;
@@ -181,8 +181,13 @@ async fn a_switch_embeds_everything_and_a_cancelled_one_changes_nothing() {
     assert!(matches!(catalog.activate(&saved.version).await, Err(CatalogError::Busy(SlotHolder::Job(_)))));
     drop(claimed);
     assert!(matches!(catalog.activate("nope").await, Err(CatalogError::UnknownVersion(_))));
-    let switched = catalog.activate(&saved.version).await.unwrap();
+    let started = catalog.activate(&saved.version).await.unwrap();
+    let finished = catalog.activation_finished(&started.id).await.unwrap();
+    assert_eq!(finished.state, ActivationState::Done, "{finished:?}");
+    assert_eq!(finished.progress.embedded, 5);
+    let switched = finished.result.unwrap();
     assert_eq!((switched.items, catalog.active_version().version), (5, saved.version.clone()));
+    assert_eq!(catalog.activations()[0].id, started.id);
     assert_eq!(store.count_embedded(saved.key.clone()).await.unwrap(), 5);
     assert_eq!(catalog.slot_holder(), None, "the slot is free again");
 

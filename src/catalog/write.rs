@@ -173,7 +173,7 @@ async fn embed_uploads(
     let todo: Vec<usize> =
         (0..pending.len()).filter(|&i| !(on_duplicate == OnDuplicate::Skip && pending[i].exact.is_some())).collect();
     let images = todo.iter().map(|&i| pending[i].upload.bytes.clone()).collect();
-    let prepared = active.prepare_all(images).await.map_err(|e| match e {
+    let prepared = active.prepare_all(images, priority).await.map_err(|e| match e {
         CatalogError::Image { position, source } => CatalogError::Image { position: todo[position], source },
         other => other,
     })?;

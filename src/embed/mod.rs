@@ -95,9 +95,10 @@ impl Embedder {
         let precision = effective_precision(config, &devices)?;
         let replicas = config.replicas_per_device.max(1);
         let cpu_workers = devices.iter().filter(|d| **d == Device::Cpu).count() * replicas;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let cpu_threads =
-            if config.torch_threads > 0 { config.torch_threads } else { (cores / cpu_workers.max(1)).max(1) };
+        let cpu_threads = match config.torch_threads {
+            0 => default_torch_threads(cpu_workers),
+            n => n,
+        };
 
         let queue = Arc::new(Queue::new(config.policy));
         let policy = queue.policy();
@@ -314,6 +315,16 @@ fn configure_interop_threads() {
     ONCE.call_once(|| tch::set_num_interop_threads(1));
 }
 
+/// Intra-op threads per CPU worker when not configured: every core but one,
+/// shared among the workers. The core left over decodes uploads and runs the
+/// HTTP front and the store; on 2 cores, giving libtorch both was slower at
+/// every concurrency (`make bench-http`) and let an import triple search
+/// latency (`make bench-import-latency`), as its threads wait on each other.
+fn default_torch_threads(cpu_workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores.saturating_sub(1) / cpu_workers.max(1)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +335,7 @@ mod tests {
             device,
             replicas_per_device: 1,
             precision,
-            policy: BatchPolicy { max_batch: 8, max_delay: std::time::Duration::ZERO, capacity: 8 },
+            policy: BatchPolicy { max_batch: 8, max_delay: std::time::Duration::ZERO, capacity: 8, max_bulk_batch: 8 },
             torch_threads: 0,
         }
     }

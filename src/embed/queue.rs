@@ -2,10 +2,15 @@
 //! entry with its own reply channel; the batcher thread takes entries out in
 //! batches, interactive ones first, so one forward pass serves many clients.
 //!
-//! A batch is due when `max_batch` entries wait, or when the oldest has waited
-//! `max_delay` and a worker is free to run it. While every worker is busy,
-//! entries keep accumulating into the next batch instead of being cut into
-//! small ones that could not start any sooner.
+//! An interactive batch is due when `max_batch` entries wait, or when the
+//! oldest has waited `max_delay` and a worker is free to run it. While every
+//! worker is busy, entries keep accumulating into the next batch instead of
+//! being cut into small ones that could not start any sooner.
+//!
+//! Bulk work never shares a batch with interactive entries and never waits
+//! cut in hand for a busy worker: a bulk batch (at most `max_bulk_batch`) is
+//! cut only for a worker that is free, so a search that arrives meanwhile
+//! waits for at most the one bulk pass already running.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -16,8 +21,8 @@ use tokio::sync::oneshot;
 use super::EmbedError;
 use crate::metrics;
 
-/// Who is waiting for an embedding. Bulk work (re-embedding the gallery) only
-/// fills what interactive requests leave of a batch.
+/// Who is waiting for an embedding. Bulk work (imports, re-embedding the
+/// gallery) only runs while no interactive entry waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
     Interactive,
@@ -60,6 +65,10 @@ pub struct BatchPolicy {
     pub max_delay: Duration,
     /// Interactive entries that may wait; beyond this `push` fails fast.
     pub capacity: usize,
+    /// Most bulk entries in one batch. A forward pass cannot be interrupted,
+    /// so a search that arrives during a bulk batch waits for all of it: a
+    /// small bulk share keeps that wait short.
+    pub max_bulk_batch: usize,
 }
 
 /// Entries taken out for one forward pass, each with how long it waited.
@@ -78,18 +87,18 @@ pub struct Queue {
 struct State {
     interactive: VecDeque<Entry>,
     bulk: VecDeque<Entry>,
+    /// Workers waiting for a batch that no cut batch is promised to yet.
     idle_workers: usize,
+    /// A batch has been cut with no worker free; the next worker to come free takes it.
+    held: bool,
     closed: bool,
 }
 
 impl State {
-    fn len(&self) -> usize {
-        self.interactive.len() + self.bulk.len()
-    }
-
-    fn oldest(&self) -> Option<Instant> {
-        let heads = [self.interactive.front(), self.bulk.front()];
-        heads.into_iter().flatten().map(|e| e.enqueued).min()
+    /// The entry whose wait decides when the next batch is due: the oldest
+    /// interactive one, else the oldest bulk one.
+    fn oldest(&self) -> Option<&Entry> {
+        self.interactive.front().or_else(|| self.bulk.front())
     }
 
     fn publish_depth(&self) {
@@ -100,7 +109,9 @@ impl State {
 
 impl Queue {
     pub fn new(policy: BatchPolicy) -> Self {
-        let policy = BatchPolicy { max_batch: policy.max_batch.max(1), capacity: policy.capacity.max(1), ..policy };
+        let max_batch = policy.max_batch.max(1);
+        let max_bulk_batch = policy.max_bulk_batch.clamp(1, max_batch);
+        let policy = BatchPolicy { max_batch, max_bulk_batch, capacity: policy.capacity.max(1), ..policy };
         Self { policy, state: Mutex::new(State::default()), changed: Condvar::new() }
     }
 
@@ -141,13 +152,18 @@ impl Queue {
                 continue;
             };
             let now = Instant::now();
-            let deadline = oldest + self.policy.max_delay;
-            let full = state.len() >= self.policy.max_batch;
+            let deadline = oldest.enqueued + self.policy.max_delay;
+            let full = oldest.priority == Priority::Interactive && state.interactive.len() >= self.policy.max_batch;
             let runnable = state.idle_workers > 0 && now >= deadline;
             if full || runnable || state.closed {
                 let taken = self.take(&mut state, now);
                 if taken.entries.is_empty() {
                     continue; // every candidate had been cancelled
+                }
+                // The batch is promised to a waiting worker, or to the next to come free.
+                match state.idle_workers {
+                    0 => state.held = true,
+                    _ => state.idle_workers -= 1,
                 }
                 return Some(taken);
             }
@@ -157,12 +173,17 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max_batch` live entries, interactive first; entries whose
-    /// client went away are dropped here, before they cost a forward pass.
+    /// Takes up to `max_batch` live interactive entries or, when none waits,
+    /// up to `max_bulk_batch` bulk ones; entries whose client went away are
+    /// dropped here, before they cost a forward pass.
     fn take(&self, state: &mut State, now: Instant) -> Taken {
         let mut taken = Taken { entries: Vec::new(), waits: Vec::new() };
-        while taken.entries.len() < self.policy.max_batch {
-            let Some(entry) = state.interactive.pop_front().or_else(|| state.bulk.pop_front()) else { break };
+        let (entries, limit) = match state.interactive.is_empty() {
+            false => (&mut state.interactive, self.policy.max_batch),
+            true => (&mut state.bulk, self.policy.max_bulk_batch),
+        };
+        while taken.entries.len() < limit {
+            let Some(entry) = entries.pop_front() else { break };
             let wait = now.saturating_duration_since(entry.enqueued);
             if entry.reply.is_closed() {
                 metrics::cancelled(entry.priority.as_str());
@@ -176,13 +197,13 @@ impl Queue {
         taken
     }
 
-    /// A worker waits for its next batch (`true`) or has just got one (`false`).
-    pub fn set_worker_idle(&self, idle: bool) {
+    /// A worker is free and about to wait for its next batch: the batch held
+    /// for it, if one is, else the next one cut.
+    pub fn worker_ready(&self) {
         let mut state = self.lock();
-        if idle {
-            state.idle_workers += 1;
-        } else {
-            state.idle_workers = state.idle_workers.saturating_sub(1);
+        match state.held {
+            true => state.held = false,
+            false => state.idle_workers += 1,
         }
         drop(state);
         self.changed.notify_all();
@@ -207,7 +228,7 @@ mod tests {
     use super::*;
 
     fn policy(max_batch: usize, max_delay_ms: u64, capacity: usize) -> BatchPolicy {
-        BatchPolicy { max_batch, max_delay: Duration::from_millis(max_delay_ms), capacity }
+        BatchPolicy { max_batch, max_delay: Duration::from_millis(max_delay_ms), capacity, max_bulk_batch: max_batch }
     }
 
     fn entry(value: f32, priority: Priority) -> (Entry, oneshot::Receiver<Result<Embedded, EmbedError>>) {
@@ -238,7 +259,7 @@ mod tests {
     #[test]
     fn a_partial_batch_waits_for_the_deadline_then_goes_to_an_idle_worker() {
         let queue = Queue::new(policy(8, 150, 64));
-        queue.set_worker_idle(true);
+        queue.worker_ready();
         let (e, _a) = entry(1.0, Priority::Interactive);
         let started = Instant::now();
         queue.push(e).unwrap();
@@ -266,14 +287,14 @@ mod tests {
         queue.push(e).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert!(!batcher.is_finished(), "no worker is free and the batch is not full: nothing is due");
-        queue.set_worker_idle(true);
+        queue.worker_ready();
         assert_eq!(batcher.join().unwrap(), vec![1.0, 2.0]);
     }
 
     #[test]
     fn cancelled_entries_are_skipped() {
         let queue = Queue::new(policy(4, 0, 64));
-        queue.set_worker_idle(true);
+        queue.worker_ready();
         let (e, a) = entry(1.0, Priority::Interactive);
         queue.push(e).unwrap();
         let (e, _b) = entry(2.0, Priority::Interactive);
@@ -298,9 +319,8 @@ mod tests {
     }
 
     #[test]
-    fn interactive_entries_go_first_and_bulk_fills_the_rest() {
+    fn interactive_entries_go_first_in_batches_of_their_own() {
         let queue = Queue::new(policy(3, 0, 64));
-        queue.set_worker_idle(true);
         let mut answers = Vec::new();
         for i in 0..4 {
             let (e, a) = entry(100.0 + i as f32, Priority::Bulk);
@@ -310,7 +330,74 @@ mod tests {
         let (e, a) = entry(1.0, Priority::Interactive);
         queue.push(e).unwrap();
         answers.push(a);
-        assert_eq!(values(&queue.next_batch().unwrap()), vec![1.0, 100.0, 101.0]);
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![1.0]);
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![100.0, 101.0, 102.0]);
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![103.0]);
+    }
+
+    #[test]
+    fn a_bulk_batch_is_cut_only_for_a_free_worker() {
+        let queue = Arc::new(Queue::new(policy(2, 0, 64)));
+        let mut answers = Vec::new();
+        for i in 0..4 {
+            let (e, a) = entry(100.0 + i as f32, Priority::Bulk);
+            queue.push(e).unwrap();
+            answers.push(a);
+        }
+        let batcher = {
+            let queue = queue.clone();
+            std::thread::spawn(move || values(&queue.next_batch().unwrap()))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!batcher.is_finished(), "a full bulk batch waits, uncut, while every worker is busy");
+        // A search arriving now goes into the next batch, ahead of the bulk work.
+        let (e, a) = entry(1.0, Priority::Interactive);
+        queue.push(e).unwrap();
+        answers.push(a);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!batcher.is_finished(), "a partial interactive batch waits for a free worker");
+        queue.worker_ready();
+        assert_eq!(batcher.join().unwrap(), vec![1.0]);
+    }
+
+    #[test]
+    fn a_batch_cut_for_a_busy_worker_is_held_for_the_next_one_to_come_free() {
+        let queue = Queue::new(policy(2, 0, 64));
+        let mut answers = Vec::new();
+        for i in 0..4 {
+            let (e, a) = entry(i as f32, Priority::Interactive);
+            queue.push(e).unwrap();
+            answers.push(a);
+        }
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![0.0, 1.0]); // full: cut and held
+        queue.worker_ready(); // the worker takes the held batch: it is not free for another
+        assert_eq!(queue.lock().idle_workers, 0);
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![2.0, 3.0]);
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_its_bulk_share() {
+        let queue = Queue::new(BatchPolicy { max_bulk_batch: 2, ..policy(4, 0, 64) });
+        let mut answers = Vec::new();
+        for i in 0..5 {
+            let (e, a) = entry(100.0 + i as f32, Priority::Bulk);
+            queue.push(e).unwrap();
+            answers.push(a);
+        }
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![100.0, 101.0]);
+        for i in 0..3 {
+            let (e, a) = entry(i as f32, Priority::Interactive);
+            queue.push(e).unwrap();
+            answers.push(a);
+        }
+        queue.worker_ready();
+        assert_eq!(values(&queue.next_batch().unwrap()), vec![0.0, 1.0, 2.0]);
+        queue.worker_ready();
         assert_eq!(values(&queue.next_batch().unwrap()), vec![102.0, 103.0]);
     }
 

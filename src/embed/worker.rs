@@ -47,10 +47,8 @@ pub fn run_batcher(queue: &Queue, handoff: Sender<Batch>, input_len: usize) {
 /// Runs batches on one encoder until the batcher stops.
 pub fn run_worker(mut encoder: impl Encoder, queue: &Queue, batches: Receiver<Batch>, device: &str) {
     loop {
-        queue.set_worker_idle(true);
-        let received = batches.recv();
-        queue.set_worker_idle(false);
-        match received {
+        queue.worker_ready();
+        match batches.recv() {
             Ok(batch) => serve(&mut encoder, batch, device),
             Err(_) => break,
         }
@@ -115,7 +113,12 @@ mod tests {
     /// Runs a batcher and one worker over the given images, queued before
     /// either starts, and returns every answer and the batch sizes seen.
     fn run_all(images: &[f32], max_batch: usize) -> (Vec<Result<Embedded, EmbedError>>, Vec<usize>) {
-        let queue = Arc::new(Queue::new(BatchPolicy { max_batch, max_delay: Duration::ZERO, capacity: 64 }));
+        let queue = Arc::new(Queue::new(BatchPolicy {
+            max_batch,
+            max_delay: Duration::ZERO,
+            capacity: 64,
+            max_bulk_batch: max_batch,
+        }));
         let answers: Vec<_> = images
             .iter()
             .map(|&value| {

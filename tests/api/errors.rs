@@ -301,6 +301,12 @@ async fn bad_input_matrix() {
         ),
         case("activate without token", app.client.post(app.url("/admin/models/1/activate")), 401, "unauthorized"),
         case(
+            "an activation that does not exist",
+            app.client.get(app.url("/admin/activations/a999")).bearer_auth(TOKEN),
+            404,
+            "not_found",
+        ),
+        case(
             "fine-tune with invalid JSON",
             app.client
                 .post(app.url("/admin/finetune"))

@@ -66,6 +66,25 @@ pub(crate) async fn wait_for_job(client: &Client, url: &str, id: &str) -> (Value
     }
 }
 
+/// Activates a model version (`202`, then the activation runs on its own)
+/// and polls the activation until it ends; returns its last status.
+pub(crate) async fn activate(app: &TestApp, version: &str) -> Value {
+    let response = admin(app.client.post(app.url(&format!("/admin/models/{version}/activate")))).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let started: Value = response.json().await.unwrap();
+    assert_eq!(location, format!("/admin/activations/{}", started["id"].as_str().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let status = get_json(app, &location).await;
+        if status["state"] != "running" {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the activation did not finish: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn get_json(app: &TestApp, path: &str) -> Value {
     let response = admin(app.client.get(app.url(path))).send().await.unwrap();
     assert_eq!(response.status(), 200, "GET {path}");
@@ -226,10 +245,13 @@ async fn a_finetune_commits_and_swaps_while_search_and_uploads_keep_answering() 
     // Roll back: only items uploaded after the swap lack a version-1 embedding; only they are embedded.
     let stored_v1 = models["versions"][0]["embedded_items"].as_u64().unwrap();
     assert!(stored_v1 >= labelled as u64);
-    let response = admin(app.client.post(app.url("/admin/models/1/activate"))).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let switched: Value = response.json().await.unwrap();
+    let activation = activate(&app, "1").await;
+    assert_eq!(activation["state"], "done", "{activation}");
+    let switched = &activation["result"];
     assert_eq!(switched["version"], "1");
+    assert_eq!(activation["progress"]["embedded"], switched["embedded"]);
+    let listed = get_json(&app, "/admin/activations").await;
+    assert_eq!(listed["activations"][0]["id"], activation["id"]);
     assert_eq!(switched["embedded"].as_u64().unwrap(), items as u64 - stored_v1);
     assert_eq!(switched["items"], items);
     let health: Value = app.health().await.json().await.unwrap();

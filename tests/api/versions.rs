@@ -9,7 +9,7 @@ use lookalike::startup::Application;
 use serde_json::Value;
 
 use crate::backbones::python;
-use crate::finetune::TOKEN;
+use crate::finetune::{activate, TOKEN};
 use crate::helpers::{config, fixtures, spawn_with};
 
 /// The Fashion-MNIST model copied to `dir`, its manifest without `encoder_sha256`.
@@ -107,9 +107,9 @@ async fn an_image_that_no_longer_preprocesses_is_left_out_of_a_switch_and_counte
     // A second version of the model beside the data, then a lower side limit than the big image.
     saved_copy_as_version_2(data.path());
     let app = spawn_with(with_side(128)).await;
-    let activate = app.client.post(app.url("/admin/models/2/activate")).bearer_auth(TOKEN).send().await.unwrap();
-    assert_eq!(activate.status(), 200);
-    let switched: Value = activate.json().await.unwrap();
+    let activation = activate(&app, "2").await;
+    assert_eq!(activation["state"], "done", "{activation}");
+    let switched = &activation["result"];
     assert_eq!((switched["items"].as_u64(), switched["unembeddable"].clone()), (Some(3), serde_json::json!([big])));
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!((health["model_version"].as_str(), health["unembeddable_items"].as_u64()), (Some("2"), Some(1)));
