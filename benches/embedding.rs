@@ -204,7 +204,7 @@ async fn pool_rate(pool: &PreprocessPool, bytes: Bytes, clients: usize, duration
             let (pool, bytes, images) = (pool.clone(), bytes.clone(), images.clone());
             tokio::spawn(async move {
                 while started.elapsed() < duration {
-                    if pool.prepare(bytes.clone()).await.is_ok() {
+                    if pool.prepare(bytes.clone(), Priority::Interactive).await.is_ok() {
                         images.fetch_add(1, Ordering::Relaxed);
                     }
                 }
