@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency fuzz fuzz-seeds soak
+.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -173,6 +173,9 @@ bench-finetune-threads: build dataset
 # Search latency while `lookalike import` adds 2,000 images.
 bench-import-latency: build dataset
 	$(VENV)/bin/python bench/import_latency.py
+
+bench-finetune-start: build
+	$(VENV)/bin/python bench/finetune_start_latency.py
 
 bench-finetune: build dataset
 	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)' --model $(FINETUNE_MODEL)

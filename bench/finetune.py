@@ -145,6 +145,7 @@ class SearchProbe(threading.Thread):
         self.base, self.queries = base, queries
         self.stop = threading.Event()
         self.latencies: list[float] = []
+        self.ends: list[float] = []  # time.perf_counter() at each answer
         self.errors = 0
 
     def run(self) -> None:
@@ -154,7 +155,8 @@ class SearchProbe(threading.Thread):
             started = time.perf_counter()
             try:
                 request(f"{self.base}/search?k=10", "POST", data, {"content-type": "image/png"})
-                self.latencies.append(time.perf_counter() - started)
+                self.ends.append(time.perf_counter())
+                self.latencies.append(self.ends[-1] - started)
             except (urllib.error.URLError, ConnectionError):
                 self.errors += 1
             n += 1

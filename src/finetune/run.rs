@@ -23,8 +23,10 @@ use crate::registry::ModelVersion;
 const MAX_STEP_LOSSES: usize = 5000;
 /// Images read from the store at a time while a job prepares its data: the
 /// store is held for one chunk at a time (searches and uploads go on in
-/// between), and only one chunk's original bytes are in memory.
-const READ_CHUNK: usize = 32;
+/// between), and only one chunk's original bytes are in memory. Small, since
+/// photos can be large: 32 images of 8 MiB held SQLite for long enough to
+/// stall a search for close to a second (`make bench-finetune-start`).
+const READ_CHUNK: usize = 4;
 
 /// Why a job stopped before its end.
 enum Stop {
