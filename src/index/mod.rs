@@ -1,11 +1,13 @@
 //! Nearest-neighbour search over gallery embeddings. `VectorIndex` is what
 //! the catalog needs of an index; `IndexProvider` makes one per model
 //! version. Embedded mode's implementation (`local`) is an in-memory HNSW
-//! graph (`hnsw`) dumped to the data folder (`persist`).
+//! graph (`hnsw`) dumped to the data folder (`persist`); cluster mode's
+//! (`pgvector`) is pgvector's HNSW in the shared database.
 
 mod hnsw;
 mod local;
 mod persist;
+mod pgvector;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use serde::Serialize;
 pub use hnsw::HnswIndex;
 pub use local::{LocalIndex, LocalIndexes};
 pub use persist::{DumpReport, Loaded};
+pub use pgvector::{PgIndex, PgIndexes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -26,6 +29,9 @@ pub enum IndexError {
     Dump(String),
     #[error("index task failed: {0}")]
     Task(String),
+    /// The database that holds the index cannot be reached now.
+    #[error("the vector index is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A gallery id and its cosine similarity to the query.
@@ -74,6 +80,18 @@ pub trait VectorIndex: Send + Sync + 'static {
 
     /// The `k` nearest items, best first; with `allowed` (ascending ids), only those.
     async fn search(&self, query: &[f32], k: usize, allowed: Option<Arc<Vec<i64>>>) -> Result<Vec<Hit>, IndexError>;
+
+    /// The `k` nearest items of one label, when the index can filter by label
+    /// itself (a database); `None` when it cannot, and the catalog filters.
+    async fn search_label(&self, _query: &[f32], _k: usize, _label: &str) -> Result<Option<Vec<Hit>>, IndexError> {
+        Ok(None)
+    }
+
+    /// True when the index reads the store's own embeddings (a database):
+    /// then there is nothing to reconcile, and `ids` is not listed.
+    fn mirrors_store(&self) -> bool {
+        false
+    }
 
     /// Saves the index where it keeps one (a dump), when it changed since the
     /// last save; `None` when there was nothing to do.

@@ -82,7 +82,7 @@ impl Server {
 }
 
 /// A distinct image for upload `n`: a fixture with a stripe drawn from `n`.
-fn unique_image(base: &[u8], n: usize) -> Vec<u8> {
+pub(crate) fn unique_image(base: &[u8], n: usize) -> Vec<u8> {
     let mut img = image::load_from_memory(base).unwrap().to_luma8();
     let row = (n % 20) as u32 + 4;
     for x in 0..img.width() {

@@ -2,6 +2,7 @@
 
 mod backbones;
 mod batching;
+mod cluster;
 mod crash;
 mod errors;
 mod finetune;
@@ -13,6 +14,7 @@ mod import;
 mod keys;
 mod labels;
 mod limits;
+mod pg;
 mod search;
 mod shutdown;
 mod spec;

@@ -1,0 +1,260 @@
+//! Cluster mode's gallery store: PostgreSQL with pgvector, shared by every
+//! replica. Every write is one transaction; when a call returns, the write is
+//! committed and visible to every replica.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use pgvector::Vector;
+use tokio_postgres::{NoTls, Row};
+
+use super::{pg_schema, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
+use crate::clock::now_millis;
+
+/// Connections per replica.
+const POOL_SIZE: usize = 16;
+/// How long a request waits for a connection before it is answered 503.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, content_hash, created_at";
+
+/// Cheap-clone handle over a connection pool.
+#[derive(Clone)]
+pub struct PgGallery {
+    pool: Pool,
+    /// Bumped on every call: other replicas change the items too, so two
+    /// readings are never taken to mean "nothing changed".
+    reads: Arc<AtomicU64>,
+}
+
+impl PgGallery {
+    /// Connects to `url` and migrates the database (under an advisory lock).
+    pub async fn connect(url: &str) -> Result<Self, GalleryError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| GalleryError::Unavailable(format!("--database-url: {e}")))?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(CONNECT_WAIT))
+            .create_timeout(Some(CONNECT_WAIT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| GalleryError::Unavailable(e.to_string()))?;
+        let store = Self { pool, reads: Arc::default() };
+        let mut client = store.client().await?;
+        pg_schema::migrate(&mut client).await?;
+        drop(client);
+        Ok(store)
+    }
+
+    /// The pool, for the vector index that reads the same tables.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> Result<Object, GalleryError> {
+        self.pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl GalleryStore for PgGallery {
+    async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            // Uploads of the same bytes wait for each other here, so `unless_stored` holds across replicas.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&item.content_hash]).await?;
+            let duplicate_of = oldest_with_hash(&tx, &item.content_hash).await?;
+            let content_hash = item.content_hash.clone();
+            if let (true, Some(existing)) = (item.unless_stored, duplicate_of) {
+                out.push(Inserted { id: existing, content_hash, duplicate_of, stored: false });
+                continue;
+            }
+            let row = tx
+                .query_one(
+                    "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    &[
+                        &item.content_hash,
+                        &item.media_type,
+                        &item.label,
+                        &item.metadata,
+                        &(item.width as i32),
+                        &(item.height as i32),
+                        &(now_millis() as i64),
+                        &&item.image[..],
+                    ],
+                )
+                .await?;
+            let id: i64 = row.get(0);
+            tx.execute(
+                "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
+                &[&model, &id, &Vector::from(item.embedding)],
+            )
+            .await?;
+            out.push(Inserted { id, content_hash, duplicate_of, stored: true });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
+        Ok(self.client().await?.execute("DELETE FROM items WHERE id = $1", &[&id]).await? > 0)
+    }
+
+    async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
+        let sql = format!("SELECT {SUMMARY_COLUMNS} FROM items WHERE id = ANY($1)");
+        let rows = self.client().await?.query(&sql, &[&ids]).await?;
+        Ok(rows.iter().map(summary_from_row).map(|s| (s.id, s)).collect())
+    }
+
+    async fn list(&self, label: Option<String>, after: i64, limit: usize) -> Result<Vec<ItemSummary>, GalleryError> {
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM items WHERE id > $1 AND ($2::text IS NULL OR label = $2)
+             ORDER BY id LIMIT $3"
+        );
+        let rows = self.client().await?.query(&sql, &[&after, &label, &(limit as i64)]).await?;
+        Ok(rows.iter().map(summary_from_row).collect())
+    }
+
+    async fn image(&self, id: i64) -> Result<Option<StoredImage>, GalleryError> {
+        let row = self.client().await?.query_opt("SELECT media_type, image FROM items WHERE id = $1", &[&id]).await?;
+        Ok(row.map(|r| StoredImage { media_type: r.get(0), bytes: r.get(1) }))
+    }
+
+    async fn images(&self, ids: Vec<i64>) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+        let rows =
+            self.client().await?.query("SELECT id, image FROM items WHERE id = ANY($1) ORDER BY id", &[&ids]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn count(&self) -> Result<u64, GalleryError> {
+        let row = self.client().await?.query_one("SELECT COUNT(*) FROM items", &[]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn labelled(&self) -> Result<Vec<(i64, String)>, GalleryError> {
+        let rows =
+            self.client().await?.query("SELECT id, label FROM items WHERE label IS NOT NULL ORDER BY id", &[]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn oldest_with_hashes(&self, hashes: Vec<String>) -> Result<Vec<Option<i64>>, GalleryError> {
+        let client = self.client().await?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for hash in &hashes {
+            out.push(oldest_with_hash(&client, hash).await?);
+        }
+        Ok(out)
+    }
+
+    async fn embedded_ids(&self, model: String) -> Result<Vec<i64>, GalleryError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT item_id FROM embeddings WHERE model = $1 ORDER BY item_id", &[&model])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn count_embedded(&self, model: String) -> Result<u64, GalleryError> {
+        let row = self.client().await?.query_one("SELECT COUNT(*) FROM embeddings WHERE model = $1", &[&model]).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT item_id, embedding FROM embeddings WHERE model = $1 AND item_id = ANY($2) ORDER BY item_id",
+                &[&model, &ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Vector>(1).to_vec())).collect())
+    }
+
+    async fn missing_embeddings(
+        &self,
+        model: String,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+        // Sizes first, so that no more bytes than `max_bytes` are read.
+        let client = self.client().await?;
+        let sized = client
+            .query(
+                "SELECT id, octet_length(image) FROM items i WHERE id > $2
+                 AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model = $1 AND e.item_id = i.id)
+                 ORDER BY id LIMIT $3",
+                &[&model, &after, &(limit as i64)],
+            )
+            .await?;
+        let (mut ids, mut bytes) = (Vec::new(), 0usize);
+        for row in &sized {
+            ids.push(row.get::<_, i64>(0));
+            bytes += row.get::<_, i32>(1) as usize;
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        let rows = client.query("SELECT id, image FROM items WHERE id = ANY($1) ORDER BY id", &[&ids]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let statement = tx
+            .prepare(
+                // An item deleted since it was read is skipped, not a foreign-key failure.
+                "INSERT INTO embeddings (model, item_id, embedding)
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM items WHERE id = $2)
+                 ON CONFLICT (model, item_id) DO UPDATE SET embedding = EXCLUDED.embedding",
+            )
+            .await?;
+        for (id, v) in vectors {
+            tx.execute(&statement, &[&model, &id, &Vector::from(v)]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn change_sequence(&self) -> u64 {
+        self.reads.fetch_add(1, Ordering::SeqCst)
+    }
+
+    async fn ping(&self) -> Result<(), GalleryError> {
+        self.client().await?.query_one("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// Nothing to tidy: PostgreSQL owns its files.
+    async fn checkpoint(&self) -> Result<(), GalleryError> {
+        Ok(())
+    }
+}
+
+async fn oldest_with_hash(client: &impl GenericClient, hash: &str) -> Result<Option<i64>, GalleryError> {
+    let row = client.query_one("SELECT MIN(id) FROM items WHERE content_hash = $1", &[&hash]).await?;
+    Ok(row.get(0))
+}
+
+fn summary_from_row(r: &Row) -> ItemSummary {
+    ItemSummary {
+        id: r.get(0),
+        label: r.get(1),
+        metadata: r.get(2),
+        media_type: r.get(3),
+        width: r.get::<_, i32>(4) as u32,
+        height: r.get::<_, i32>(5) as u32,
+        content_hash: r.get(6),
+        created_at: r.get(7),
+    }
+}
