@@ -143,3 +143,50 @@ fn compose_keeps_data_on_a_volume_and_checks_readiness() {
     assert_eq!(devices["driver"], "nvidia");
     assert_eq!(devices["capabilities"][0], "gpu");
 }
+
+#[test]
+fn the_cluster_compose_file_puts_replicas_over_pgvector_behind_a_proxy() {
+    let docker = Path::new(ROOT).join("docker");
+    let compose: Value = serde_saphyr::from_str(&std::fs::read_to_string(docker.join("compose.cluster.yaml")).unwrap())
+        .unwrap();
+    let services = &compose["services"];
+    let named_volume = |service: &Value, target: &str| {
+        let mounted = service["volumes"].as_array().unwrap().iter().find_map(|v| {
+            let (name, at) = v.as_str()?.split_once(':')?;
+            (at == target).then_some(name.to_string())
+        });
+        let name = mounted.unwrap_or_else(|| panic!("nothing mounted at {target}"));
+        assert!(compose["volumes"].get(&name).is_some(), "`{name}` is a named volume");
+    };
+
+    let postgres = &services["postgres"];
+    assert!(postgres["image"].as_str().unwrap().starts_with("pgvector/pgvector:0.8"), "pgvector 0.8 or later");
+    assert!(postgres["healthcheck"]["test"].as_array().unwrap().iter().any(|t| t == "pg_isready"));
+    named_volume(postgres, "/var/lib/postgresql/data");
+
+    let replicas: Vec<&str> = ["replica-1", "replica-2"].into();
+    for name in &replicas {
+        let replica = &services[*name];
+        assert_eq!(replica["build"]["dockerfile"], "docker/Dockerfile", "{name}");
+        let url = replica["environment"]["LOOKALIKE_DATABASE_URL"].as_str().unwrap();
+        assert!(url.starts_with("postgres://") && url.contains("@postgres:5432/"), "{name}: {url}");
+        assert_eq!(replica["depends_on"]["postgres"]["condition"], "service_healthy", "{name}");
+        let check = replica["healthcheck"]["test"].as_array().unwrap();
+        assert!(check.iter().any(|t| t == "http://127.0.0.1:8080/ready"), "{name}: {check:?}");
+        assert!(replica.get("ports").is_none(), "{name} is reached through the proxy only");
+        named_volume(replica, "/data");
+    }
+
+    let proxy = &services["proxy"];
+    assert!(proxy["ports"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().ends_with(":80")));
+    assert!(proxy["healthcheck"]["test"].as_array().unwrap().iter().any(|t| t.as_str().unwrap().ends_with("/ready")));
+    for name in &replicas {
+        assert_eq!(proxy["depends_on"][*name]["condition"], "service_healthy");
+    }
+    let conf = std::fs::read_to_string(docker.join("nginx.cluster.conf")).unwrap();
+    for name in &replicas {
+        assert!(conf.contains(&format!("server {name}:8080")), "the proxy sends to {name}");
+    }
+    let mounted = proxy["volumes"][0].as_str().unwrap();
+    assert!(mounted.starts_with("./nginx.cluster.conf:"), "{mounted}");
+}
