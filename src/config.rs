@@ -26,6 +26,9 @@ pub enum Command {
     /// or images at the top (unlabelled). Already-stored files are skipped, so
     /// a re-run resumes.
     Import(crate::import::ImportConfig),
+    /// Move an embedded gallery (SQLite in --data-dir) into a PostgreSQL database for cluster
+    /// mode, keeping ids, labels, metadata, images and embeddings. Stop the service first.
+    Migrate(crate::migrate::MigrateConfig),
 }
 
 /// Everything `lookalike serve` can be told. Every option has an environment

@@ -17,6 +17,7 @@ pub mod import;
 pub mod index;
 pub mod manifest;
 pub mod metrics;
+pub mod migrate;
 pub mod preprocess;
 pub mod registry;
 pub mod server;

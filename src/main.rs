@@ -20,6 +20,10 @@ async fn main() -> anyhow::Result<()> {
             let summary = lookalike::import::run(&config).await?;
             print!("{}", summary.render());
         }
+        Command::Migrate(config) => {
+            let summary = lookalike::migrate::run(&config).await?;
+            print!("{}", summary.render());
+        }
         Command::Eval(config) => {
             let report = tokio::task::spawn_blocking(move || lookalike::eval::run(&config)).await??;
             print!("{}", lookalike::eval::render(&report));

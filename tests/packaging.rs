@@ -147,8 +147,8 @@ fn compose_keeps_data_on_a_volume_and_checks_readiness() {
 #[test]
 fn the_cluster_compose_file_puts_replicas_over_pgvector_behind_a_proxy() {
     let docker = Path::new(ROOT).join("docker");
-    let compose: Value = serde_saphyr::from_str(&std::fs::read_to_string(docker.join("compose.cluster.yaml")).unwrap())
-        .unwrap();
+    let compose: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(docker.join("compose.cluster.yaml")).unwrap()).unwrap();
     let services = &compose["services"];
     let named_volume = |service: &Value, target: &str| {
         let mounted = service["volumes"].as_array().unwrap().iter().find_map(|v| {

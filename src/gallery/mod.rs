@@ -95,6 +95,16 @@ pub struct ItemSummary {
     pub created_at: i64,
 }
 
+/// One item with everything stored about it, for moving a gallery from one
+/// store to another (`lookalike migrate`).
+#[derive(Debug, Clone)]
+pub struct ExportedItem {
+    pub summary: ItemSummary,
+    pub image: Vec<u8>,
+    /// `(model key, vector)` for every model that embedded it.
+    pub embeddings: Vec<(String, Vec<f32>)>,
+}
+
 /// An item's original bytes, as uploaded.
 #[derive(Debug, Clone)]
 pub struct StoredImage {

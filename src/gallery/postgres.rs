@@ -11,7 +11,7 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use pgvector::Vector;
 use tokio_postgres::{NoTls, Row};
 
-use super::{pg_schema, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
+use super::{pg_schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
 use crate::clock::now_millis;
 
 /// Connections per replica.
@@ -48,6 +48,43 @@ impl PgGallery {
         pg_schema::migrate(&mut client).await?;
         drop(client);
         Ok(store)
+    }
+
+    /// Writes whole items with their ids, in one transaction, and moves the
+    /// id sequence past them (`lookalike migrate`).
+    pub async fn import(&self, items: Vec<ExportedItem>) -> Result<(), GalleryError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        for item in items {
+            let s = &item.summary;
+            tx.execute(
+                "INSERT INTO items (id, content_hash, media_type, label, metadata, width, height, created_at, image)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &s.id,
+                    &s.content_hash,
+                    &s.media_type,
+                    &s.label,
+                    &s.metadata,
+                    &(s.width as i32),
+                    &(s.height as i32),
+                    &s.created_at,
+                    &item.image,
+                ],
+            )
+            .await?;
+            for (model, vector) in item.embeddings {
+                tx.execute(
+                    "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
+                    &[&model, &s.id, &Vector::from(vector)],
+                )
+                .await?;
+            }
+        }
+        tx.execute("SELECT setval(pg_get_serial_sequence('items', 'id'), GREATEST(MAX(id), 1)) FROM items", &[])
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The pool, for the vector index that reads the same tables.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{schema, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
+use super::{schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
 use crate::clock::now_millis;
 
 const STORE_FILE: &str = "gallery.sqlite3";
@@ -36,6 +36,16 @@ impl SqliteGallery {
         Ok(Self { conn: Arc::new(Mutex::new(conn)), changes: Arc::default() })
     }
 
+    /// Opens the store in `data_dir`, which must exist already.
+    pub fn open_existing(data_dir: &Path) -> Result<Self, GalleryError> {
+        let file = data_dir.join(STORE_FILE);
+        if !file.is_file() {
+            let message = format!("no gallery at {}", file.display());
+            return Err(GalleryError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, message)));
+        }
+        Self::open(data_dir)
+    }
+
     /// Runs `f` with the connection on a blocking thread.
     async fn with_conn<T: Send + 'static>(
         &self,
@@ -52,6 +62,33 @@ impl SqliteGallery {
 
     fn changed(&self) {
         self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl SqliteGallery {
+    /// Up to `limit` whole items after id `after`, ascending by id (`lookalike migrate`).
+    pub async fn export_page(&self, after: i64, limit: usize) -> Result<Vec<ExportedItem>, GalleryError> {
+        self.with_conn(move |conn| {
+            let mut items = conn.prepare_cached(
+                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at, image
+                 FROM items WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let mut vectors = conn.prepare_cached("SELECT model, vector FROM embeddings WHERE item_id = ?1")?;
+            let rows = items.query_map(params![after, limit as i64], |r| Ok((summary_from_row(r)?, r.get(8)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (summary, image): (ItemSummary, Vec<u8>) = row?;
+                let stored = vectors.query_map([summary.id], |r| Ok((r.get(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+                let mut embeddings = Vec::new();
+                for pair in stored {
+                    let (model, blob): (String, Vec<u8>) = pair?;
+                    embeddings.push((model, decode_vector(&blob)?));
+                }
+                out.push(ExportedItem { summary, image, embeddings });
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 

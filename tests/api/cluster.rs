@@ -204,3 +204,56 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = Server::start_with_env(dir.path(), "embedded.log", &[]).await;
+    let client = Client::new();
+    let images = fixtures();
+    let mut ids = Vec::new();
+    for (class, bytes) in &images {
+        let response = upload(&client, &embedded, bytes, class).await;
+        assert_eq!(response.status(), 201);
+        ids.push(response.json::<Value>().await.unwrap()["items"][0]["id"].as_i64().unwrap());
+    }
+    // A deleted item leaves a hole in the ids; the move keeps every id as it is.
+    let deleted = client.delete(format!("{}/gallery/{}", embedded.url, ids[1])).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    embedded.terminate(Duration::from_secs(30)).await;
+
+    let migrate = || {
+        Command::new(env!("CARGO_BIN_EXE_lookalike"))
+            .args(["migrate", "--to", &pg.url(), "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let moved = migrate();
+    let stdout = String::from_utf8_lossy(&moved.stdout);
+    assert!(moved.status.success(), "{stdout}{}", String::from_utf8_lossy(&moved.stderr));
+    assert!(
+        stdout.contains(&format!("moved {} items with {} embeddings", images.len() - 1, images.len() - 1)),
+        "{stdout}"
+    );
+    let again = migrate();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"), "a second run refuses");
+
+    // A replica on the database (and the same data folder, for its model versions) serves the moved gallery.
+    let url = pg.url();
+    let replica = Server::start_with_env(dir.path(), "replica.log", &[("LOOKALIKE_DATABASE_URL", &url)]).await;
+    let health = json(client.get(format!("{}/health", replica.url)).send().await.unwrap()).await;
+    assert_eq!(health["indexed_items"].as_u64(), Some(images.len() as u64 - 1), "{health}");
+    for (i, (class, bytes)) in images.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let found = json(search(&client, &replica, bytes, "k=3").await).await;
+        assert_eq!(found["results"][0]["id"], ids[i], "{found}");
+        assert_eq!(found["results"][0]["label"], class.as_str());
+    }
+    // New ids continue past the moved ones.
+    let extra = unique_image(&images[0].1, 7);
+    let added: Value = upload(&client, &replica, &extra, "extra").await.json().await.unwrap();
+    assert!(added["items"][0]["id"].as_i64().unwrap() > *ids.iter().max().unwrap(), "{added}");
+    replica.terminate(Duration::from_secs(30)).await;
+}
