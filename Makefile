@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start fuzz fuzz-seeds soak
+.PHONY: browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -190,6 +190,11 @@ bench-import-latency: build dataset
 
 bench-finetune-start: build
 	$(VENV)/bin/python bench/finetune_start_latency.py
+
+# Cluster mode next to embedded mode: /search req/s with 1 and 3 replicas,
+# pgvector's HNSW against hnsw_rs at 100k vectors (bench/cluster.py).
+bench-cluster: build bench-setup cluster-setup dataset
+	$(VENV)/bin/python bench/cluster.py
 
 bench-finetune: build dataset
 	$(VENV)/bin/python bench/finetune.py --params '$(FINETUNE_PARAMS)' --model $(FINETUNE_MODEL)

@@ -39,8 +39,14 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--profile-search") {
         return profile_search(&manifest);
     }
+    // `--clustered-only`: the service's index on the synthetic set, for `make bench-cluster`'s pgvector side.
+    let clustered_only = std::env::args().any(|a| a == "--clustered-only");
+    let mut datasets = vec![("clustered", clustered(dim))];
+    if !clustered_only {
+        datasets.push(("fashion-mnist", real_embeddings(&manifest)?));
+    }
     let mut results = Vec::new();
-    for (name, (base, queries)) in [("clustered", clustered(dim)), ("fashion-mnist", real_embeddings(&manifest)?)] {
+    for (name, (base, queries)) in datasets {
         println!(
             "\n## {name}: {} vectors, {} queries, dim {dim}, M {M}, ef_construction {EF_CONSTRUCTION}\n",
             base.len(),
@@ -50,11 +56,13 @@ fn main() -> anyhow::Result<()> {
         write_f32(&out.join(format!("{name}-base.f32")), &base)?;
         write_f32(&out.join(format!("{name}-queries.f32")), &queries)?;
         write_truth(&out.join(format!("{name}-truth.u32")), &truth)?;
-        let rows = run_dataset(&base, &queries, &truth, dim, name == "clustered")?;
-        results.push(json!({ "dataset": name, "rows": rows }));
+        let rows = run_dataset(&base, &queries, &truth, dim, name == "clustered" && !clustered_only)?;
+        results.push(json!({ "dataset": name, "dim": dim, "rows": rows }));
     }
     std::fs::write(out.join("hnsw_rs.json"), serde_json::to_vec_pretty(&results)?)?;
-    startup(&manifest)?;
+    if !clustered_only {
+        startup(&manifest)?;
+    }
     Ok(())
 }
 

@@ -184,9 +184,11 @@ impl From<IndexError> for ApiError {
     fn from(e: IndexError) -> Self {
         match e {
             // Embeddings come from our own encoder: a bad one is our bug, not the client's.
-            IndexError::Dimension { .. } | IndexError::NotFinite | IndexError::Dump(_) | IndexError::Task(_) => {
-                Self::Internal(e.to_string())
-            }
+            IndexError::Dimension { .. }
+            | IndexError::NotFinite
+            | IndexError::Dump(_)
+            | IndexError::Task(_)
+            | IndexError::Database(_) => Self::Internal(e.to_string()),
             IndexError::Unavailable(_) => Self::Unavailable(e.to_string()),
         }
     }

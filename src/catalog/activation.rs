@@ -5,7 +5,7 @@
 //! that was running, and `ACTIVE` says which version serves.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 
 use serde::Serialize;
@@ -45,13 +45,13 @@ pub struct ActivationStatus {
 /// The activations this process has run, newest last.
 #[derive(Default)]
 pub(super) struct Activations {
-    next_id: AtomicU64,
     runs: Mutex<VecDeque<watch::Receiver<ActivationStatus>>>,
 }
 
 impl Activations {
+    /// Random, like job ids: behind a load balancer an id never names another replica's activation.
     fn new_id(&self) -> String {
-        format!("a{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+        uuid::Uuid::new_v4().to_string()
     }
 
     fn begin(&self, id: &str, version: &str) -> watch::Sender<ActivationStatus> {
@@ -125,10 +125,14 @@ impl Catalog {
         tracing::info!(activation = %id, version = %target.version, "model activation started");
         let catalog = self.clone();
         let progress_sender = sender.clone();
+        let switch = tokio::spawn(async move {
+            let progress = move |p: Progress| progress_sender.send_modify(|status| status.progress = p);
+            catalog.switch_to(target, &progress, &|| {}, &AtomicBool::new(false)).await
+        });
+        // Awaited by a second task, so that even a switch that panics ends its activation as failed.
         tokio::spawn(async move {
             let _slot = slot;
-            let progress = move |p: Progress| progress_sender.send_modify(|status| status.progress = p);
-            let outcome = catalog.switch_to(target, &progress, &|| {}, &AtomicBool::new(false)).await;
+            let outcome = switch.await.map_err(CatalogError::from).and_then(|outcome| outcome);
             finish(&sender, outcome);
         });
         Ok(self.activation(&id).expect("just begun"))

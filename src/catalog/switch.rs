@@ -82,6 +82,7 @@ impl Catalog {
         let before = self.store.change_sequence();
         let mut embedded = model.embed_missing(self.store.as_ref(), Pass::Background, progress, cancel).await?;
         reconcile(self.store.as_ref(), model).await?;
+        model.index.prepare().await?;
         if cancel.load(Ordering::Relaxed) {
             return Err(CatalogError::Cancelled);
         }

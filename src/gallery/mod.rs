@@ -37,14 +37,23 @@ pub enum GalleryError {
 
 impl From<tokio_postgres::Error> for GalleryError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // Class 08 is a connection exception, 57 an operator intervention (shutdown, restart).
-        let sqlstate = e.code().map(|c| c.code().to_string()).unwrap_or_default();
-        if e.is_closed() || sqlstate.starts_with("08") || sqlstate.starts_with("57") || e.as_db_error().is_none() {
+        if postgres_unavailable(&e) {
             Self::Unavailable(e.to_string())
         } else {
             Self::Postgres(e)
         }
     }
+}
+
+/// Whether a PostgreSQL error is worth a retry (answered 503): the connection
+/// is gone or failed (I/O), or the server says so: a connection exception
+/// (08), insufficient resources such as too many connections (53), a
+/// shutdown or restart (57P), a deadlock or serialization failure (40).
+/// Anything else (a bad statement, a type mismatch) is our bug: 500.
+pub fn postgres_unavailable(e: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let sqlstate = e.code().map(|c| c.code()).unwrap_or_default();
+    e.is_closed() || io || ["08", "53", "57P", "40"].iter().any(|class| sqlstate.starts_with(class))
 }
 
 /// An image to add, already embedded.

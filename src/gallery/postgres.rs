@@ -102,10 +102,16 @@ impl GalleryStore for PgGallery {
     async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // Uploads of the same bytes wait for each other here, so `unless_stored` holds across
+        // replicas; every hash at once and in order, so two uploads cannot deadlock.
+        let mut hashes: Vec<&String> = items.iter().map(|i| &i.content_hash).collect();
+        hashes.sort();
+        hashes.dedup();
+        for hash in hashes {
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[hash]).await?;
+        }
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            // Uploads of the same bytes wait for each other here, so `unless_stored` holds across replicas.
-            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&item.content_hash]).await?;
             let duplicate_of = oldest_with_hash(&tx, &item.content_hash).await?;
             let content_hash = item.content_hash.clone();
             if let (true, Some(existing)) = (item.unless_stored, duplicate_of) {
@@ -223,25 +229,21 @@ impl GalleryStore for PgGallery {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
-        // Sizes first, so that no more bytes than `max_bytes` are read.
-        let client = self.client().await?;
-        let sized = client
+        // One statement (one snapshot): rows past `max_bytes` are left out before their bytes are
+        // read; the first row always comes back, so a pass never ends early on a deleted chunk.
+        let rows = self
+            .client()
+            .await?
             .query(
-                "SELECT id, octet_length(image) FROM items i WHERE id > $2
-                 AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model = $1 AND e.item_id = i.id)
-                 ORDER BY id LIMIT $3",
-                &[&model, &after, &(limit as i64)],
+                "SELECT id, image FROM (
+                    SELECT id, image, SUM(octet_length(image)) OVER (ORDER BY id) - octet_length(image) AS before
+                    FROM items i WHERE id > $2
+                    AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model = $1 AND e.item_id = i.id)
+                    ORDER BY id LIMIT $3) chunk
+                 WHERE before < $4 ORDER BY id",
+                &[&model, &after, &(limit as i64), &(max_bytes as i64)],
             )
             .await?;
-        let (mut ids, mut bytes) = (Vec::new(), 0usize);
-        for row in &sized {
-            ids.push(row.get::<_, i64>(0));
-            bytes += row.get::<_, i32>(1) as usize;
-            if bytes >= max_bytes {
-                break;
-            }
-        }
-        let rows = client.query("SELECT id, image FROM items WHERE id = ANY($1) ORDER BY id", &[&ids]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 

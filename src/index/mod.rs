@@ -32,6 +32,9 @@ pub enum IndexError {
     /// The database that holds the index cannot be reached now.
     #[error("the vector index is unavailable: {0}")]
     Unavailable(String),
+    /// The database refused a statement: a bug or an unsupported setup (pgvector before 0.8).
+    #[error("vector index query: {0}")]
+    Database(String),
 }
 
 /// A gallery id and its cosine similarity to the query.
@@ -85,6 +88,12 @@ pub trait VectorIndex: Send + Sync + 'static {
     /// itself (a database); `None` when it cannot, and the catalog filters.
     async fn search_label(&self, _query: &[f32], _k: usize, _label: &str) -> Result<Option<Vec<Hit>>, IndexError> {
         Ok(None)
+    }
+
+    /// Makes the index ready for searches before a model switch swaps to it
+    /// (a database builds its HNSW index); nothing to do for an in-memory graph.
+    async fn prepare(&self) -> Result<(), IndexError> {
+        Ok(())
     }
 
     /// True when the index reads the store's own embeddings (a database):

@@ -3,11 +3,14 @@
 //! with `vector_cosine_ops`. The store writes the vectors, in the item's own
 //! transaction, so there is nothing to insert, delete, save or reconcile
 //! here, and every replica searches the same vectors. A label filter runs in
-//! SQL, with pgvector's iterative index scans so a rare label still fills `k`.
+//! SQL, with pgvector's iterative index scans: the walk goes on past the first
+//! `ef_search` candidates until `k` rows of the label are found or
+//! `hnsw.max_scan_tuples` (20,000 by default) were visited.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Object, Pool};
 use pgvector::Vector;
@@ -15,8 +18,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{DumpReport, Hit, IndexError, IndexProvider, IndexSource, VectorIndex};
+use crate::gallery::postgres_unavailable;
 use crate::vector::normalized;
 
+/// How often a replica counts a model's vectors again after writes.
+const COUNT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a replica asks again for the lock of an index another one builds.
+const LOCK_POLL: Duration = Duration::from_millis(200);
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 /// The same search breadth as the embedded graph (`hnsw::MIN_EF_SEARCH`, 2k).
@@ -37,8 +45,9 @@ pub struct PgIndex {
     index_name: String,
     ready: OnceCell<()>,
     /// Vectors of this model, as last counted (for `/health`): other
-    /// replicas add and delete too, so it is refreshed after every write here.
+    /// replicas add and delete too, so it is refreshed after writes here.
     count: AtomicUsize,
+    counted: Mutex<Option<Instant>>,
 }
 
 impl PgIndex {
@@ -51,6 +60,7 @@ impl PgIndex {
             index_name: format!("embeddings_hnsw_{}", &digest[..16]),
             ready: OnceCell::new(),
             count: AtomicUsize::new(0),
+            counted: Mutex::new(None),
         }
     }
 
@@ -58,51 +68,40 @@ impl PgIndex {
         self.pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))
     }
 
-    /// Builds the model's HNSW index once (concurrently, so writes go on;
-    /// under an advisory lock, so replicas build it once), then counts.
+    /// Builds the model's HNSW index once, then counts. The build runs on a
+    /// task of its own, so a search that times out or whose client leaves
+    /// cannot cut it short holding the advisory lock.
     async fn ensure(&self) -> Result<(), IndexError> {
         self.ready
             .get_or_try_init(|| async {
-                let client = self.client().await?;
-                let lock = format!("SELECT pg_advisory_lock(hashtextextended('{}', 0))", self.index_name);
-                client.batch_execute(&lock).await.map_err(db)?;
-                let built = self.build(&client).await;
-                let unlock = format!("SELECT pg_advisory_unlock(hashtextextended('{}', 0))", self.index_name);
-                client.batch_execute(&unlock).await.map_err(db)?;
-                built
+                let build = IndexBuild {
+                    pool: self.pool.clone(),
+                    name: self.index_name.clone(),
+                    dim: self.dim,
+                    model_literal: self.model_literal.clone(),
+                };
+                tokio::spawn(build.run()).await.map_err(|e| IndexError::Task(e.to_string()))??;
+                self.refresh_count().await
             })
             .await?;
-        self.refresh_count().await
+        Ok(())
     }
 
-    async fn build(&self, client: &Object) -> Result<(), IndexError> {
-        // A concurrent build that was interrupted leaves an invalid index behind: drop it and build again.
-        let invalid = client
-            .query_opt(
-                "SELECT 1 FROM pg_index JOIN pg_class ON pg_class.oid = pg_index.indexrelid
-                 WHERE pg_class.relname = $1 AND NOT pg_index.indisvalid",
-                &[&self.index_name],
-            )
-            .await
-            .map_err(db)?;
-        if invalid.is_some() {
-            client
-                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", self.index_name))
-                .await
-                .map_err(db)?;
-        }
-        let sql = format!(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON embeddings
-             USING hnsw ((embedding::vector({})) vector_cosine_ops) WHERE model = {}",
-            self.index_name, self.dim, self.model_literal
-        );
-        client.batch_execute(&sql).await.map_err(db)
-    }
-
-    /// Counts again after a committed write; a database gone meanwhile
-    /// does not turn the committed write into an error.
+    /// Counts again after a committed write, at most once a second; a
+    /// database gone meanwhile does not turn the committed write into an error.
     async fn after_write(&self) {
-        if let Err(error) = self.ensure().await {
+        let due = {
+            let mut last = self.counted.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= COUNT_INTERVAL);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if !due {
+            return;
+        }
+        if let Err(error) = self.ensure().await.and(self.refresh_count().await) {
             tracing::warn!(%error, "could not count the vectors after a write");
         }
     }
@@ -154,8 +153,61 @@ impl PgIndex {
     }
 }
 
+/// One model's HNSW index, built concurrently (writes go on) by one replica
+/// at a time: replicas wait for the advisory lock between short polls, never
+/// inside a statement, since a concurrent build waits for every open snapshot.
+struct IndexBuild {
+    pool: Pool,
+    name: String,
+    dim: usize,
+    model_literal: String,
+}
+
+impl IndexBuild {
+    async fn run(self) -> Result<(), IndexError> {
+        let client = self.pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))?;
+        let lock = format!("hashtextextended('{}', 0)", self.name);
+        loop {
+            let row = client.query_one(&format!("SELECT pg_try_advisory_lock({lock})"), &[]).await.map_err(db)?;
+            if row.get::<_, bool>(0) {
+                break;
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
+        let built = self.build(&client).await;
+        client.batch_execute(&format!("SELECT pg_advisory_unlock({lock})")).await.map_err(db)?;
+        built
+    }
+
+    async fn build(&self, client: &Object) -> Result<(), IndexError> {
+        // A concurrent build that was interrupted leaves an invalid index behind: drop it and build again.
+        let invalid = client
+            .query_opt(
+                "SELECT 1 FROM pg_index JOIN pg_class ON pg_class.oid = pg_index.indexrelid
+                 WHERE pg_class.relname = $1 AND NOT pg_index.indisvalid",
+                &[&self.name],
+            )
+            .await
+            .map_err(db)?;
+        if invalid.is_some() {
+            client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", self.name)).await.map_err(db)?;
+        }
+        let sql = format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON embeddings
+             USING hnsw ((embedding::vector({})) vector_cosine_ops) WHERE model = {}",
+            self.name, self.dim, self.model_literal
+        );
+        client.batch_execute(&sql).await.map_err(db)
+    }
+}
+
+/// A PostgreSQL error as the index reports it: worth a retry, or our bug.
 fn db(e: tokio_postgres::Error) -> IndexError {
-    IndexError::Unavailable(format!("PostgreSQL: {e}"))
+    if postgres_unavailable(&e) {
+        IndexError::Unavailable(format!("PostgreSQL: {e}"))
+    } else {
+        IndexError::Database(e.to_string())
+    }
 }
 
 #[async_trait::async_trait]
@@ -171,6 +223,12 @@ impl VectorIndex for PgIndex {
 
     fn mirrors_store(&self) -> bool {
         true
+    }
+
+    /// Builds the model's HNSW index if no replica has, and counts.
+    async fn prepare(&self) -> Result<(), IndexError> {
+        self.ensure().await?;
+        self.refresh_count().await
     }
 
     /// The store has written (committed) the vectors: this only refreshes the count.

