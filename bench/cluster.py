@@ -40,7 +40,7 @@ MODEL = ROOT / "models/fashion-mnist"
 DATA = ROOT / "target/bench-index"
 K = 10
 EFS = [16, 32, 40, 64, 128, 256]
-SERVICE_EF = {"hnsw_rs": 32, "pgvector": 40}  # max(32, 2k) and max(40, 2k) at k = 10
+SERVICE_EF = {"hnsw_rs": 32, "pgvector": 64}  # max(32, 2k) and max(64, 2k) at k = 10
 
 
 def serve(port: int, folder: pathlib.Path, database: str | None) -> object:
