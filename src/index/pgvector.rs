@@ -68,7 +68,7 @@ impl PgIndex {
     }
 
     async fn client(&self) -> Result<Object, IndexError> {
-        self.pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))
+        connection(&self.pool).await
     }
 
     /// Builds the model's HNSW index once, then counts. The build runs on a
@@ -104,7 +104,7 @@ impl PgIndex {
         if !due {
             return;
         }
-        if let Err(error) = self.ensure().await.and(self.refresh_count().await) {
+        if let Err(error) = self.prepare().await {
             tracing::warn!(%error, "could not count the vectors after a write");
         }
     }
@@ -183,7 +183,7 @@ struct IndexBuild {
 
 impl IndexBuild {
     async fn run(self) -> Result<(), IndexError> {
-        let client = self.pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))?;
+        let client = connection(&self.pool).await?;
         let lock = format!("hashtextextended('{}', 0)", self.name);
         loop {
             let row = client.query_one(&format!("SELECT pg_try_advisory_lock({lock})"), &[]).await.map_err(db)?;
@@ -217,6 +217,11 @@ impl IndexBuild {
         );
         client.batch_execute(&sql).await.map_err(db)
     }
+}
+
+/// A connection from the pool; none within the pool's wait is worth a retry.
+async fn connection(pool: &Pool) -> Result<Object, IndexError> {
+    pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))
 }
 
 /// A PostgreSQL error as the index reports it: worth a retry, or our bug.

@@ -158,9 +158,13 @@ fn installed_binaries() -> PathBuf {
     found.unwrap_or_else(|| panic!("PostgreSQL is not installed in {}: run `make cluster-setup`", lib.display()))
 }
 
+/// Asked once: every PostgreSQL program the tests run depends on it.
 fn running_as_root() -> bool {
-    let out = Command::new("id").arg("-u").output().expect("id -u");
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        let out = Command::new("id").arg("-u").output().expect("id -u");
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    })
 }
 
 fn run(command: &mut Command) -> Output {
