@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod embed;
 pub mod eval;

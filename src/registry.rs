@@ -195,6 +195,24 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Saves a version another process made (cluster mode) from its
+    /// encoder's bytes and manifest, under the manifest's version, replacing
+    /// a folder of that version.
+    pub fn install(&self, encoder: &[u8], manifest: &Manifest) -> Result<ModelVersion, RegistryError> {
+        fs::create_dir_all(&self.versions_dir)?;
+        let staged = self.versions_dir.join(format!("{}.encoder.tmp", manifest.version));
+        write_atomic(&staged, encoder)?;
+        let dir = self.versions_dir.join(&manifest.version);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        let saved = self.save(&staged, manifest);
+        let _ = fs::remove_file(&staged);
+        saved
+    }
+}
+
 /// Hex SHA-256 of a file, read in a stream.
 fn file_sha256(path: &Path) -> Result<String, RegistryError> {
     let mut hasher = Sha256::new();

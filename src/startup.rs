@@ -13,6 +13,7 @@ use crate::api::upload::FormLimits;
 use crate::api::{self, AppState, RequestLimits};
 use crate::auth::{self, ApiKeys};
 use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
+use crate::cluster::ClusterLink;
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::finetune::{Jobs, Trainer};
@@ -60,7 +61,7 @@ impl Application {
         );
         let bundled = Manifest::load(&config.model)?;
         let metrics_handle = metrics::handle();
-        let (store, indexes) = open_gallery(&config).await?;
+        let (store, indexes, cluster) = open_gallery(&config).await?;
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);
@@ -73,7 +74,10 @@ impl Application {
             unknown_distance: config.unknown_distance,
         };
         let registry = Registry::new(&config.model, &config.data_dir);
-        let (catalog, startup) = Catalog::open(store, indexes, registry, settings).await?;
+        let (catalog, startup) = Catalog::open(store, indexes, registry, settings, cluster).await?;
+        if catalog.cluster().is_some() {
+            tokio::spawn(catalog.clone().follow_cluster());
+        }
         let serving = catalog.serving();
         tracing::info!(
             model = %serving.model, version = %serving.version, bundled = serving.bundled,
@@ -180,6 +184,11 @@ impl Application {
             let _ = dumper.await; // a dump in progress finishes on its blocking thread either way
         }
         catalog.settle().await;
+        if let Some(cluster) = catalog.cluster() {
+            if let Err(error) = cluster.leave().await {
+                tracing::warn!(%error, "could not tell the cluster this replica left; it is taken as gone in seconds");
+            }
+        }
         if let Err(error) = catalog.dump_index().await {
             tracing::error!(%error, "could not dump the index at shutdown; the next start rebuilds it");
         }
@@ -235,19 +244,24 @@ fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {
     })
 }
 
+/// What `open_gallery` opens.
+type Gallery = (Arc<dyn GalleryStore>, Arc<dyn IndexProvider>, Option<Arc<ClusterLink>>);
+
 /// The gallery store and its vector indexes: SQLite and `hnsw_rs` in the
-/// data folder, or, with `--database-url`, PostgreSQL with pgvector.
-async fn open_gallery(config: &ServeConfig) -> anyhow::Result<(Arc<dyn GalleryStore>, Arc<dyn IndexProvider>)> {
+/// data folder, or, with `--database-url`, PostgreSQL with pgvector, with
+/// the model lifecycle shared by every replica.
+async fn open_gallery(config: &ServeConfig) -> anyhow::Result<Gallery> {
     if let Some(url) = &config.database_url {
         let store = PgGallery::connect(url).await.context("opening the gallery in PostgreSQL (--database-url)")?;
         let indexes = PgIndexes { pool: store.pool().clone() };
-        tracing::info!("cluster mode: the gallery and its indexes are in PostgreSQL");
-        return Ok((Arc::new(store), Arc::new(indexes)));
+        let cluster = ClusterLink::join(store.pool().clone(), store.config().clone());
+        tracing::info!(replica = %cluster.replica, "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
+        return Ok((Arc::new(store), Arc::new(indexes), Some(cluster)));
     }
     let store = SqliteGallery::open(&config.data_dir)
         .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
     let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
-    Ok((Arc::new(store), Arc::new(indexes)))
+    Ok((Arc::new(store), Arc::new(indexes), None))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

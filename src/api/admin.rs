@@ -8,10 +8,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use serde_json::json;
 
 use super::{ApiError, AppState};
-use crate::catalog::{ActivationStatus, VersionInfo};
-use crate::finetune::{FinetuneParams, JobStatus};
+use crate::catalog::VersionInfo;
+use crate::finetune::FinetuneParams;
 
 /// Proof that the request carried the admin token; handlers that take it are admin-only.
 pub struct Admin;
@@ -48,35 +49,41 @@ pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Resu
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
 }
 
-#[derive(Serialize)]
-pub struct JobList {
-    jobs: Vec<JobStatus>,
+/// `GET /admin/finetune`: every job, newest first (in cluster mode, every replica's).
+pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
+    if let Some(jobs) = state.jobs.cluster_list().await? {
+        return Ok(Json(json!({ "jobs": jobs })).into_response());
+    }
+    Ok(Json(json!({ "jobs": state.jobs.list() })).into_response())
 }
 
-/// `GET /admin/finetune`: every job, newest first.
-pub async fn list(_: Admin, State(state): State<AppState>) -> Json<JobList> {
-    Json(JobList { jobs: state.jobs.list() })
+/// `GET /admin/finetune/{id}` (in cluster mode, of any replica).
+pub async fn status(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if let Some(job) = state.jobs.get(&id) {
+        return Ok(Json(job.status()).into_response());
+    }
+    let remote = state.jobs.remote(&id).await?.ok_or_else(|| no_job(&id))?;
+    Ok(Json(remote).into_response())
 }
 
-/// `GET /admin/finetune/{id}`
-pub async fn status(
-    _: Admin,
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<JobStatus>, ApiError> {
-    let job = state.jobs.get(&id).ok_or_else(|| no_job(&id))?;
-    Ok(Json(job.status()))
-}
-
-/// `DELETE /admin/finetune/{id}`: asks a running job to stop; 202 with its status.
+/// `DELETE /admin/finetune/{id}`: asks a running job to stop; 202 with its
+/// status. In cluster mode, the replica running it stops it within a second.
 pub async fn cancel(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let job = state.jobs.get(&id).ok_or_else(|| no_job(&id))?;
-    if job.record().state.is_finished() {
+    let status = match state.jobs.get(&id) {
+        Some(job) => serde_json::to_value(job.status()).expect("a job status serialises"),
+        None => state.jobs.remote(&id).await?.ok_or_else(|| no_job(&id))?,
+    };
+    if !matches!(status["state"].as_str(), Some("queued" | "training" | "re_embedding" | "swapping")) {
         let message = format!("job {id} has already finished");
         return Err(ApiError::Conflict { code: "job_finished", message });
     }
-    job.cancel();
-    Ok((StatusCode::ACCEPTED, Json(job.status())).into_response())
+    match state.jobs.get(&id) {
+        Some(job) => job.cancel(),
+        None => {
+            state.jobs.cancel_remote(&id).await?;
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
 }
 
 #[derive(Serialize)]
@@ -105,24 +112,22 @@ pub async fn activate(
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
 }
 
-#[derive(Serialize)]
-pub struct ActivationList {
-    activations: Vec<ActivationStatus>,
+/// `GET /admin/activations`: the activations since start, newest first (in
+/// cluster mode, every replica's).
+pub async fn activations(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
+    if let Some(activations) = state.catalog.cluster_activations().await? {
+        return Ok(Json(json!({ "activations": activations })).into_response());
+    }
+    Ok(Json(json!({ "activations": state.catalog.activations() })).into_response())
 }
 
-/// `GET /admin/activations`: the activations since start, newest first.
-pub async fn activations(_: Admin, State(state): State<AppState>) -> Json<ActivationList> {
-    Json(ActivationList { activations: state.catalog.activations() })
-}
-
-/// `GET /admin/activations/{id}`
-pub async fn activation(
-    _: Admin,
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<ActivationStatus>, ApiError> {
-    let status = state.catalog.activation(&id);
-    status.map(Json).ok_or_else(|| ApiError::NotFound(format!("no model activation `{id}`")))
+/// `GET /admin/activations/{id}` (in cluster mode, of any replica).
+pub async fn activation(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if let Some(status) = state.catalog.activation(&id) {
+        return Ok(Json(status).into_response());
+    }
+    let remote = state.catalog.remote_activation(&id).await?;
+    remote.map(|s| Json(s).into_response()).ok_or_else(|| ApiError::NotFound(format!("no model activation `{id}`")))
 }
 
 fn no_job(id: &str) -> ApiError {

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::cluster::ClusterError;
 use crate::catalog::{CatalogError, EmbedError, GalleryError, IndexError, PreprocessError};
 use crate::finetune::JobError;
 
@@ -203,11 +204,13 @@ impl From<CatalogError> for ApiError {
             }
             CatalogError::UnknownVersion(_) => Self::NotFound(e.to_string()),
             CatalogError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
-            CatalogError::Task(_) | CatalogError::Models(_) => Self::Internal(e.to_string()),
+            CatalogError::Task(_) | CatalogError::Models(_) | CatalogError::Switch(_) => Self::Internal(e.to_string()),
             CatalogError::Cancelled => Self::Conflict { code: "cancelled", message: e.to_string() },
             CatalogError::Embed(e) => e.into(),
             CatalogError::Store(e) => e.into(),
             CatalogError::Index(e) => e.into(),
+            CatalogError::Cluster(ClusterError::Database(e)) => e.into(),
+            CatalogError::Cluster(e) => Self::Internal(e.to_string()),
         }
     }
 }

@@ -107,14 +107,18 @@ impl Catalog {
     /// slot until the switch ends. Returns at once: an unknown version or a
     /// busy slot is an error now, anything later is in the activation's status.
     pub async fn activate(&self, version: &str) -> Result<ActivationStatus, CatalogError> {
+        if let Some(cluster) = &self.cluster {
+            cluster.install_versions(&self.registry).await?;
+        }
         let wanted = version.to_string();
         let target = self.with_registry(move |registry| registry.get(&wanted)).await.map_err(|e| match e {
             CatalogError::Models(RegistryError::Unknown(v)) => CatalogError::UnknownVersion(v),
             other => other,
         })?;
         let id = self.activations.new_id();
-        let slot = self.claim(SlotHolder::Activation(id.clone()))?;
+        let slot = self.claim(SlotHolder::Activation(id.clone())).await?;
         let sender = self.activations.begin(&id, &target.version);
+        self.publish_activation(&sender);
         let active = self.active();
         if active.version.version == target.version {
             let (items, unembeddable) = (active.index.len(), active.lock_unembeddable().iter().copied().collect());
@@ -138,6 +142,24 @@ impl Catalog {
         Ok(self.activation(&id).expect("just begun"))
     }
 
+    /// Cluster mode: copies an activation's status to the database at every
+    /// change until it ends, for the other replicas to show.
+    fn publish_activation(&self, sender: &watch::Sender<ActivationStatus>) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        let mut receiver = sender.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let status = receiver.borrow_and_update().clone();
+                let value = serde_json::to_value(&status).expect("a status serialises");
+                cluster.publish_run("activation", &status.id, value);
+                // A last change before the sender is dropped is still seen.
+                if status.state != ActivationState::Running || receiver.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     /// An activation of this process, by id.
     pub fn activation(&self, id: &str) -> Option<ActivationStatus> {
         self.activations.find(id).map(|r| r.borrow().clone())
@@ -146,6 +168,18 @@ impl Catalog {
     /// The activations this process remembers, newest first.
     pub fn activations(&self) -> Vec<ActivationStatus> {
         self.activations.lock().iter().rev().map(|r| r.borrow().clone()).collect()
+    }
+
+    /// Cluster mode: an activation another replica runs or ran; every
+    /// replica's activations, newest first (`None` in embedded mode).
+    pub async fn remote_activation(&self, id: &str) -> Result<Option<serde_json::Value>, CatalogError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        Ok(cluster.run("activation", id).await?)
+    }
+
+    pub async fn cluster_activations(&self) -> Result<Option<Vec<serde_json::Value>>, CatalogError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        Ok(Some(cluster.runs("activation").await?))
     }
 
     /// Waits for an activation to end and returns how it ended.

@@ -19,6 +19,9 @@ use crate::registry::ModelVersion;
 /// original bytes one round holds in memory (photos can be megabytes each).
 const EMBED_CHUNK: usize = 256;
 const EMBED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+/// Items one replica claims at a time in cluster mode: small, so that the
+/// work spreads over replicas and a claim's row locks are held briefly.
+const CLAIM_CHUNK: usize = 32;
 
 /// How `embed_missing` goes about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,9 @@ impl ActiveModel {
     ) -> Result<usize, CatalogError> {
         let model = self.key();
         let priority = if pass == Pass::Background { Priority::Bulk } else { Priority::Interactive };
+        if store.is_shared() {
+            return self.embed_claimed(store, priority, progress, cancel).await;
+        }
         // Saturating: an item added between the two counts is embedded already.
         let to_embed = store.count().await?.saturating_sub(store.count_embedded(model.clone()).await?) as usize;
         if to_embed > 0 {
@@ -102,6 +108,33 @@ impl ActiveModel {
             store.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
             progress(Progress { embedded, to_embed: to_embed.max(embedded) });
         }
+    }
+
+    /// Cluster mode's `embed_missing`: claims chunks of items that lack this
+    /// model's embedding until none is left unclaimed, so that every replica
+    /// shares the work and a replica that dies frees its chunk for the others.
+    async fn embed_claimed(
+        &self,
+        store: &dyn GalleryStore,
+        priority: Priority,
+        progress: &(dyn Fn(Progress) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<usize, CatalogError> {
+        let mut embedded = 0;
+        while let Some(mut claim) = store.claim_missing(self.key(), CLAIM_CHUNK, EMBED_CHUNK_BYTES).await? {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(CatalogError::Cancelled); // the dropped claim frees its items
+            }
+            let items = claim.take_items();
+            let claimed: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
+            let (ids, pixels) = self.prepare_stored(items, priority).await;
+            let failed = claimed.into_iter().filter(|id| !ids.contains(id)).collect();
+            let vectors = self.embed_all(pixels, priority).await?;
+            embedded += ids.len();
+            claim.complete(ids.into_iter().zip(vectors).collect(), failed).await?;
+            progress(Progress { embedded, to_embed: embedded });
+        }
+        Ok(embedded)
     }
 
     /// Preprocesses stored images, leaving out (and remembering) those that fail.

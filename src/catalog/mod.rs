@@ -14,6 +14,7 @@
 
 mod activation;
 mod active;
+mod cluster;
 mod labels;
 mod models;
 mod search;
@@ -27,7 +28,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use crate::gallery::{ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
@@ -43,7 +44,9 @@ pub use crate::gallery::GalleryError;
 pub use crate::index::IndexError;
 pub use crate::preprocess::PreprocessError;
 pub use crate::registry::RegistryError;
+pub use crate::cluster::ClusterError;
 
+use crate::cluster::ClusterLink;
 use crate::embed::Embedder;
 use crate::gallery::GalleryStore;
 use crate::index::IndexProvider;
@@ -76,6 +79,10 @@ pub enum CatalogError {
     Task(#[from] tokio::task::JoinError),
     #[error("cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("model switch across the cluster: {0}")]
+    Switch(String),
 }
 
 /// Starts the embedding workers of a model version: libtorch workers in the
@@ -115,6 +122,13 @@ pub struct Catalog {
     /// `Mutex`: held for a field read or write, never across an `.await`.
     lifecycle: Arc<Mutex<Option<SlotHolder>>>,
     activations: Arc<activation::Activations>,
+    /// Cluster mode: the lifecycle shared with the other replicas.
+    cluster: Option<Arc<ClusterLink>>,
+    /// Cluster mode, while a switch prepares: the next model, with which
+    /// uploads are embedded too, so that none lacks it at the flip.
+    next: Arc<ArcSwapOption<ActiveModel>>,
+    /// One cluster step at a time (the follower's loop and a switch's own).
+    cluster_steps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Catalog {
@@ -126,8 +140,12 @@ impl Catalog {
         indexes: Arc<dyn IndexProvider>,
         registry: Registry,
         settings: CatalogSettings,
+        cluster: Option<Arc<ClusterLink>>,
     ) -> Result<(Self, IndexStartup), CatalogError> {
         let started = Instant::now();
+        if let Some(cluster) = &cluster {
+            cluster::adopt_active_version(cluster, &registry).await?;
+        }
         let version = models::registry_call(&registry, |registry| registry.active()).await?;
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
         let (index, source, reason) = indexes.open(&version.key, dim, capacity).await;
@@ -155,6 +173,9 @@ impl Catalog {
             labels,
             lifecycle: Arc::default(),
             activations: Arc::default(),
+            cluster,
+            next: Arc::default(),
+            cluster_steps: Arc::default(),
         };
         Ok((catalog, startup))
     }

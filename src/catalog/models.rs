@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::{Catalog, CatalogError, VersionInfo};
+use crate::cluster::LifecycleLock;
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry, RegistryError};
 
@@ -28,9 +29,28 @@ impl std::fmt::Display for SlotHolder {
     }
 }
 
-/// The slot, held; frees it when dropped.
+impl SlotHolder {
+    /// How the cluster's lifecycle row names it.
+    fn key(&self) -> String {
+        match self {
+            Self::Job(id) => format!("job:{id}"),
+            Self::Activation(id) => format!("activation:{id}"),
+        }
+    }
+
+    fn from_key(key: &str) -> Self {
+        match key.split_once(':') {
+            Some(("activation", id)) => Self::Activation(id.to_string()),
+            Some((_, id)) => Self::Job(id.to_string()),
+            None => Self::Job(key.to_string()),
+        }
+    }
+}
+
+/// The slot, held; frees it when dropped (in cluster mode, with the cluster's lifecycle lock).
 pub struct Slot {
     catalog: Catalog,
+    _cluster: Option<LifecycleLock>,
 }
 
 impl Drop for Slot {
@@ -40,14 +60,25 @@ impl Drop for Slot {
 }
 
 impl Catalog {
-    /// Takes the one-at-a-time slot for `holder`, or says who has it.
-    pub fn claim(&self, holder: SlotHolder) -> Result<Slot, CatalogError> {
-        let mut slot = self.lifecycle.lock().expect("lifecycle lock");
-        if let Some(busy) = slot.as_ref() {
-            return Err(CatalogError::Busy(busy.clone()));
+    /// Takes the one-at-a-time slot for `holder`, or says who has it. In
+    /// cluster mode the slot is the cluster's: one fine-tune or activation
+    /// across every replica.
+    pub async fn claim(&self, holder: SlotHolder) -> Result<Slot, CatalogError> {
+        {
+            let mut slot = self.lifecycle.lock().expect("lifecycle lock");
+            if let Some(busy) = slot.as_ref() {
+                return Err(CatalogError::Busy(busy.clone()));
+            }
+            *slot = Some(holder.clone());
         }
-        *slot = Some(holder);
-        Ok(Slot { catalog: self.clone() })
+        let mut slot = Slot { catalog: self.clone(), _cluster: None }; // dropped on an error: frees the local slot
+        if let Some(cluster) = &self.cluster {
+            match cluster.lock_lifecycle(&holder.key()).await? {
+                Ok(lock) => slot._cluster = Some(lock),
+                Err(other) => return Err(CatalogError::Busy(SlotHolder::from_key(&other))),
+            }
+        }
+        Ok(slot)
     }
 
     /// Who holds the slot now.
@@ -58,6 +89,9 @@ impl Catalog {
     /// Every model version, the bundled one first, with how much of the
     /// gallery each has embedded.
     pub async fn versions(&self) -> Result<Vec<VersionInfo>, CatalogError> {
+        if let Some(cluster) = &self.cluster {
+            cluster.install_versions(&self.registry).await?;
+        }
         let versions = self.with_registry(|registry| registry.list()).await?;
         let active = self.active().version.version.clone();
         let mut infos = Vec::with_capacity(versions.len());
@@ -80,6 +114,9 @@ impl Catalog {
     /// Saves trained weights as the next version number, with `manifest`
     /// (whose version it sets). Does not activate it.
     pub async fn save_version(&self, weights: PathBuf, mut manifest: Manifest) -> Result<ModelVersion, CatalogError> {
+        if let Some(cluster) = &self.cluster {
+            return Ok(cluster.publish_version(&self.registry, &weights, manifest).await?);
+        }
         self.with_registry(move |registry| {
             manifest.version = registry.next_version()?;
             registry.save(&weights, &manifest)

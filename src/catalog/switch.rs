@@ -33,6 +33,9 @@ impl Catalog {
         swapping: &(dyn Fn() + Sync),
         cancel: &AtomicBool,
     ) -> Result<Switched, CatalogError> {
+        if let Some(cluster) = self.cluster.clone() {
+            return self.switch_cluster(&cluster, version, progress, swapping, cancel).await;
+        }
         let started = Instant::now();
         let capacity = self.store.count().await? as usize;
         let index = self.indexes.create(&version.key, version.manifest.embedding.dim, capacity);

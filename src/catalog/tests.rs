@@ -86,7 +86,7 @@ async fn open_with(dir: &Path, settings: CatalogSettings) -> (Catalog, IndexStar
     let store = Arc::new(SqliteGallery::open(dir).unwrap());
     let indexes = Arc::new(LocalIndexes { dir: dir.join("index"), compact_fraction: 0.1 });
     let registry = Registry::new(Path::new(FASHION_MODEL_DIR), dir);
-    let (catalog, startup) = Catalog::open(store.clone(), indexes, registry, settings).await.unwrap();
+    let (catalog, startup) = Catalog::open(store.clone(), indexes, registry, settings, None).await.unwrap();
     (catalog, startup, store)
 }
 
@@ -177,7 +177,7 @@ async fn a_switch_embeds_everything_and_a_cancelled_one_changes_nothing() {
     assert!(matches!(cancelled, Err(CatalogError::Cancelled)));
     assert_eq!(catalog.active_version().version, base.version);
 
-    let claimed = catalog.claim(SlotHolder::Job("j".into())).unwrap();
+    let claimed = catalog.claim(SlotHolder::Job("j".into())).await.unwrap();
     assert!(matches!(catalog.activate(&saved.version).await, Err(CatalogError::Busy(SlotHolder::Job(_)))));
     drop(claimed);
     assert!(matches!(catalog.activate("nope").await, Err(CatalogError::UnknownVersion(_))));

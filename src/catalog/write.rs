@@ -70,7 +70,11 @@ impl Catalog {
         embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
         self.find_near_duplicates(&active, &mut pending, on_duplicate).await?;
         let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
-        let inserted = self.store_and_index(writing, &active, items).await?;
+        let for_next = match self.next.load_full() {
+            Some(next) => Some(embed_for_next(&next, &items, priority).await?),
+            None => None,
+        };
+        let inserted = self.store_and_index(writing, &active, items, for_next).await?;
         Ok(reports(pending, inserted))
     }
 
@@ -102,12 +106,14 @@ impl Catalog {
     }
 
     /// Stores the items, then indexes (and labels) those stored, on a task of
-    /// their own holding `writing`.
+    /// their own holding `writing`; then stores the next model's vectors of
+    /// them (`for_next`: its key and one vector per item), if a cluster switch prepares one.
     async fn store_and_index(
         &self,
         writing: tokio::sync::OwnedRwLockReadGuard<()>,
         active: &ActiveModel,
         items: Vec<NewItem>,
+        for_next: Option<(String, Vec<Vec<f32>>)>,
     ) -> Result<Vec<Inserted>, CatalogError> {
         let (store, index, model, labels) =
             (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
@@ -123,6 +129,10 @@ impl Catalog {
                 stored.push((item.id, vector));
             }
             index.insert(stored).await?;
+            if let Some((next, vectors)) = for_next {
+                let stored = inserted.iter().zip(vectors).filter(|(i, _)| i.stored).map(|(i, v)| (i.id, v));
+                store.put_embeddings(next, stored.collect()).await?;
+            }
             Ok(inserted)
         })
         .await
@@ -183,6 +193,17 @@ async fn embed_uploads(
         pending[i].embedded = Some(EmbeddedUpload { media_type, width, height, embedding });
     }
     Ok(())
+}
+
+/// The next model's vectors of the items to store, with its key.
+async fn embed_for_next(
+    next: &ActiveModel,
+    items: &[NewItem],
+    priority: Priority,
+) -> Result<(String, Vec<Vec<f32>>), CatalogError> {
+    let prepared = next.prepare_all(items.iter().map(|i| i.image.clone()).collect(), priority).await?;
+    let vectors = next.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), priority).await?;
+    Ok((next.key(), vectors))
 }
 
 /// With `reject`, refuses the request when one upload copies an earlier one

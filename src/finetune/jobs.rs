@@ -15,6 +15,7 @@ use super::data::DataSummary;
 use super::params::FinetuneParams;
 use super::train::{EpochRecord, Validation};
 use crate::catalog::Progress;
+use crate::cluster::ClusterLink;
 use crate::clock::now_millis;
 use crate::files::write_atomic;
 
@@ -109,16 +110,19 @@ pub struct Job {
     pub(super) shutdown: AtomicBool,
     started: Instant,
     path: PathBuf,
+    /// Cluster mode: where every change is copied for the other replicas.
+    mirror: Option<Arc<ClusterLink>>,
 }
 
 impl Job {
-    fn new(record: JobRecord, path: PathBuf) -> Self {
+    fn new(record: JobRecord, path: PathBuf, mirror: Option<Arc<ClusterLink>>) -> Self {
         Self {
             state: Mutex::new((record, Live::default())),
             cancel: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             started: Instant::now(),
             path,
+            mirror,
         }
     }
 
@@ -154,6 +158,10 @@ impl Job {
                 tracing::error!(%error, job = %record.id, "could not write the job record");
             }
         }
+        if let Some(mirror) = &self.mirror {
+            let status = JobStatus { record: record.clone(), reembedding: live.reembedding, eta_seconds: live.eta_seconds };
+            mirror.publish_run("job", &record.id, serde_json::to_value(status).expect("a job status serialises"));
+        }
     }
 
     pub(super) fn set_state(&self, state: JobState) {
@@ -174,13 +182,14 @@ impl Job {
 pub struct JobBook {
     dir: PathBuf,
     jobs: Arc<Mutex<BTreeMap<String, Arc<Job>>>>,
+    mirror: Option<Arc<ClusterLink>>,
 }
 
 impl JobBook {
     /// Reads the job records in `dir`. A job that was running when the
     /// service stopped is marked done if the version it saved is the active
     /// one (`active`: the stop came after its swap), failed otherwise.
-    pub fn open(dir: &Path, active: &str) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, active: &str, mirror: Option<Arc<ClusterLink>>) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut jobs = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
@@ -198,16 +207,17 @@ impl JobBook {
                 settle_interrupted(&mut record, active);
                 write_record(&path, &record)?;
             }
-            jobs.insert(record.id.clone(), Arc::new(Job::new(record, path)));
+            jobs.insert(record.id.clone(), Arc::new(Job::new(record, path, None)));
         }
-        Ok(Self { dir: dir.into(), jobs: Arc::new(Mutex::new(jobs)) })
+        Ok(Self { dir: dir.into(), jobs: Arc::new(Mutex::new(jobs)), mirror })
     }
 
     /// Writes a new job's first record and keeps it.
     pub(super) fn add(&self, record: JobRecord) -> std::io::Result<Arc<Job>> {
         let path = self.dir.join(format!("{}.json", record.id));
         write_record(&path, &record)?;
-        let job = Arc::new(Job::new(record, path));
+        let job = Arc::new(Job::new(record, path, self.mirror.clone()));
+        job.update(false, |_, _| {}); // the other replicas see it from the start
         self.jobs.lock().expect("jobs lock").insert(job.record().id, job.clone());
         Ok(job)
     }

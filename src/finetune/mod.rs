@@ -55,7 +55,48 @@ impl Jobs {
     /// Reads the job records in `dir`; see `JobBook::open` for jobs a stop interrupted.
     pub fn open(dir: &Path, catalog: Catalog, trainer: Trainer) -> Result<Self, JobError> {
         let active = catalog.active_version().version;
-        Ok(Self { book: JobBook::open(dir, &active)?, catalog, trainer })
+        let jobs = Self { book: JobBook::open(dir, &active, catalog.cluster())?, catalog, trainer };
+        if jobs.catalog.cluster().is_some() {
+            tokio::spawn(jobs.clone().follow_cancels());
+        }
+        Ok(jobs)
+    }
+
+    /// Cluster mode: cancels the running job when another replica was asked to.
+    async fn follow_cancels(self) {
+        let cluster = self.catalog.cluster().expect("cluster mode");
+        loop {
+            tokio::time::sleep(crate::cluster::POLL).await;
+            let Some(SlotHolder::Job(id)) = self.catalog.slot_holder() else { continue };
+            match cluster.cancel_requested(&id).await {
+                Ok(true) => {
+                    if let Some(job) = self.book.get(&id) {
+                        tracing::info!(job = %id, "cancel asked through another replica");
+                        job.cancel();
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => tracing::debug!(%error, "cannot read whether the job was cancelled"),
+            }
+        }
+    }
+
+    /// Cluster mode: a job another replica runs or ran, as it last recorded it.
+    pub async fn remote(&self, id: &str) -> Result<Option<serde_json::Value>, JobError> {
+        let Some(cluster) = self.catalog.cluster() else { return Ok(None) };
+        Ok(cluster.run("job", id).await.map_err(CatalogError::from)?)
+    }
+
+    /// Cluster mode: every replica's jobs, newest first; `None` in embedded mode.
+    pub async fn cluster_list(&self) -> Result<Option<Vec<serde_json::Value>>, JobError> {
+        let Some(cluster) = self.catalog.cluster() else { return Ok(None) };
+        Ok(Some(cluster.runs("job").await.map_err(CatalogError::from)?))
+    }
+
+    /// Cluster mode: asks the replica running job `id` to cancel it; false when no replica knows it.
+    pub async fn cancel_remote(&self, id: &str) -> Result<bool, JobError> {
+        let Some(cluster) = self.catalog.cluster() else { return Ok(false) };
+        Ok(cluster.request_cancel(id).await.map_err(CatalogError::from)?)
     }
 
     pub fn get(&self, id: &str) -> Option<std::sync::Arc<Job>> {
@@ -71,7 +112,7 @@ impl Jobs {
     pub async fn start(&self, params: FinetuneParams) -> Result<JobStatus, JobError> {
         params.validate()?;
         let id = uuid::Uuid::new_v4().to_string();
-        let slot = self.catalog.claim(SlotHolder::Job(id.clone()))?;
+        let slot = self.catalog.claim(SlotHolder::Job(id.clone())).await?;
         let labelled = self.catalog.labelled().await?;
         let mut rng = StdRng::seed_from_u64(params.seed);
         let split =

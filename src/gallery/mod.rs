@@ -121,6 +121,18 @@ pub struct StoredImage {
     pub bytes: Vec<u8>,
 }
 
+/// Items one process holds for embedding under a model, until it completes
+/// the claim or drops it (then, or when the process dies, another can claim them).
+#[async_trait::async_trait]
+pub trait MissingClaim: Send {
+    /// The claimed items with their original bytes (once).
+    fn take_items(&mut self) -> Vec<(i64, Vec<u8>)>;
+
+    /// Stores the vectors and notes the items that `failed` to preprocess as
+    /// unembeddable by the model, in one transaction, and frees the claim.
+    async fn complete(self: Box<Self>, vectors: Vec<(i64, Vec<f32>)>, failed: Vec<i64>) -> Result<(), GalleryError>;
+}
+
 /// What the catalog needs of a durable store. Embeddings are kept per model
 /// key (`name@version`). Every write is one transaction: when it returns,
 /// it is durable. Ids are assigned by the store, ascending.
@@ -180,6 +192,25 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// Stores embeddings computed later (for another model), in one
     /// transaction; ids of items deleted meanwhile are skipped.
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError>;
+
+    /// Whether other processes share this store and the re-embedding work
+    /// (cluster mode): then `claim_missing` hands out that work.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Claims up to `limit` items that lack an embedding under `model` (and
+    /// were not found unembeddable by it), among those no other process holds;
+    /// fewer once their bytes reach `max_bytes` (at least one). `None` when
+    /// nothing is left to claim, and always for a store that is not shared.
+    async fn claim_missing(
+        &self,
+        _model: String,
+        _limit: usize,
+        _max_bytes: usize,
+    ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
+        Ok(None)
+    }
 
     /// A number that grows with every committed insert or delete of items:
     /// equal readings mean the set of items did not change in between.

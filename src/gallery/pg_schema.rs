@@ -36,6 +36,46 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (model, item_id)
     );
     CREATE INDEX embeddings_by_item ON embeddings (item_id);",
+    // 2: the model lifecycle, shared by every replica (`cluster`): saved model
+    // versions, which one serves and which one a switch prepares, the live
+    // replicas, stored images a model cannot preprocess, and the records of
+    // fine-tune jobs and activations.
+    "CREATE TABLE model_versions (
+        version TEXT PRIMARY KEY,
+        manifest JSONB NOT NULL,
+        encoder BYTEA NOT NULL,          -- the TorchScript file
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE cluster_state (
+        singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+        active_version TEXT,             -- NULL: the bundled model
+        target_version TEXT,             -- the version a switch prepares, if any
+        switch_id TEXT,
+        epoch BIGINT NOT NULL DEFAULT 0, -- bumped at every flip
+        holder TEXT                      -- who holds the lifecycle lock: 'job:<id>' or 'activation:<id>'
+    );
+    INSERT INTO cluster_state DEFAULT VALUES;
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        seen_at TIMESTAMPTZ NOT NULL,
+        serving TEXT NOT NULL,
+        ready_for TEXT,                  -- the switch it is ready for
+        failed_for TEXT,                 -- the switch it could not prepare, with why
+        failure TEXT
+    );
+    CREATE TABLE unembeddable (
+        model TEXT NOT NULL,
+        item_id BIGINT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
+        PRIMARY KEY (model, item_id)
+    );
+    CREATE TABLE lifecycle_runs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,              -- 'job' or 'activation'
+        replica TEXT NOT NULL,
+        status JSONB NOT NULL,           -- as GET /admin/finetune/{id} or /admin/activations/{id} shows it
+        cancel BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at BIGINT NOT NULL
+    );",
 ];
 
 /// Brings the database to this build's schema; refuses one migrated by a newer build.

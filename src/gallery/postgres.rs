@@ -11,7 +11,9 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use pgvector::Vector;
 use tokio_postgres::{NoTls, Row};
 
-use super::{pg_schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
+use super::{
+    pg_schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
+};
 use crate::clock::now_millis;
 
 /// Connections per replica.
@@ -25,6 +27,7 @@ const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, c
 #[derive(Clone)]
 pub struct PgGallery {
     pool: Pool,
+    config: tokio_postgres::Config,
     /// Bumped on every call: other replicas change the items too, so two
     /// readings are never taken to mean "nothing changed".
     reads: Arc<AtomicU64>,
@@ -35,7 +38,7 @@ impl PgGallery {
     pub async fn connect(url: &str) -> Result<Self, GalleryError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| GalleryError::Unavailable(format!("--database-url: {e}")))?;
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CONNECT_WAIT))
@@ -43,7 +46,7 @@ impl PgGallery {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| GalleryError::Unavailable(e.to_string()))?;
-        let store = Self { pool, reads: Arc::default() };
+        let store = Self { pool, config, reads: Arc::default() };
         let mut client = store.client().await?;
         pg_schema::migrate(&mut client).await?;
         drop(client);
@@ -85,6 +88,11 @@ impl PgGallery {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The connection settings, for connections of their own (notifications, the lifecycle lock).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
     }
 
     /// The pool, for the vector index that reads the same tables.
@@ -265,6 +273,50 @@ impl GalleryStore for PgGallery {
         Ok(())
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn claim_missing(
+        &self,
+        model: String,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
+        let client = self.client().await?;
+        client.batch_execute("BEGIN").await?;
+        // From here on, a claim dropped before it completes closes its connection, ending the transaction.
+        let mut claim = PgClaim { client: Some(client), model: model.clone(), items: Vec::new() };
+        let client = claim.client.as_ref().expect("just set");
+        // The row locks are the claim: other replicas skip these rows, and a
+        // replica that dies drops its connection and with it the locks.
+        let rows = client
+            .query(
+                "SELECT id, octet_length(image) FROM items i
+                 WHERE NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model = $1 AND e.item_id = i.id)
+                 AND NOT EXISTS (SELECT 1 FROM unembeddable u WHERE u.model = $1 AND u.item_id = i.id)
+                 ORDER BY id LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
+                &[&model, &(limit as i64)],
+            )
+            .await?;
+        let (mut ids, mut bytes) = (Vec::new(), 0usize);
+        for row in &rows {
+            if !ids.is_empty() && bytes >= max_bytes {
+                break; // the rest stay locked until this claim ends; the next claim takes them
+            }
+            ids.push(row.get::<_, i64>(0));
+            bytes += row.get::<_, i32>(1) as usize;
+        }
+        if ids.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            claim.release();
+            return Ok(None);
+        }
+        let rows = client.query("SELECT id, image FROM items WHERE id = ANY($1) ORDER BY id", &[&ids]).await?;
+        claim.items = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(Some(Box::new(claim)))
+    }
+
     fn change_sequence(&self) -> u64 {
         self.reads.fetch_add(1, Ordering::SeqCst)
     }
@@ -276,6 +328,61 @@ impl GalleryStore for PgGallery {
 
     /// Nothing to tidy: PostgreSQL owns its files.
     async fn checkpoint(&self) -> Result<(), GalleryError> {
+        Ok(())
+    }
+}
+
+/// Items claimed for embedding: a transaction holding their row locks.
+struct PgClaim {
+    /// `None` once the claim ended and the connection went back to the pool.
+    client: Option<Object>,
+    model: String,
+    items: Vec<(i64, Vec<u8>)>,
+}
+
+impl PgClaim {
+    /// The transaction ended: the connection can serve others again.
+    fn release(&mut self) {
+        self.client = None;
+    }
+}
+
+impl Drop for PgClaim {
+    fn drop(&mut self) {
+        // Ended without a commit (an error, a cancel): close the connection rather than
+        // return it mid-transaction; PostgreSQL rolls back and frees the rows.
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl MissingClaim for PgClaim {
+    fn take_items(&mut self) -> Vec<(i64, Vec<u8>)> {
+        std::mem::take(&mut self.items)
+    }
+
+    async fn complete(mut self: Box<Self>, vectors: Vec<(i64, Vec<f32>)>, failed: Vec<i64>) -> Result<(), GalleryError> {
+        let client = self.client.as_ref().expect("a claim completes once");
+        // Another replica may have embedded an item between this claim's snapshot and its lock.
+        let statement = client
+            .prepare(
+                "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)
+                 ON CONFLICT (model, item_id) DO UPDATE SET embedding = EXCLUDED.embedding",
+            )
+            .await?;
+        for (id, v) in vectors {
+            client.execute(&statement, &[&self.model, &id, &Vector::from(v)]).await?;
+        }
+        client
+            .execute(
+                "INSERT INTO unembeddable (model, item_id) SELECT $1, unnest($2::bigint[]) ON CONFLICT DO NOTHING",
+                &[&self.model, &failed],
+            )
+            .await?;
+        client.batch_execute("COMMIT").await?;
+        self.release();
         Ok(())
     }
 }

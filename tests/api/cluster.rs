@@ -46,7 +46,7 @@ async fn json(response: Response) -> Value {
 async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let pg = PgServer::start();
     let (replicas, _dirs) = replicas(&pg, 3).await;
-    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "1");
+    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "2");
     let client = Client::new();
     let images = fixtures();
 
@@ -128,7 +128,7 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
     };
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("schema version 99, newer than this build's 1; upgrade lookalike"), "{stderr}");
+    assert!(stderr.contains("schema version 99, newer than this build's 2; upgrade lookalike"), "{stderr}");
 }
 
 /// What the uploader saw: acknowledged images by id, and answers other than 201 or 503.
