@@ -103,13 +103,8 @@ impl ClusterLink {
     /// for notifications and the writer of run records.
     pub fn join(pool: Pool, config: tokio_postgres::Config) -> Arc<Self> {
         let (runs, updates) = mpsc::unbounded_channel();
-        let link = Arc::new(Self {
-            pool,
-            config,
-            replica: uuid::Uuid::new_v4().to_string(),
-            changed: Arc::default(),
-            runs,
-        });
+        let link =
+            Arc::new(Self { pool, config, replica: uuid::Uuid::new_v4().to_string(), changed: Arc::default(), runs });
         tokio::spawn(listen(link.config.clone(), link.changed.clone()));
         tokio::spawn(write_runs(link.pool.clone(), link.replica.clone(), updates));
         link
@@ -173,6 +168,8 @@ impl ClusterLink {
         let tx = client.transaction().await?;
         let sql = "UPDATE cluster_state SET target_version = $1, switch_id = $2";
         tx.execute(sql, &[&version, &switch_id]).await?;
+        // Rows of replicas killed long ago (a clean stop removes its own).
+        tx.execute("DELETE FROM replicas WHERE seen_at < now() - interval '1 day'", &[]).await?;
         tx.execute(&format!("NOTIFY {CHANNEL}, 'prepare'"), &[]).await?;
         tx.commit().await?;
         Ok(())
@@ -271,7 +268,8 @@ impl ClusterLink {
         .await
         .map_err(std::io::Error::other)??;
         let encoder_path = saved.encoder_path();
-        let encoder = tokio::task::spawn_blocking(move || std::fs::read(encoder_path)).await.map_err(std::io::Error::other)??;
+        let encoder =
+            tokio::task::spawn_blocking(move || std::fs::read(encoder_path)).await.map_err(std::io::Error::other)??;
         let manifest = serde_json::to_value(&saved.manifest).expect("a manifest serialises");
         tx.execute(
             "INSERT INTO model_versions (version, manifest, encoder, created_at) VALUES ($1, $2, $3, $4)",
@@ -296,7 +294,9 @@ impl ClusterLink {
             if local.iter().any(|(v, s)| *v == version && Some(s) == sha.as_ref()) {
                 continue;
             }
-            let row = client.query_one("SELECT manifest, encoder FROM model_versions WHERE version = $1", &[&version]).await?;
+            let row = client
+                .query_one("SELECT manifest, encoder FROM model_versions WHERE version = $1", &[&version])
+                .await?;
             let manifest: Manifest = serde_json::from_value(row.get(0)).map_err(std::io::Error::other)?;
             let encoder: Vec<u8> = row.get(1);
             let registry = registry.clone();
@@ -354,10 +354,8 @@ impl ClusterLink {
 
 /// A run whose replica is gone cannot finish: it reads as failed.
 fn settle_orphan(mut status: Value, replica_live: bool) -> Value {
-    let running = matches!(
-        status["state"].as_str(),
-        Some("running" | "queued" | "training" | "re_embedding" | "swapping")
-    );
+    let running =
+        matches!(status["state"].as_str(), Some("running" | "queued" | "training" | "re_embedding" | "swapping"));
     if running && !replica_live {
         status["state"] = "failed".into();
         status["error"] = "the replica running it stopped; nothing was swapped by it".into();

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::cluster::ClusterError;
 use crate::catalog::{CatalogError, EmbedError, GalleryError, IndexError, PreprocessError};
+use crate::cluster::ClusterError;
 use crate::finetune::JobError;
 
 /// Seconds a client is asked to wait after a 503.

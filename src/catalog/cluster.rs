@@ -43,7 +43,10 @@ pub(super) async fn adopt_active_version(cluster: &ClusterLink, registry: &Regis
 }
 
 /// A saved version by id, or the bundled one for `None`.
-fn version_or_bundled(registry: &Registry, version: Option<String>) -> Result<ModelVersion, crate::registry::RegistryError> {
+fn version_or_bundled(
+    registry: &Registry,
+    version: Option<String>,
+) -> Result<ModelVersion, crate::registry::RegistryError> {
     match version {
         Some(version) => registry.get(&version),
         None => Ok(registry.list()?.remove(0)),
@@ -154,7 +157,9 @@ impl Catalog {
             Some(next) if Some(&next.version.version) == version.as_ref() => next,
             other => {
                 // This replica did not prepare it (it was not live then): embed what it lacks first.
-                other.map(retire);
+                if let Some(other) = other {
+                    retire(other);
+                }
                 let model = self.start_model(cluster, version).await?;
                 let store = self.store.as_ref();
                 model.embed_missing(store, Pass::Background, &|_| {}, &AtomicBool::new(false)).await?;
@@ -178,7 +183,11 @@ impl Catalog {
     }
 
     /// Starts the workers of a version (`None`: the bundled one), installing it from the database first.
-    async fn start_model(&self, cluster: &ClusterLink, version: Option<String>) -> Result<Arc<ActiveModel>, CatalogError> {
+    async fn start_model(
+        &self,
+        cluster: &ClusterLink,
+        version: Option<String>,
+    ) -> Result<Arc<ActiveModel>, CatalogError> {
         cluster.install_versions(&self.registry).await?;
         let version = self.with_registry(move |r| version_or_bundled(r, version)).await?;
         let capacity = self.store.count().await? as usize;
@@ -253,7 +262,10 @@ impl Catalog {
             let embedded = (status.embedded - *stored_before.get_or_insert(status.embedded)) as usize;
             progress(Progress { embedded, to_embed: embedded + status.missing as usize });
             if let Some(failure) = status.failures.first() {
-                return Err(CatalogError::Switch(format!("a replica could not prepare version {}: {failure}", version.version)));
+                return Err(CatalogError::Switch(format!(
+                    "a replica could not prepare version {}: {failure}",
+                    version.version
+                )));
             }
             if status.live > 0 && status.ready >= status.live && status.missing == 0 {
                 return Ok(embedded);

@@ -39,12 +39,12 @@ pub use types::*;
 pub use crate::embed::Priority;
 
 // The errors a catalog call can carry, part of its interface.
+pub use crate::cluster::ClusterError;
 pub use crate::embed::EmbedError;
 pub use crate::gallery::GalleryError;
 pub use crate::index::IndexError;
 pub use crate::preprocess::PreprocessError;
 pub use crate::registry::RegistryError;
-pub use crate::cluster::ClusterError;
 
 use crate::cluster::ClusterLink;
 use crate::embed::Embedder;

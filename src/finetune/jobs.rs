@@ -15,8 +15,8 @@ use super::data::DataSummary;
 use super::params::FinetuneParams;
 use super::train::{EpochRecord, Validation};
 use crate::catalog::Progress;
-use crate::cluster::ClusterLink;
 use crate::clock::now_millis;
+use crate::cluster::ClusterLink;
 use crate::files::write_atomic;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +159,8 @@ impl Job {
             }
         }
         if let Some(mirror) = &self.mirror {
-            let status = JobStatus { record: record.clone(), reembedding: live.reembedding, eta_seconds: live.eta_seconds };
+            let status =
+                JobStatus { record: record.clone(), reembedding: live.reembedding, eta_seconds: live.eta_seconds };
             mirror.publish_run("job", &record.id, serde_json::to_value(status).expect("a job status serialises"));
         }
     }

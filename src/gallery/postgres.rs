@@ -38,7 +38,8 @@ impl PgGallery {
     pub async fn connect(url: &str) -> Result<Self, GalleryError> {
         let config: tokio_postgres::Config =
             url.parse().map_err(|e| GalleryError::Unavailable(format!("--database-url: {e}")))?;
-        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CONNECT_WAIT))
@@ -363,7 +364,11 @@ impl MissingClaim for PgClaim {
         std::mem::take(&mut self.items)
     }
 
-    async fn complete(mut self: Box<Self>, vectors: Vec<(i64, Vec<f32>)>, failed: Vec<i64>) -> Result<(), GalleryError> {
+    async fn complete(
+        mut self: Box<Self>,
+        vectors: Vec<(i64, Vec<f32>)>,
+        failed: Vec<i64>,
+    ) -> Result<(), GalleryError> {
         let client = self.client.as_ref().expect("a claim completes once");
         // Another replica may have embedded an item between this claim's snapshot and its lock.
         let statement = client

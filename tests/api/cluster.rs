@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tempfile::TempDir;
 
 use crate::crash::{unique_image, Server};
+use crate::finetune::TOKEN;
 use crate::helpers::fixtures;
 use crate::pg::PgServer;
 
@@ -284,4 +285,246 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     let added: Value = upload(&client, &replica, &extra, "extra").await.json().await.unwrap();
     assert!(added["items"][0]["id"].as_i64().unwrap() > *ids.iter().max().unwrap(), "{added}");
     replica.terminate(Duration::from_secs(30)).await;
+}
+
+/// What the background clients saw: answers other than 2xx, by replica.
+#[derive(Default)]
+struct Traffic {
+    searches: usize,
+    failures: Vec<String>,
+    acknowledged: HashMap<i64, Vec<u8>>,
+}
+
+/// Searches and uploads on every replica in `urls` (those still in it)
+/// until `stop`, recording every answer.
+fn background_traffic(
+    urls: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    traffic: Arc<Mutex<Traffic>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = Client::new();
+        let images = fixtures();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let targets = urls.lock().unwrap().clone();
+            for url in targets {
+                let (_, base) = &images[n % images.len()];
+                let searched = client
+                    .post(format!("{url}/search?k=3"))
+                    .header("content-type", "image/png")
+                    .body(base.clone())
+                    .send()
+                    .await;
+                let image = unique_image(base, 1000 + n);
+                n += 1;
+                let form = Form::new().part("image", Part::bytes(image.clone()).file_name("x.png"));
+                let uploaded = client.post(format!("{url}/gallery")).multipart(form).send().await;
+                let uploaded = match uploaded {
+                    Ok(r) if r.status() == 201 => Ok(r.json::<Value>().await.unwrap()),
+                    Ok(r) => Err(format!("upload on {url}: {}", r.status())),
+                    Err(e) => Err(format!("upload on {url}: {e}")),
+                };
+                if !urls.lock().unwrap().contains(&url) {
+                    continue; // killed meanwhile
+                }
+                let mut seen = traffic.lock().unwrap();
+                seen.searches += 1;
+                match searched {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => seen.failures.push(format!("search on {url}: {}", r.status())),
+                    Err(e) => seen.failures.push(format!("search on {url}: {e}")),
+                }
+                match uploaded {
+                    Ok(added) => {
+                        seen.acknowledged.insert(added["items"][0]["id"].as_i64().unwrap(), image);
+                    }
+                    Err(failure) => seen.failures.push(failure),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+async fn admin_json(client: &Client, request: reqwest::RequestBuilder) -> (u16, Value) {
+    let _ = client;
+    let response = request.bearer_auth(TOKEN).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Which version a replica serves, from `/health`.
+async fn serving(client: &Client, url: &str) -> String {
+    let health = json(client.get(format!("{url}/health")).send().await.unwrap()).await;
+    health["model_version"].as_str().unwrap_or_else(|| panic!("{health}")).to_string()
+}
+
+async fn wait_for_version(client: &Client, url: &str, version: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while serving(client, url).await != version {
+        assert!(Instant::now() < deadline, "{url} did not switch to version {version}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replica_killed_while_re_embedding() {
+    let pg = PgServer::start();
+    let (url, data) = (pg.url(), tempfile::tempdir().unwrap());
+    let env = [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir_in(data.path()).unwrap()).collect();
+    let started = dirs.iter().map(|d| Server::start_with_env(d.path(), "replica.log", &env));
+    let mut replicas: Vec<Option<Server>> = futures::future::join_all(started).await.into_iter().map(Some).collect();
+    let urls: Vec<String> = replicas.iter().map(|r| r.as_ref().unwrap().url.clone()).collect();
+    let client = Client::new();
+
+    // A labelled gallery to train on, and enough unlabelled images that re-embedding takes a while.
+    let images = fixtures();
+    let mut expected: HashMap<i64, Vec<u8>> = HashMap::new();
+    for (i, (class, bytes)) in images.iter().enumerate() {
+        let response = upload(&client, replicas[i % 3].as_ref().unwrap(), bytes, class).await;
+        let added: Value = response.json().await.unwrap();
+        expected.insert(added["items"][0]["id"].as_i64().unwrap(), bytes.clone());
+    }
+    for chunk in 0..30 {
+        let batch: Vec<Vec<u8>> =
+            (0..16).map(|j| unique_image(&images[(chunk + j) % images.len()].1, chunk * 16 + j)).collect();
+        let mut form = Form::new();
+        for (j, bytes) in batch.iter().enumerate() {
+            form = form.part("image", Part::bytes(bytes.clone()).file_name(format!("{j}.png")));
+        }
+        let added =
+            json_status(client.post(format!("{}/gallery", urls[chunk % 3])).multipart(form).send().await.unwrap(), 201)
+                .await;
+        for (item, bytes) in added["items"].as_array().unwrap().iter().zip(batch) {
+            expected.insert(item["id"].as_i64().unwrap(), bytes);
+        }
+    }
+    let bundled = serving(&client, &urls[0]).await;
+
+    // Searches and uploads on every replica from here to the end.
+    let (live, stop, traffic) = (
+        Arc::new(Mutex::new(urls.clone())),
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(Mutex::new(Traffic::default())),
+    );
+    let clients = background_traffic(live.clone(), stop.clone(), traffic.clone());
+
+    // One fine-tune at a time across the cluster: the job is accepted by replica 0, refused by replica 1.
+    let params = json!({"epochs": 1, "p": 4, "k": 2, "validation_fraction": 0.34, "seed": 1, "commit": "always"});
+    let (status, job) = admin_json(&client, client.post(format!("{}/admin/finetune", urls[0])).json(&params)).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let (status, busy) = admin_json(&client, client.post(format!("{}/admin/finetune", urls[1])).json(&params)).await;
+    assert_eq!((status, busy["error"]["code"].as_str()), (409, Some("job_running")), "{busy}");
+
+    // Its progress reads the same from another replica; replica 2 is killed while the cluster re-embeds.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (status, seen) = admin_json(&client, client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
+        assert_eq!(status, 200, "{seen}");
+        match seen["state"].as_str().unwrap() {
+            "re_embedding" | "swapping" | "done" => break,
+            "failed" | "cancelled" => panic!("the job ended early: {seen}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the job did not reach re-embedding: {seen}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Killed once the new model's embeddings start to arrive (or the work is done already).
+    let models = || pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings");
+    while models() == "1" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    live.lock().unwrap().retain(|u| *u != urls[2]);
+    replicas[2].take().unwrap().kill();
+    let embedded = pg.psql("SELECT model, COUNT(*) FROM embeddings GROUP BY model");
+    eprintln!("killed replica 2 with these embeddings stored:\n{embedded}");
+
+    // The others finish the work and the switch: the job reads done from replica 1.
+    let version = loop {
+        let (_, seen) = admin_json(&client, client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
+        match seen["state"].as_str().unwrap() {
+            "done" => {
+                assert_eq!(seen["result"]["committed"], true, "{seen}");
+                break seen["result"]["version"].as_str().unwrap().to_string();
+            }
+            "failed" | "cancelled" => panic!("the job did not commit: {seen}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the job did not finish: {seen}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(version, bundled);
+    for url in &urls[..2] {
+        wait_for_version(&client, url, &version).await;
+    }
+    let lacking = |version: &str| {
+        pg.psql(&format!(
+            "SELECT COUNT(*) FROM items i WHERE NOT EXISTS (SELECT 1 FROM embeddings e
+             WHERE e.model LIKE '%@{version}#%' AND e.item_id = i.id)"
+        ))
+    };
+    assert_eq!(lacking(&version), "0", "items without an embedding of the new version");
+    // A replica started now serves the cluster's version, fetched from the database.
+    let late = Server::start_with_env(dirs[2].path(), "late.log", &env).await;
+    assert_eq!(serving(&client, &late.url).await, version);
+    live.lock().unwrap().push(late.url.clone());
+
+    // Rollback through another replica switches every replica back.
+    let (status, activation) =
+        admin_json(&client, client.post(format!("{}/admin/models/{bundled}/activate", urls[1]))).await;
+    assert_eq!(status, 202, "{activation}");
+    let activation_id = activation["id"].as_str().unwrap().to_string();
+    loop {
+        let (status, seen) =
+            admin_json(&client, client.get(format!("{}/admin/activations/{activation_id}", urls[0]))).await;
+        assert_eq!(status, 200, "{seen}");
+        match seen["state"].as_str().unwrap() {
+            "done" => break,
+            "failed" => panic!("the rollback failed: {seen}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the rollback did not finish: {seen}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for url in [&urls[0], &urls[1], &late.url] {
+        wait_for_version(&client, url, &bundled).await;
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    clients.await.unwrap();
+    let seen = std::mem::take(&mut *traffic.lock().unwrap());
+    assert!(seen.failures.is_empty(), "answers other than 2xx in {} rounds: {:?}", seen.searches, seen.failures);
+    assert!(seen.acknowledged.len() > 10, "the background uploads went on: {}", seen.acknowledged.len());
+
+    // Every acknowledged item has an embedding of both versions and is found by its own image.
+    expected.extend(seen.acknowledged);
+    assert_eq!(lacking(&bundled), "0", "items without an embedding of the version rolled back to");
+    assert_eq!(pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings"), "2");
+    assert_eq!(pg.psql("SELECT COUNT(*) FROM items"), expected.len().to_string());
+    for (i, (id, image)) in expected.iter().enumerate() {
+        let url = [&urls[0], &urls[1], &late.url][i % 3];
+        let body = json(
+            client
+                .post(format!("{url}/search?k=50"))
+                .header("content-type", "image/png")
+                .body(image.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        let found =
+            body["results"].as_array().unwrap().iter().any(|r| r["id"] == *id && r["score"].as_f64().unwrap() > 0.999);
+        assert!(found, "acknowledged item {id} is not found by its own image: {body}");
+    }
+    for replica in replicas.into_iter().flatten().chain([late]) {
+        replica.terminate(Duration::from_secs(30)).await;
+    }
+}
+
+async fn json_status(response: Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    response.json().await.unwrap()
 }
