@@ -12,9 +12,13 @@
    time, size, recall@10 and queries/s (one query at a time) by ef_search,
    the service's default marked.
 
-    python bench/cluster.py [--seconds 10] [--skip-http] [--skip-index]   (make bench-cluster)
+3. Re-embedding shared among replicas: a 2,000-image gallery, then an
+   activation of a second model version (the Fashion-MNIST encoder saved as
+   version 2 in each replica's folder) that no image has an embedding of; the
+   replicas claim chunks of the work (`FOR UPDATE SKIP LOCKED`). Images/s
+   from the activation's own result, with one and three replicas.
 
-Re-embedding shared among replicas is not built yet (#17), so it is not measured.
+    python bench/cluster.py [--seconds 10] [--skip-http] [--skip-index] [--skip-reembed]   (make bench-cluster)
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
+import urllib.request
 import subprocess
 import sys
 import tempfile
@@ -43,9 +49,13 @@ EFS = [16, 32, 40, 64, 128, 256]
 SERVICE_EF = {"hnsw_rs": 32, "pgvector": 64}  # max(32, 2k) and max(64, 2k) at k = 10
 
 
+TOKEN = "bench-admin-token-0123456789"
+
+
 def serve(port: int, folder: pathlib.Path, database: str | None) -> object:
     command = [str(BINARY), "serve", "--port", str(port), "--data-dir", str(folder), "--model", str(MODEL)]
-    env_prefix = ["env", f"LOOKALIKE_DATABASE_URL={database}"] if database else []
+    env_prefix = ["env", f"LOOKALIKE_ADMIN_TOKEN={TOKEN}"]
+    env_prefix += [f"LOOKALIKE_DATABASE_URL={database}"] if database else []
     folder.mkdir(parents=True, exist_ok=True)
     process = load.start(env_prefix + command, folder / "service.log")
     load.wait_healthy(f"http://127.0.0.1:{port}", process)
@@ -103,6 +113,56 @@ def http_table(seconds: float) -> None:
               f"{f['p99_ms']:.1f} | {f['errors']} |")
 
 
+def admin(url: str, method: str = "GET") -> dict:
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
+def save_second_version(folder: pathlib.Path) -> None:
+    """The bundled encoder saved again as version 2: a version nothing is embedded with yet."""
+    target = folder / "models" / "2"
+    shutil.copytree(MODEL, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["version"] = "2"
+    manifest.pop("encoder_sha256", None)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+def reembed_table() -> None:
+    work = pathlib.Path(tempfile.mkdtemp(prefix="lookalike-bench-reembed-"))
+    gallery = load.write_pngs(load.read_images(2000), work / "gallery")
+    rows = []
+    with PgServer() as pg:
+        for replicas in (1, 3):
+            url = pg.create_database(f"reembed{replicas}")
+            processes, urls = [], []
+            try:
+                for r in range(replicas):
+                    folder = work / f"r{replicas}-{r}"
+                    save_second_version(folder)
+                    port = 8190 + r
+                    processes.append(serve(port, folder, url))
+                    urls.append(f"http://127.0.0.1:{port}")
+                load.upload_gallery(urls[0], gallery)
+                started = admin(f"{urls[0]}/admin/models/2/activate", "POST")
+                while (status := admin(f"{urls[0]}/admin/activations/{started['id']}"))["state"] == "running":
+                    time.sleep(0.2)
+                assert status["state"] == "done", status
+                result = status["result"]
+                rows.append((replicas, result["embedded"], result["seconds"]))
+                print(f"  {replicas} replica(s): {result['embedded']} in {result['seconds']:.1f} s", file=sys.stderr)
+            finally:
+                [load.stop(p) for p in processes]
+    base = rows[0][1] / rows[0][2]
+    print("\nRe-embedding a 2,000-image gallery with a new version (activation), Fashion-MNIST model")
+    print("| replicas | images | seconds | images/s | vs 1 replica |")
+    print("| --- | --- | --- | --- | --- |")
+    for replicas, embedded, seconds in rows:
+        rate = embedded / seconds
+        print(f"| {replicas} | {embedded} | {seconds:.1f} | {rate:.0f} | {rate / base:.2f}x |")
+
+
 def index_table() -> None:
     import psycopg
 
@@ -149,7 +209,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--skip-reembed", action="store_true")
     args = ap.parse_args()
+    if not args.skip_reembed:
+        reembed_table()
     if not args.skip_http:
         http_table(args.seconds)
     if not args.skip_index:
