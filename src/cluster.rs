@@ -352,6 +352,33 @@ impl ClusterLink {
     }
 }
 
+/// `lookalike migrate`: stores an embedded service's saved model versions
+/// (not the bundled one, which every replica has) and makes `active` the
+/// cluster's active version (`None`: the bundled one). Returns how many were stored.
+pub async fn import_versions(
+    pool: &Pool,
+    versions: &[ModelVersion],
+    active: Option<&str>,
+) -> Result<usize, ClusterError> {
+    let mut client = pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let tx = client.transaction().await?;
+    let mut stored = 0;
+    for version in versions.iter().filter(|v| !v.bundled) {
+        let encoder = std::fs::read(version.encoder_path())?;
+        let manifest = serde_json::to_value(&version.manifest).expect("a manifest serialises");
+        stored += tx
+            .execute(
+                "INSERT INTO model_versions (version, manifest, encoder, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (version) DO NOTHING",
+                &[&version.version, &manifest, &encoder, &(now_millis() as i64)],
+            )
+            .await? as usize;
+    }
+    tx.execute("UPDATE cluster_state SET active_version = $1", &[&active]).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
 /// A run whose replica is gone cannot finish: it reads as failed.
 fn settle_orphan(mut status: Value, replica_live: bool) -> Value {
     let running =

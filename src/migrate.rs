@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::cluster;
 use crate::gallery::{GalleryStore, PgGallery, SqliteGallery};
+use crate::manifest::BUNDLED_MODEL_DIR;
+use crate::registry::{Registry, RegistryError};
 
 /// Items moved per transaction: original bytes can be megabytes each.
 const CHUNK: usize = 16;
@@ -23,11 +26,18 @@ pub struct MigrateConfig {
     /// The PostgreSQL database (with pgvector) to move it into; it must hold no items yet.
     #[arg(long, hide_env_values = true)]
     pub to: String,
+
+    /// The bundled model the embedded service ran with (its saved versions build on it).
+    #[arg(long, env = "LOOKALIKE_MODEL", default_value = BUNDLED_MODEL_DIR)]
+    pub model: PathBuf,
 }
 
 pub struct MigrateSummary {
     pub items: usize,
     pub embeddings: usize,
+    /// Saved model versions moved, and the active one.
+    pub versions: usize,
+    pub active: String,
     pub seconds: f64,
     pub data_dir: PathBuf,
 }
@@ -35,11 +45,12 @@ pub struct MigrateSummary {
 impl MigrateSummary {
     pub fn render(&self) -> String {
         format!(
-            "moved {} items with {} embeddings into PostgreSQL in {:.1} s\n\
-             model versions and job records stay in {}: start the replicas with --model and a data folder \
-             holding the same versions, and --database-url\n",
+            "moved {} items with {} embeddings and {} saved model versions (version {} active) into PostgreSQL \
+             in {:.1} s\nfine-tune job records stay in {}; start the replicas with the same --model and --database-url\n",
             self.items,
             self.embeddings,
+            self.versions,
+            self.active,
             self.seconds,
             self.data_dir.display()
         )
@@ -61,9 +72,16 @@ pub async fn run(config: &MigrateConfig) -> anyhow::Result<MigrateSummary> {
         embeddings += page.iter().map(|item| item.embeddings.len()).sum::<usize>();
         target.import(page).await?;
     }
+    let registry = Registry::new(&config.model, &config.data_dir);
+    let (versions, active) =
+        tokio::task::spawn_blocking(move || Ok::<_, RegistryError>((registry.list()?, registry.active()?))).await??;
+    let cluster_active = (!active.bundled).then_some(active.version.as_str());
+    let moved = cluster::import_versions(target.pool(), &versions, cluster_active).await?;
     Ok(MigrateSummary {
         items,
         embeddings,
+        versions: moved,
+        active: active.version,
         seconds: started.elapsed().as_secs_f64(),
         data_dir: config.data_dir.clone(),
     })

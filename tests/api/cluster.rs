@@ -238,6 +238,15 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
 async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     let pg = PgServer::start();
     let dir = tempfile::tempdir().unwrap();
+    // A saved version, active: the bundled encoder saved again as version 2.
+    let saved = dir.path().join("models/2");
+    std::fs::create_dir_all(&saved).unwrap();
+    let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    std::fs::copy(bundled.join("encoder.pt"), saved.join("encoder.pt")).unwrap();
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(bundled.join("manifest.json")).unwrap()).unwrap();
+    manifest["version"] = "2".into();
+    std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::write(dir.path().join("models/ACTIVE"), "2").unwrap();
     let embedded = Server::start_with_env(dir.path(), "embedded.log", &[]).await;
     let client = Client::new();
     let images = fixtures();
@@ -263,17 +272,24 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     let stdout = String::from_utf8_lossy(&moved.stdout);
     assert!(moved.status.success(), "{stdout}{}", String::from_utf8_lossy(&moved.stderr));
     assert!(
-        stdout.contains(&format!("moved {} items with {} embeddings", images.len() - 1, images.len() - 1)),
+        stdout.contains(&format!(
+            "moved {} items with {} embeddings and 1 saved model versions (version 2 active)",
+            images.len() - 1,
+            images.len() - 1
+        )),
         "{stdout}"
     );
     let again = migrate();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"), "a second run refuses");
 
-    // A replica on the database (and the same data folder, for its model versions) serves the moved gallery.
-    let url = pg.url();
-    let replica = Server::start_with_env(dir.path(), "replica.log", &[("LOOKALIKE_DATABASE_URL", &url)]).await;
+    // A replica on the database, with a data folder of its own, serves the moved gallery with the
+    // moved active version (fetched from the database), embedding nothing again.
+    let (url, fresh) = (pg.url(), tempfile::tempdir().unwrap());
+    let replica = Server::start_with_env(fresh.path(), "replica.log", &[("LOOKALIKE_DATABASE_URL", &url)]).await;
     let health = json(client.get(format!("{}/health", replica.url)).send().await.unwrap()).await;
+    assert_eq!(health["model_version"], "2", "{health}");
+    assert_eq!(pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings"), "1");
     assert_eq!(health["indexed_items"].as_u64(), Some(images.len() as u64 - 1), "{health}");
     for (i, (class, bytes)) in images.iter().enumerate().filter(|(i, _)| *i != 1) {
         let found = json(search(&client, &replica, bytes, "k=3").await).await;
