@@ -8,6 +8,7 @@
 //! The catalog drives the switch (`catalog::cluster`); this module is its SQL.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,10 @@ use crate::registry::{ModelVersion, Registry, RegistryError};
 pub const POLL: Duration = Duration::from_secs(1);
 /// A replica not heard from for this long is taken as gone: a switch no
 /// longer waits for it, and its running job or activation reads as failed.
-const LIVE_WITHIN_SECS: f64 = 5.0;
+/// Well above the pool's 5 s connection wait, so a busy replica is not taken as gone.
+const LIVE_WITHIN_SECS: f64 = 10.0;
+/// How long opening a connection of its own may take.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// The channel replicas notify on at every switch step.
 const CHANNEL: &str = "lookalike_lifecycle";
 /// The advisory lock of the lifecycle, held by the replica running a
@@ -83,6 +87,10 @@ pub struct ClusterLink {
     /// Woken by every notification on `CHANNEL`.
     pub changed: Arc<Notify>,
     runs: mpsc::UnboundedSender<RunUpdate>,
+    /// Set at shutdown: the heartbeat stops, so `leave` sticks.
+    left: AtomicBool,
+    /// One copy of model versions into the data folder at a time.
+    installing: tokio::sync::Mutex<()>,
 }
 
 /// A job's or an activation's latest status, for the other replicas.
@@ -103,8 +111,15 @@ impl ClusterLink {
     /// for notifications and the writer of run records.
     pub fn join(pool: Pool, config: tokio_postgres::Config) -> Arc<Self> {
         let (runs, updates) = mpsc::unbounded_channel();
-        let link =
-            Arc::new(Self { pool, config, replica: uuid::Uuid::new_v4().to_string(), changed: Arc::default(), runs });
+        let link = Arc::new(Self {
+            pool,
+            config,
+            replica: uuid::Uuid::new_v4().to_string(),
+            changed: Arc::default(),
+            runs,
+            left: AtomicBool::new(false),
+            installing: tokio::sync::Mutex::new(()),
+        });
         tokio::spawn(listen(link.config.clone(), link.changed.clone()));
         tokio::spawn(write_runs(link.pool.clone(), link.replica.clone(), updates));
         link
@@ -130,6 +145,9 @@ impl ClusterLink {
 
     /// Says this replica is alive and which version it serves.
     pub async fn heartbeat(&self, serving: &str) -> Result<(), ClusterError> {
+        if self.left.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.client()
             .await?
             .execute(
@@ -143,6 +161,7 @@ impl ClusterLink {
 
     /// At shutdown: a switch no longer waits for this replica.
     pub async fn leave(&self) -> Result<(), ClusterError> {
+        self.left.store(true, Ordering::Relaxed);
         self.client().await?.execute("DELETE FROM replicas WHERE id = $1", &[&self.replica]).await?;
         Ok(())
     }
@@ -233,7 +252,9 @@ impl ClusterLink {
     /// Takes the lifecycle lock for `holder` (`job:<id>`, `activation:<id>`),
     /// or says who has it.
     pub async fn lock_lifecycle(&self, holder: &str) -> Result<Result<LifecycleLock, String>, ClusterError> {
-        let (client, connection) = self.config.connect(NoTls).await?;
+        let connecting = tokio::time::timeout(CONNECT_WAIT, self.config.connect(NoTls)).await;
+        let (client, connection) =
+            connecting.map_err(|_| GalleryError::Unavailable("PostgreSQL: connecting timed out".into()))??;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -241,6 +262,17 @@ impl ClusterLink {
         if !locked {
             let row = client.query_one("SELECT COALESCE(holder, '') FROM cluster_state", &[]).await?;
             return Ok(Err(row.get(0)));
+        }
+        // A switch still published here lost its switching replica (it died holding the lock): give it up.
+        let gave_up = client
+            .execute(
+                "UPDATE cluster_state SET holder = $1, target_version = NULL, switch_id = NULL
+                 WHERE switch_id IS NOT NULL",
+                &[&holder],
+            )
+            .await?;
+        if gave_up > 0 {
+            client.batch_execute(&format!("NOTIFY {CHANNEL}, 'abandon'")).await?;
         }
         client.execute("UPDATE cluster_state SET holder = $1", &[&holder]).await?;
         Ok(Ok(LifecycleLock { _client: client }))
@@ -282,6 +314,7 @@ impl ClusterLink {
 
     /// Copies into this replica's model folder every version another replica saved.
     pub async fn install_versions(&self, registry: &Registry) -> Result<(), ClusterError> {
+        let _installing = self.installing.lock().await;
         let client = self.client().await?;
         let local: Vec<(String, String)> = {
             let registry = registry.clone();

@@ -59,6 +59,10 @@ impl MigrateSummary {
 
 pub async fn run(config: &MigrateConfig) -> anyhow::Result<MigrateSummary> {
     let started = Instant::now();
+    // Read before anything is copied: a wrong --model must not leave a half-filled database.
+    let registry = Registry::new(&config.model, &config.data_dir);
+    let (versions, active) =
+        tokio::task::spawn_blocking(move || Ok::<_, RegistryError>((registry.list()?, registry.active()?))).await??;
     let source = SqliteGallery::open_existing(&config.data_dir)?;
     let target = PgGallery::connect(&config.to).await?;
     let already = target.count().await?;
@@ -72,9 +76,6 @@ pub async fn run(config: &MigrateConfig) -> anyhow::Result<MigrateSummary> {
         embeddings += page.iter().map(|item| item.embeddings.len()).sum::<usize>();
         target.import(page).await?;
     }
-    let registry = Registry::new(&config.model, &config.data_dir);
-    let (versions, active) =
-        tokio::task::spawn_blocking(move || Ok::<_, RegistryError>((registry.list()?, registry.active()?))).await??;
     let cluster_active = (!active.bundled).then_some(active.version.as_str());
     let moved = cluster::import_versions(target.pool(), &versions, cluster_active).await?;
     Ok(MigrateSummary {

@@ -76,6 +76,7 @@ impl Application {
         let registry = Registry::new(&config.model, &config.data_dir);
         let (catalog, startup) = Catalog::open(store, indexes, registry, settings, cluster).await?;
         if catalog.cluster().is_some() {
+            catalog.join_cluster().await.context("joining the cluster")?;
             tokio::spawn(catalog.clone().follow_cluster());
         }
         let serving = catalog.serving();

@@ -30,6 +30,9 @@ use crate::registry::{ModelVersion, Registry};
 /// How long the switching replica waits, after the flip, for its own swap
 /// before it reports the switch done anyway (its follower goes on trying).
 const OWN_SWAP_WAIT: Duration = Duration::from_secs(120);
+/// A switch in which no item got embedded and no replica became ready for
+/// this long fails (a replica that keeps retrying, say), freeing the lifecycle.
+const STALLED: Duration = Duration::from_secs(600);
 
 /// At start: installs the versions other replicas saved and records the
 /// cluster's active version as this replica's, so the catalog opens on it.
@@ -57,6 +60,15 @@ impl Catalog {
     /// Cluster mode's lifecycle, if this catalog is a replica's.
     pub fn cluster(&self) -> Option<Arc<ClusterLink>> {
         self.cluster.clone()
+    }
+
+    /// Cluster mode, before serving: says this replica is alive and takes
+    /// one look at the cluster, so that a switch under way counts it (and it
+    /// embeds its uploads with the next model) before its first upload.
+    pub async fn join_cluster(&self) -> Result<(), CatalogError> {
+        let Some(cluster) = self.cluster.clone() else { return Ok(()) };
+        cluster.heartbeat(&self.active().version.version).await?;
+        self.cluster_step().await
     }
 
     /// Cluster mode: says this replica is alive every `POLL`, and follows the
@@ -105,7 +117,11 @@ impl Catalog {
         let active = self.active();
         match state.target {
             Some((version, switch_id)) if version != active.version.version => {
-                self.prepare_next(&cluster, version, &switch_id).await?;
+                // Given up while it prepared: not an error, the next step drops the model.
+                match self.prepare_next(&cluster, version, &switch_id).await {
+                    Err(CatalogError::Cancelled) => {}
+                    other => other?,
+                }
             }
             _ => {
                 if let Some(next) = self.next.swap(None) {
@@ -120,7 +136,13 @@ impl Catalog {
 
     /// Phase one on this replica: loads the target (once), embeds uploads
     /// with it too, helps embed the gallery, and says it is ready.
-    async fn prepare_next(&self, cluster: &ClusterLink, version: String, switch_id: &str) -> Result<(), CatalogError> {
+    async fn prepare_next(
+        &self,
+        cluster: &Arc<ClusterLink>,
+        version: String,
+        switch_id: &str,
+    ) -> Result<(), CatalogError> {
+        let given_up = watch_switch(cluster.clone(), switch_id.to_string());
         let prepared = async {
             let model = match self.next.load_full() {
                 Some(next) if next.version.version == version => next,
@@ -136,14 +158,15 @@ impl Catalog {
                     model
                 }
             };
-            model.embed_missing(self.store.as_ref(), Pass::Background, &|_| {}, &AtomicBool::new(false)).await?;
+            model.embed_missing(self.store.as_ref(), Pass::Background, &|_| {}, &given_up.0).await?;
             model.index.prepare().await?;
             cluster.ready(switch_id).await?;
             Ok::<_, CatalogError>(())
         }
         .await;
+        given_up.1.abort();
         if let Err(error) = &prepared {
-            if !unavailable(error) {
+            if !unavailable(error) && !matches!(error, CatalogError::Cancelled) {
                 tracing::error!(%error, %version, "cannot prepare the model switch");
                 cluster.failed(switch_id, &error.to_string()).await?;
             }
@@ -167,11 +190,18 @@ impl Catalog {
             }
         };
         let exclusive = self.writes.clone().write_owned().await;
-        // Uploads this replica acknowledged before it dual-wrote (normally none).
-        model.embed_missing(self.store.as_ref(), Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
-        model.index.prepare().await?;
-        let id = model.version.version.clone();
-        self.with_registry(move |r| r.set_active(&id)).await?;
+        let caught_up = async {
+            // Uploads this replica acknowledged before it dual-wrote (normally none).
+            model.embed_missing(self.store.as_ref(), Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
+            model.index.prepare().await?;
+            let id = model.version.version.clone();
+            self.with_registry(move |r| r.set_active(&id)).await
+        }
+        .await;
+        if let Err(error) = caught_up {
+            self.next.store(Some(model)); // kept for the next try, a second later
+            return Err(error);
+        }
         let previous = self.active.swap(model.clone());
         drop(exclusive);
         let (old, new) = (previous.embedder.info(), model.embedder.info());
@@ -221,8 +251,15 @@ impl Catalog {
             }
         };
         swapping();
-        if !cluster.flip(&switch_id, &version.version).await? {
-            return Err(CatalogError::Switch("another switch replaced this one before its flip".into()));
+        match cluster.flip(&switch_id, &version.version).await {
+            Ok(true) => {}
+            Ok(false) => return Err(CatalogError::Switch("another switch replaced this one before its flip".into())),
+            Err(error) => {
+                if let Err(abandon) = cluster.abandon(&switch_id).await {
+                    tracing::error!(%abandon, "could not give the switch up; the next lifecycle lock holder does");
+                }
+                return Err(error.into());
+            }
         }
         let deadline = Instant::now() + OWN_SWAP_WAIT;
         while self.active().version.version != version.version && Instant::now() < deadline {
@@ -253,13 +290,25 @@ impl Catalog {
     ) -> Result<usize, CatalogError> {
         cluster.changed.notify_waiters(); // this replica's follower starts at once
         let mut stored_before = None;
+        let (mut last, mut moved) = ((0, 0), Instant::now());
         loop {
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(CatalogError::Cancelled);
             }
             let status = cluster.switch_status(switch_id, &version.key).await?;
             // Embeddings stored before the switch (an earlier activation of the version) are not counted.
-            let embedded = (status.embedded - *stored_before.get_or_insert(status.embedded)) as usize;
+            let embedded = status.embedded.saturating_sub(*stored_before.get_or_insert(status.embedded)) as usize;
+            if (embedded, status.ready) != last {
+                (last, moved) = ((embedded, status.ready), Instant::now());
+            } else if moved.elapsed() > STALLED {
+                let why = format!(
+                    "no progress for {} s: {} of {} replicas ready",
+                    STALLED.as_secs(),
+                    status.ready,
+                    status.live
+                );
+                return Err(CatalogError::Switch(why));
+            }
             progress(Progress { embedded, to_embed: embedded + status.missing as usize });
             if let Some(failure) = status.failures.first() {
                 return Err(CatalogError::Switch(format!(
@@ -273,6 +322,26 @@ impl Catalog {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Watches the cluster's state every `POLL` and sets the flag once
+/// `switch_id` is no longer the switch under way (cancelled, failed, or
+/// replaced): a replica's share of the work stops at its next chunk.
+fn watch_switch(cluster: Arc<ClusterLink>, switch_id: String) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let given_up = Arc::new(AtomicBool::new(false));
+    let flag = given_up.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(POLL).await;
+            if let Ok(state) = cluster.state().await {
+                if state.target.is_none_or(|(_, id)| id != switch_id) {
+                    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    });
+    (given_up, watcher)
 }
 
 /// Whether an error is the database being away: worth trying again, not a failed preparation.

@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures::future::join_all;
+
 use super::active::ActiveModel;
 use super::{AddStatus, Added, Catalog, CatalogError, NearDuplicate, OnDuplicate, Upload};
 use crate::embed::Priority;
@@ -113,7 +115,7 @@ impl Catalog {
         writing: tokio::sync::OwnedRwLockReadGuard<()>,
         active: &ActiveModel,
         items: Vec<NewItem>,
-        for_next: Option<(String, Vec<Vec<f32>>)>,
+        for_next: Option<(String, Vec<Option<Vec<f32>>>)>,
     ) -> Result<Vec<Inserted>, CatalogError> {
         let (store, index, model, labels) =
             (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
@@ -130,7 +132,8 @@ impl Catalog {
             }
             index.insert(stored).await?;
             if let Some((next, vectors)) = for_next {
-                let stored = inserted.iter().zip(vectors).filter(|(i, _)| i.stored).map(|(i, v)| (i.id, v));
+                let stored =
+                    inserted.iter().zip(vectors).filter(|(i, _)| i.stored).filter_map(|(i, v)| Some((i.id, v?)));
                 store.put_embeddings(next, stored.collect()).await?;
             }
             Ok(inserted)
@@ -195,14 +198,18 @@ async fn embed_uploads(
     Ok(())
 }
 
-/// The next model's vectors of the items to store, with its key.
+/// The next model's vectors of the items to store, with its key; `None` for
+/// an image the next model cannot preprocess (the upload still succeeds:
+/// the switch's own pass records it as unembeddable by that model).
 async fn embed_for_next(
     next: &ActiveModel,
     items: &[NewItem],
     priority: Priority,
-) -> Result<(String, Vec<Vec<f32>>), CatalogError> {
-    let prepared = next.prepare_all(items.iter().map(|i| i.image.clone()).collect(), priority).await?;
-    let vectors = next.embed_all(prepared.into_iter().map(|p| p.pixels).collect(), priority).await?;
+) -> Result<(String, Vec<Option<Vec<f32>>>), CatalogError> {
+    let prepared = join_all(items.iter().map(|i| next.preprocess.prepare(i.image.clone(), priority))).await;
+    let pixels: Vec<Vec<f32>> = prepared.iter().flatten().map(|p| p.pixels.clone()).collect();
+    let mut vectors = next.embed_all(pixels, priority).await?.into_iter();
+    let vectors = prepared.iter().map(|p| p.as_ref().ok().and_then(|_| vectors.next())).collect();
     Ok((next.key(), vectors))
 }
 
