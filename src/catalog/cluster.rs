@@ -76,17 +76,16 @@ impl Catalog {
     /// process ends.
     pub async fn follow_cluster(self) {
         let Some(cluster) = self.cluster.clone() else { return };
-        let heartbeat = self.clone();
+        let (heartbeat, link) = (self.clone(), cluster.clone());
         tokio::spawn(async move {
             loop {
                 let serving = heartbeat.active().version.version.clone();
-                if let Err(error) = cluster.heartbeat(&serving).await {
+                if let Err(error) = link.heartbeat(&serving).await {
                     tracing::warn!(%error, "cannot tell the cluster this replica is alive");
                 }
                 tokio::time::sleep(POLL).await;
             }
         });
-        let cluster = self.cluster.clone().expect("checked above");
         loop {
             let changed = cluster.changed.notified();
             if let Err(error) = self.cluster_step().await {
@@ -261,9 +260,10 @@ impl Catalog {
                 return Err(error.into());
             }
         }
+        // The flip's NOTIFY wakes this replica's follower too; wake it now in case it is lost.
+        cluster.changed.notify_waiters();
         let deadline = Instant::now() + OWN_SWAP_WAIT;
         while self.active().version.version != version.version && Instant::now() < deadline {
-            cluster.changed.notify_waiters();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let active = self.active();

@@ -363,8 +363,7 @@ fn background_traffic(
     })
 }
 
-async fn admin_json(client: &Client, request: reqwest::RequestBuilder) -> (u16, Value) {
-    let _ = client;
+async fn admin_json(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.bearer_auth(TOKEN).send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
 }
@@ -428,16 +427,16 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
 
     // One fine-tune at a time across the cluster: the job is accepted by replica 0, refused by replica 1.
     let params = json!({"epochs": 1, "p": 4, "k": 2, "validation_fraction": 0.34, "seed": 1, "commit": "always"});
-    let (status, job) = admin_json(&client, client.post(format!("{}/admin/finetune", urls[0])).json(&params)).await;
+    let (status, job) = admin_json(client.post(format!("{}/admin/finetune", urls[0])).json(&params)).await;
     assert_eq!(status, 202, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
-    let (status, busy) = admin_json(&client, client.post(format!("{}/admin/finetune", urls[1])).json(&params)).await;
+    let (status, busy) = admin_json(client.post(format!("{}/admin/finetune", urls[1])).json(&params)).await;
     assert_eq!((status, busy["error"]["code"].as_str()), (409, Some("job_running")), "{busy}");
 
     // Its progress reads the same from another replica; replica 2 is killed while the cluster re-embeds.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let (status, seen) = admin_json(&client, client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
+        let (status, seen) = admin_json(client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
         assert_eq!(status, 200, "{seen}");
         match seen["state"].as_str().unwrap() {
             "re_embedding" | "swapping" | "done" => break,
@@ -459,7 +458,7 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
 
     // The others finish the work and the switch: the job reads done from replica 1.
     let version = loop {
-        let (_, seen) = admin_json(&client, client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
+        let (_, seen) = admin_json(client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
         match seen["state"].as_str().unwrap() {
             "done" => {
                 assert_eq!(seen["result"]["committed"], true, "{seen}");
@@ -488,13 +487,11 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
     live.lock().unwrap().push(late.url.clone());
 
     // Rollback through another replica switches every replica back.
-    let (status, activation) =
-        admin_json(&client, client.post(format!("{}/admin/models/{bundled}/activate", urls[1]))).await;
+    let (status, activation) = admin_json(client.post(format!("{}/admin/models/{bundled}/activate", urls[1]))).await;
     assert_eq!(status, 202, "{activation}");
     let activation_id = activation["id"].as_str().unwrap().to_string();
     loop {
-        let (status, seen) =
-            admin_json(&client, client.get(format!("{}/admin/activations/{activation_id}", urls[0]))).await;
+        let (status, seen) = admin_json(client.get(format!("{}/admin/activations/{activation_id}", urls[0]))).await;
         assert_eq!(status, 200, "{seen}");
         match seen["state"].as_str().unwrap() {
             "done" => break,
