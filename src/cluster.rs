@@ -159,6 +159,21 @@ impl ClusterLink {
         Ok(())
     }
 
+    /// How many other live replicas serve a version other than `serving`
+    /// (they have not learnt the last flip yet, or cannot swap).
+    pub async fn lagging(&self, serving: &str) -> Result<usize, ClusterError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COUNT(*) FROM replicas
+                 WHERE id <> $1 AND serving <> $2 AND seen_at > now() - make_interval(secs => $3)",
+                &[&self.replica, &serving, &LIVE_WITHIN_SECS],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+
     /// At shutdown: a switch no longer waits for this replica.
     pub async fn leave(&self) -> Result<(), ClusterError> {
         self.left.store(true, Ordering::Relaxed);

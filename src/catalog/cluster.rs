@@ -9,7 +9,9 @@
 //!    left to claim.
 //! 2. When every live replica is ready and no item lacks the embedding, the
 //!    switching replica flips the active version in one transaction and
-//!    notifies; each replica swaps its active model as it learns the flip.
+//!    notifies; each replica swaps its active model as it learns the flip,
+//!    and embeds its uploads with the model it switched from too until no
+//!    live replica serves that one: a replica yet to learn the flip finds them.
 //!
 //! A replica that dies drops its claims with its connection and its
 //! heartbeat stops: the others take its chunks and the switch stops waiting
@@ -99,8 +101,9 @@ impl Catalog {
     }
 
     /// One look at the cluster: swaps to a version that was flipped active,
-    /// prepares for a switch under way, and embeds whatever the active model
-    /// still lacks (an upload by a replica that had not yet learnt a flip).
+    /// prepares for a switch under way, drops the previous model once every
+    /// replica has swapped, and embeds whatever the active model still lacks
+    /// (normally nothing).
     async fn cluster_step(&self) -> Result<(), CatalogError> {
         let cluster = self.cluster.clone().expect("cluster mode");
         let _step = self.cluster_steps.lock().await;
@@ -129,6 +132,7 @@ impl Catalog {
                 }
             }
         }
+        self.retire_previous(&cluster, &active).await?;
         active.embed_missing(self.store.as_ref(), Pass::Background, &|_| {}, &AtomicBool::new(false)).await?;
         Ok(())
     }
@@ -202,12 +206,29 @@ impl Catalog {
             return Err(error);
         }
         let previous = self.active.swap(model.clone());
-        drop(exclusive);
         let (old, new) = (previous.embedder.info(), model.embedder.info());
         metrics::model_info(&old.model_key, &old.device, &old.precision.to_string(), false);
         metrics::model_info(&new.model_key, &new.device, &new.precision.to_string(), true);
+        // Kept for uploads until no other replica serves it (`retire_previous`).
+        if let Some(older) = self.previous.swap(Some(previous)) {
+            retire(older);
+        }
+        drop(exclusive);
         tracing::info!(version = %model.version.version, model = %model.name(), "model switched with the cluster");
-        retire(previous);
+        Ok(())
+    }
+
+    /// Drops the model switched from once no other live replica serves it:
+    /// until then its searches are among that model's vectors, so this
+    /// replica's uploads are embedded with it too.
+    async fn retire_previous(&self, cluster: &ClusterLink, active: &ActiveModel) -> Result<(), CatalogError> {
+        if self.previous.load().is_none() || cluster.lagging(&active.version.version).await? > 0 {
+            return Ok(());
+        }
+        if let Some(previous) = self.previous.swap(None) {
+            tracing::info!(version = %previous.version.version, "every replica serves the new version; dropping the previous model");
+            retire(previous);
+        }
         Ok(())
     }
 

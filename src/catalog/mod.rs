@@ -127,6 +127,10 @@ pub struct Catalog {
     /// Cluster mode, while a switch prepares: the next model, with which
     /// uploads are embedded too, so that none lacks it at the flip.
     next: Arc<ArcSwapOption<ActiveModel>>,
+    /// Cluster mode, after a flip: the model switched from, with which
+    /// uploads are embedded too while another replica still serves it, so
+    /// that its searches find them as well.
+    previous: Arc<ArcSwapOption<ActiveModel>>,
     /// One cluster step at a time (the follower's loop and a switch's own).
     cluster_steps: Arc<tokio::sync::Mutex<()>>,
 }
@@ -175,6 +179,7 @@ impl Catalog {
             activations: Arc::default(),
             cluster,
             next: Arc::default(),
+            previous: Arc::default(),
             cluster_steps: Arc::default(),
         };
         Ok((catalog, startup))

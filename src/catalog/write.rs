@@ -72,11 +72,11 @@ impl Catalog {
         embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
         self.find_near_duplicates(&active, &mut pending, on_duplicate).await?;
         let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
-        let for_next = match self.next.load_full() {
-            Some(next) => Some(embed_for_next(&next, &items, priority).await?),
-            None => None,
-        };
-        let inserted = self.store_and_index(writing, &active, items, for_next).await?;
+        let mut for_others = Vec::new();
+        for other in [self.next.load_full(), self.previous.load_full()].into_iter().flatten() {
+            for_others.push(embed_with_other(&other, &items, priority).await?);
+        }
+        let inserted = self.store_and_index(writing, &active, items, for_others).await?;
         Ok(reports(pending, inserted))
     }
 
@@ -108,14 +108,15 @@ impl Catalog {
     }
 
     /// Stores the items, then indexes (and labels) those stored, on a task of
-    /// their own holding `writing`; then stores the next model's vectors of
-    /// them (`for_next`: its key and one vector per item), if a cluster switch prepares one.
+    /// their own holding `writing`; then stores other models' vectors of
+    /// them (`for_others`: each model's key and one vector per item): the
+    /// next one while a cluster switch prepares, the previous one after it.
     async fn store_and_index(
         &self,
         writing: tokio::sync::OwnedRwLockReadGuard<()>,
         active: &ActiveModel,
         items: Vec<NewItem>,
-        for_next: Option<(String, Vec<Option<Vec<f32>>>)>,
+        for_others: Vec<(String, Vec<Option<Vec<f32>>>)>,
     ) -> Result<Vec<Inserted>, CatalogError> {
         let (store, index, model, labels) =
             (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
@@ -131,10 +132,10 @@ impl Catalog {
                 stored.push((item.id, vector));
             }
             index.insert(stored).await?;
-            if let Some((next, vectors)) = for_next {
+            for (other, vectors) in for_others {
                 let stored =
                     inserted.iter().zip(vectors).filter(|(i, _)| i.stored).filter_map(|(i, v)| Some((i.id, v?)));
-                store.put_embeddings(next, stored.collect()).await?;
+                store.put_embeddings(other, stored.collect()).await?;
             }
             Ok(inserted)
         })
@@ -198,19 +199,19 @@ async fn embed_uploads(
     Ok(())
 }
 
-/// The next model's vectors of the items to store, with its key; `None` for
-/// an image the next model cannot preprocess (the upload still succeeds:
-/// the switch's own pass records it as unembeddable by that model).
-async fn embed_for_next(
-    next: &ActiveModel,
+/// Another model's vectors of the items to store, with its key; `None` for
+/// an image that model cannot preprocess (the upload still succeeds: a
+/// switch's own pass records it as unembeddable by that model).
+async fn embed_with_other(
+    other: &ActiveModel,
     items: &[NewItem],
     priority: Priority,
 ) -> Result<(String, Vec<Option<Vec<f32>>>), CatalogError> {
-    let prepared = join_all(items.iter().map(|i| next.preprocess.prepare(i.image.clone(), priority))).await;
+    let prepared = join_all(items.iter().map(|i| other.preprocess.prepare(i.image.clone(), priority))).await;
     let pixels: Vec<Vec<f32>> = prepared.iter().flatten().map(|p| p.pixels.clone()).collect();
-    let mut vectors = next.embed_all(pixels, priority).await?.into_iter();
+    let mut vectors = other.embed_all(pixels, priority).await?.into_iter();
     let vectors = prepared.iter().map(|p| p.as_ref().ok().and_then(|_| vectors.next())).collect();
-    Ok((next.key(), vectors))
+    Ok((other.key(), vectors))
 }
 
 /// With `reject`, refuses the request when one upload copies an earlier one

@@ -234,18 +234,87 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
-    let pg = PgServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    // A saved version, active: the bundled encoder saved again as version 2.
-    let saved = dir.path().join("models/2");
+/// The bundled encoder saved again as version 2 in the data folder `dir`:
+/// a version nothing is embedded with yet.
+fn save_second_version(dir: &std::path::Path) {
+    let saved = dir.join("models/2");
     std::fs::create_dir_all(&saved).unwrap();
     let bundled = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
     std::fs::copy(bundled.join("encoder.pt"), saved.join("encoder.pt")).unwrap();
     let mut manifest: Value = serde_json::from_slice(&std::fs::read(bundled.join("manifest.json")).unwrap()).unwrap();
     manifest["version"] = "2".into();
     std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+#[tokio::test]
+async fn after_a_flip_uploads_are_embedded_with_the_old_version_too_while_a_replica_still_serves_it() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    save_second_version(dir.path());
+    let url = pg.url();
+    let env = [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let replica = Server::start_with_env(dir.path(), "replica.log", &env).await;
+    let client = Client::new();
+    let images = fixtures();
+    for (class, bytes) in &images[..4] {
+        assert_eq!(upload(&client, &replica, bytes, class).await.status(), 201);
+    }
+    let bundled = serving(&client, &replica.url).await;
+
+    // A replica that will not learn the flip: its row says it is alive (for an hour) and serves the
+    // bundled version, and it reports ready for whatever switch is under way.
+    pg.psql(&format!(
+        "INSERT INTO replicas (id, seen_at, serving) VALUES ('lagging', now() + interval '1 hour', '{bundled}')"
+    ));
+    let (status, activation) = admin_json(client.post(format!("{}/admin/models/2/activate", replica.url))).await;
+    assert_eq!(status, 202, "{activation}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        pg.psql("UPDATE replicas SET ready_for = s.switch_id FROM cluster_state s WHERE id = 'lagging' AND s.switch_id IS NOT NULL");
+        let url = format!("{}/admin/activations/{}", replica.url, activation["id"].as_str().unwrap());
+        let (_, seen) = admin_json(client.get(url)).await;
+        match seen["state"].as_str().unwrap() {
+            "done" => break,
+            "failed" => panic!("the activation failed: {seen}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the activation did not finish: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_version(&client, &replica.url, "2").await;
+    let models_of = |id: i64| pg.psql(&format!("SELECT COUNT(*) FROM embeddings WHERE item_id = {id}"));
+    let upload_new = |n: usize| {
+        let image = unique_image(&images[0].1, n);
+        let client = client.clone();
+        let url = replica.url.clone();
+        async move {
+            let form = Form::new().part("image", Part::bytes(image).file_name("x.png"));
+            let added = json_status(client.post(format!("{url}/gallery")).multipart(form).send().await.unwrap(), 201);
+            added.await["items"][0]["id"].as_i64().unwrap()
+        }
+    };
+
+    // The switched replica embeds its uploads with both versions while the other serves the old one.
+    for n in 0..3 {
+        assert_eq!(models_of(upload_new(n).await), "2", "an upload lacks the version a live replica serves");
+    }
+    // Once no live replica serves the old version, uploads are embedded with the new one only.
+    pg.psql("DELETE FROM replicas WHERE id = 'lagging'");
+    let mut n = 3;
+    while models_of(upload_new(n).await) != "1" {
+        assert!(Instant::now() < deadline, "uploads are still embedded with the old version");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replica.terminate(Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A saved version, active.
+    save_second_version(dir.path());
     std::fs::write(dir.path().join("models/ACTIVE"), "2").unwrap();
     let embedded = Server::start_with_env(dir.path(), "embedded.log", &[]).await;
     let client = Client::new();
