@@ -356,7 +356,15 @@ impl ClusterLink {
         Ok(())
     }
 
-    /// Hands a job's or an activation's status to the writer, for the other replicas to read.
+    /// Records a job's or an activation's first status before its start is
+    /// answered, so that a `202` from this replica is readable on every one.
+    pub async fn record_run(&self, kind: &str, id: &str, status: Value) -> Result<(), ClusterError> {
+        let client = self.client().await?;
+        upsert_run(&client, &self.replica, kind, id, &status).await?;
+        Ok(())
+    }
+
+    /// Hands a job's or an activation's later status to the writer, for the other replicas to read.
     pub fn publish_run(&self, kind: &'static str, id: &str, status: Value) {
         let _ = self.runs.send(RunUpdate { kind, id: id.to_string(), status });
     }
@@ -485,16 +493,27 @@ async fn write_runs(pool: Pool, replica: String, mut updates: mpsc::UnboundedRec
             continue;
         };
         for update in batch {
-            let written = client
-                .execute(
-                    "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status",
-                    &[&update.id, &update.kind, &replica, &update.status, &(now_millis() as i64)],
-                )
-                .await;
-            if let Err(error) = written {
+            if let Err(error) = upsert_run(&client, &replica, update.kind, &update.id, &update.status).await {
                 tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database");
             }
         }
     }
+}
+
+/// A run's status, inserted or replaced.
+async fn upsert_run(
+    client: &tokio_postgres::Client,
+    replica: &str,
+    kind: &str,
+    id: &str,
+    status: &Value,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status",
+            &[&id, &kind, &replica, status, &(now_millis() as i64)],
+        )
+        .await?;
+    Ok(())
 }

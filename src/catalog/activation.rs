@@ -118,6 +118,13 @@ impl Catalog {
         let id = self.activations.new_id();
         let slot = self.claim(SlotHolder::Activation(id.clone())).await?;
         let sender = self.activations.begin(&id, &target.version);
+        if let Some(cluster) = &self.cluster {
+            let first = serde_json::to_value(&*sender.borrow()).expect("a status serialises");
+            if let Err(error) = cluster.record_run("activation", &id, first).await {
+                finish(&sender, Err(CatalogError::Switch(format!("could not record the activation: {error}"))));
+                return Err(error.into());
+            }
+        }
         self.publish_activation(&sender);
         let active = self.active();
         if active.version.version == target.version {

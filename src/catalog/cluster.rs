@@ -151,7 +151,11 @@ impl Catalog {
                 Some(next) if next.version.version == version => next,
                 _ => {
                     tracing::info!(%version, switch = switch_id, "preparing a cluster-wide model switch");
-                    let model = self.start_model(cluster, Some(version.clone())).await?;
+                    let model = match self.previous.load_full() {
+                        // A rollback soon after a switch: the model switched from is still loaded.
+                        Some(previous) if previous.version.version == version => previous,
+                        _ => self.start_model(cluster, Some(version.clone())).await?,
+                    };
                     // Uploads under way finish first: every later one is embedded with both models.
                     let exclusive = self.writes.clone().write_owned().await;
                     if let Some(old) = self.next.swap(Some(model.clone())) {

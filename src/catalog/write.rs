@@ -72,9 +72,12 @@ impl Catalog {
         embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
         self.find_near_duplicates(&active, &mut pending, on_duplicate).await?;
         let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
-        let mut for_others = Vec::new();
+        let mut for_others: Vec<(String, _)> = Vec::new();
         for other in [self.next.load_full(), self.previous.load_full()].into_iter().flatten() {
-            for_others.push(embed_with_other(&other, &items, priority).await?);
+            // A rollback soon after a switch: the next version is also the previous one.
+            if other.key() != active.key() && for_others.iter().all(|(key, _)| *key != other.key()) {
+                for_others.push(embed_with_other(&other, &items, priority).await?);
+            }
         }
         let inserted = self.store_and_index(writing, &active, items, for_others).await?;
         Ok(reports(pending, inserted))

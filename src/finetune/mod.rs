@@ -139,6 +139,14 @@ impl Jobs {
             error: None,
         };
         let job = self.book.add(record)?;
+        if let Some(cluster) = self.catalog.cluster() {
+            // Readable on every replica once this one has answered.
+            let first = serde_json::to_value(job.status()).expect("a job status serialises");
+            if let Err(error) = cluster.record_run("job", &id, first).await {
+                job.finish(JobState::Failed, None, Some(format!("could not record the job: {error}")));
+                return Err(CatalogError::from(error).into());
+            }
+        }
         tracing::info!(job = %id, base = %base.model, data = ?split.summary, "fine-tune job queued");
         let runner = run::Runner { catalog: self.catalog.clone(), trainer: self.trainer.clone(), job: job.clone() };
         let scratch = self.book.scratch(&id);

@@ -261,32 +261,15 @@ async fn after_a_flip_uploads_are_embedded_with_the_old_version_too_while_a_repl
     }
     let bundled = serving(&client, &replica.url).await;
 
-    // A replica that will not learn the flip: its row says it is alive (for an hour) and serves the
-    // bundled version, and it reports ready for whatever switch is under way.
+    // A replica that never learns a flip: its row says it is alive (for an hour) and serves the
+    // bundled version, and it says it is ready for every switch (`activate` below).
     pg.psql(&format!(
         "INSERT INTO replicas (id, seen_at, serving) VALUES ('lagging', now() + interval '1 hour', '{bundled}')"
     ));
-    let (status, activation) = admin_json(client.post(format!("{}/admin/models/2/activate", replica.url))).await;
-    assert_eq!(status, 202, "{activation}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        pg.psql("UPDATE replicas SET ready_for = s.switch_id FROM cluster_state s WHERE id = 'lagging' AND s.switch_id IS NOT NULL");
-        let url = format!("{}/admin/activations/{}", replica.url, activation["id"].as_str().unwrap());
-        let (_, seen) = admin_json(client.get(url)).await;
-        match seen["state"].as_str().unwrap() {
-            "done" => break,
-            "failed" => panic!("the activation failed: {seen}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the activation did not finish: {seen}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_for_version(&client, &replica.url, "2").await;
+    activate(&pg, &client, &replica.url, "2").await;
     let models_of = |id: i64| pg.psql(&format!("SELECT COUNT(*) FROM embeddings WHERE item_id = {id}"));
     let upload_new = |n: usize| {
-        let image = unique_image(&images[0].1, n);
-        let client = client.clone();
-        let url = replica.url.clone();
+        let (image, client, url) = (unique_image(&images[0].1, n), client.clone(), replica.url.clone());
         async move {
             let form = Form::new().part("image", Part::bytes(image).file_name("x.png"));
             let added = json_status(client.post(format!("{url}/gallery")).multipart(form).send().await.unwrap(), 201);
@@ -298,15 +281,41 @@ async fn after_a_flip_uploads_are_embedded_with_the_old_version_too_while_a_repl
     for n in 0..3 {
         assert_eq!(models_of(upload_new(n).await), "2", "an upload lacks the version a live replica serves");
     }
-    // Once no live replica serves the old version, uploads are embedded with the new one only.
-    pg.psql("DELETE FROM replicas WHERE id = 'lagging'");
+    // A rollback meanwhile (the model switched from is still loaded, and taken again). Then every
+    // live replica serves the active version, and uploads are embedded with that one only.
+    activate(&pg, &client, &replica.url, &bundled).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut n = 3;
     while models_of(upload_new(n).await) != "1" {
-        assert!(Instant::now() < deadline, "uploads are still embedded with the old version");
+        assert!(Instant::now() < deadline, "uploads are still embedded with two versions");
         n += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     replica.terminate(Duration::from_secs(30)).await;
+}
+
+/// Activates `version` through the replica at `url` and waits until it serves it, with the
+/// test's `lagging` replica row saying it is ready for the switch.
+async fn activate(pg: &PgServer, client: &Client, url: &str, version: &str) {
+    let (status, activation) = admin_json(client.post(format!("{url}/admin/models/{version}/activate"))).await;
+    assert_eq!(status, 202, "{activation}");
+    let seen_at = format!("{url}/admin/activations/{}", activation["id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        pg.psql(
+            "UPDATE replicas SET ready_for = s.switch_id FROM cluster_state s
+             WHERE id = 'lagging' AND s.switch_id IS NOT NULL",
+        );
+        let (_, seen) = admin_json(client.get(&seen_at)).await;
+        match seen["state"].as_str().unwrap() {
+            "done" => break,
+            "failed" => panic!("the activation failed: {seen}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the activation did not finish: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_version(client, url, version).await;
 }
 
 #[tokio::test]
