@@ -7,6 +7,9 @@ Sources (all offline, from Debian):
 - fonts-noto-color-emoji: colour emoji rendered at 109 px, one instance each;
 - gnome-backgrounds, mate-backgrounds, plasma-workspace-wallpapers: photographs
   and artwork, many random crops each;
+- tuxpaint-stamps-default: photographs and drawings of objects and animals, one
+  class per category/subcategory folder;
+- pingus-data, frozen-bubble-data: game sprites and backgrounds, one instance each;
 - Fashion-MNIST (dataset-fashion-mnist): read by the trainer itself, seen classes 0-6.
 
 Held out, never written to the training cache:
@@ -14,7 +17,11 @@ Held out, never written to the training cache:
   computer/icons folder (the independent evaluation);
 - a seeded 20% of the other openclipart classes (named in corpus/manifest.json and
   the model card): unseen classes for our own evaluation;
-- a seeded 30% of the wallpaper files (copy detection on photographs).
+- a seeded 30% of the wallpaper *pictures* (copy detection on photographs): a
+  picture shipped at several resolutions or in light and dark variants is one
+  picture, held out or trained on as a whole;
+- the wallpaper packages kept for the independent evaluation (HELDOUT_PACKAGES),
+  should they be installed: their files are never read.
 
 Writes:
 - corpus/train.npz: RGBA uint8 images (N, 4, CACHE, CACHE), stretched to a square
@@ -34,6 +41,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -48,16 +56,20 @@ EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 WALLPAPER_DIRS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 # The independent evaluation's share of openclipart: never read for training.
 EXCLUDED_CLASSES = ("computer/icons",)
-CACHE = 112  # side of the cached training images (the trainer crops and resizes to its input)
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+SPRITE_DIRS = (Path("/usr/share/games/pingus"), Path("/usr/share/games/frozen-bubble"))
+# Independent evaluation only: files of these packages are never read, even when installed.
+HELDOUT_PACKAGES = ("ukui-wallpapers", "lomiri-wallpapers", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
+                    "sway-backgrounds")
+CACHE = 128  # side of the cached training images (the trainer crops and resizes to its input)
 MAX_PIXELS = 4096 * 4096  # larger files are skipped (the service's default limits refuse the largest too)
 HELDOUT_CLASS_FRACTION = 0.2
 HELDOUT_PHOTO_FRACTION = 0.3
-# PHOTO_SPLIT_NOTE: the photo split is by file, and plasma-workspace-wallpapers
-# ships one picture at several resolutions, so a held-out file's picture can be
-# in training at another size. The bundled model was trained on this split;
-# copy detection is therefore also reported on clip-art queries alone
-# (copy/queries-clipart), which this does not touch. Split by picture next time.
-CROPS_PER_TRAIN_PHOTO = 60
+# The photo split is by picture (picture_key), not by file: plasma-workspace-wallpapers
+# ships one picture at several resolutions, mate-backgrounds some at several sizes,
+# gnome-backgrounds light and dark variants. Copy detection is also reported on
+# clip-art queries alone (copy/queries-clipart).
+CROPS_PER_TRAIN_PHOTO = 100
 CROPS_PER_HELDOUT_PHOTO = 8
 COPY_QUERIES = 600
 COPY_DISTRACTORS = 2000
@@ -66,6 +78,7 @@ FEWSHOT_SHOTS = 5
 # at most this many files of a class (seeded), so one class cannot dominate a figure.
 EVAL_PER_CLASS = 60
 COPY_QUERIES_PER_CLASS = 40
+MIN_SPRITE_SIDE = 24  # smaller sprites (tiles, single glyphs) say little
 
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 Image.MAX_IMAGE_PIXELS = None
@@ -136,11 +149,62 @@ def render_emoji() -> list[np.ndarray]:
     return out
 
 
+def heldout_package_files() -> set[Path]:
+    """Files installed by the held-out packages (none when they are not installed)."""
+    files: set[Path] = set()
+    for package in HELDOUT_PACKAGES:
+        listing = Path(f"/var/lib/dpkg/info/{package}.list")
+        if listing.exists():
+            files |= {Path(line) for line in listing.read_text().split("\n") if line}
+    return files
+
+
 def wallpaper_files() -> list[Path]:
     files = []
     for root in WALLPAPER_DIRS:
         files += [p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")]
-    return sorted(set(files))
+    heldout = heldout_package_files()
+    return sorted(p for p in set(files) if p not in heldout and p.resolve() not in heldout)
+
+
+def picture_key(path: Path) -> str:
+    """One key per picture: plasma's `Name/contents/images*/WxH.ext` share `Name`,
+    `Elephants_3840x2160.jpg` is `Elephants.jpg`, gnome's `-l`/`-d` are one picture."""
+    parts = path.parts
+    if "contents" in parts:
+        return str(Path(*parts[: parts.index("contents")]))
+    stem = re.sub(r"_\d+x\d+$", "", path.stem)
+    stem = re.sub(r"-[dl]$", "", stem)
+    return str(path.parent / stem)
+
+
+def tuxpaint_classes() -> dict[str, list[Path]]:
+    """category/subcategory of tuxpaint's stamps -> files (PNG only; SVG duplicates are skipped)."""
+    classes: dict[str, list[Path]] = {}
+    if not TUXPAINT_STAMPS.exists():
+        return classes
+    for path in sorted(TUXPAINT_STAMPS.rglob("*.png")):
+        if path.stem.endswith("_mirror") or "_" + "thumb" in path.stem:
+            continue
+        parts = path.relative_to(TUXPAINT_STAMPS).parts
+        name = "tuxpaint/" + ("/".join(parts[:2]) if len(parts) > 2 else f"{parts[0]}/_")
+        classes.setdefault(name, []).append(path)
+    return {name: files for name, files in classes.items() if len(files) >= 4}
+
+
+def sprite_files() -> list[Path]:
+    files = []
+    for root in SPRITE_DIRS:
+        if root.exists():
+            files += sorted(root.rglob("*.png"))
+    return files
+
+
+def load_sprite(path: Path) -> np.ndarray | None:
+    im = open_small(path, 2 * CACHE)
+    if im is None or min(im.size) < MIN_SPRITE_SIDE or im.getbbox() is None:
+        return None
+    return cache_square(im)
 
 
 def random_crops(path: Path, n: int, side: int, rng: random.Random) -> list[Image.Image]:
@@ -277,6 +341,25 @@ def main() -> None:
     sources = ["openclipart"] * len(images)
     print(f"clip art: {len(images)} training images in {len(train_classes)} classes ({time.time() - started:.0f}s)")
 
+    # Tuxpaint's stamps: every class trains (none of it is evaluated), labelled like clip art.
+    stamps = tuxpaint_classes()
+    stamp_classes = sorted(stamps)
+    stamp_files = [(p, len(train_classes) + c) for c, name in enumerate(stamp_classes) for p in stamps[name]]
+    with Pool(args.workers) as pool:
+        cached = pool.map(load_clipart, [p for p, _ in stamp_files], chunksize=16)
+    kept = [(a, c) for a, (_, c) in zip(cached, stamp_files) if a is not None]
+    images += [a for a, _ in kept]
+    labels += [c for _, c in kept]
+    sources += ["stamps"] * len(kept)
+    print(f"tuxpaint stamps: {len(kept)} images in {len(stamp_classes)} classes ({time.time() - started:.0f}s)")
+
+    with Pool(args.workers) as pool:
+        sprites = [a for a in pool.map(load_sprite, sprite_files(), chunksize=32) if a is not None]
+    images += sprites
+    labels += [-1] * len(sprites)
+    sources += ["sprites"] * len(sprites)
+    print(f"game sprites: {len(sprites)} images")
+
     emoji = render_emoji()
     images += emoji
     labels += [-1] * len(emoji)
@@ -285,10 +368,21 @@ def main() -> None:
 
     photos = wallpaper_files()
     rng = random.Random(args.seed)
-    heldout_photos = set(rng.sample(photos, round(len(photos) * HELDOUT_PHOTO_FRACTION)))
+    pictures = sorted({picture_key(p) for p in photos})
+    heldout_pictures = set(rng.sample(pictures, round(len(pictures) * HELDOUT_PHOTO_FRACTION)))
+    heldout_photos = {p for p in photos if picture_key(p) in heldout_pictures}
+    # One file per picture (the largest on disk) yields its crops, so a picture shipped
+    # at twelve resolutions does not weigh twelve times.
+    source_of: dict[str, Path] = {}
+    for p in photos:
+        key = picture_key(p)
+        if key not in source_of or p.stat().st_size > source_of[key].stat().st_size:
+            source_of[key] = p
     n_crops = 0
     photo_originals = []
     for path in photos:
+        if source_of[picture_key(path)] != path:
+            continue
         if path in heldout_photos:
             for i, crop in enumerate(random_crops(path, CROPS_PER_HELDOUT_PHOTO, 256, rng)):
                 photo_originals.append((f"photo-{len(photo_originals) // 25}", f"{path.stem}-{i}", crop))
@@ -298,11 +392,12 @@ def main() -> None:
             labels.append(-1)
             sources.append("photo")
             n_crops += 1
-    print(f"photos: {len(photos) - len(heldout_photos)} files -> {n_crops} training crops; "
-          f"{len(heldout_photos)} held out ({time.time() - started:.0f}s)")
+    print(f"photos: {len(pictures) - len(heldout_pictures)} pictures -> {n_crops} training crops; "
+          f"{len(heldout_pictures)} of {len(pictures)} pictures ({len(heldout_photos)} files) held out "
+          f"({time.time() - started:.0f}s)")
 
     np.savez(args.out / "train.npz", images=np.stack(images), labels=np.array(labels, dtype=np.int64),
-             sources=np.array(sources), classes=np.array(train_classes))
+             sources=np.array(sources), classes=np.array(train_classes + stamp_classes))
 
     # Copy detection: held-out clip art and photo crops are the originals; training
     # clip art (never a query) fills the gallery with distractors.
@@ -324,8 +419,10 @@ def main() -> None:
         "excluded": list(EXCLUDED_CLASSES) + ["/usr/share/icons (never read)"],
         "openclipart_train_classes": train_classes,
         "openclipart_heldout_classes": heldout,
+        "heldout_packages": list(HELDOUT_PACKAGES),
         "heldout_photos": sorted(str(p) for p in heldout_photos),
-        "train_images": {s: sources.count(s) for s in ("openclipart", "emoji", "photo")},
+        "tuxpaint_classes": stamp_classes,
+        "train_images": {s: sources.count(s) for s in ("openclipart", "stamps", "sprites", "emoji", "photo")},
         "copy_detection": copy,
         "fewshot": fewshot,
         "seconds": round(time.time() - started),

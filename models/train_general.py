@@ -1,8 +1,11 @@
 """Train the general encoder: Siamese learning on augmented views plus supervised
-contrastive learning on the labelled classes.
+contrastive learning on the labelled classes, distilled from an ImageNet-trained
+teacher when its targets are given.
 
     python models/corpus.py --out corpus                          # once (make corpus)
-    python models/train_general.py --corpus corpus --out runs/general
+    python models/teacher_targets.py --corpus corpus              # once: corpus/teacher-160.npy
+    python models/train_general.py --corpus corpus --teacher corpus/teacher-160.npy \
+        --init models/default --out runs/general
     python models/export.py --checkpoint runs/general/last.pt --out models/default
 
 Every step draws a batch of images and makes two random views of each:
@@ -20,6 +23,15 @@ Augmentations are the ones real uploads show, done on the whole batch in torch
 aspect 3/4-4/3), zoom-out padding to other aspect ratios, flip, rotation up to
 15 degrees, transparent and padded areas filled with white, black or a random
 colour, colour jitter, greyscale, Gaussian blur, and JPEG re-encoding (PIL).
+- Distillation term (with `--teacher`): the student's embedding of each
+  strongly augmented view, through a linear map to the teacher's 1280
+  dimensions, must pick out the teacher's embedding of its own *clean* image
+  among the batch's others (InfoNCE, temperature `--distill-temperature`),
+  plus a cosine pull towards it. The contrastive form keeps unrelated images
+  apart where plain regression washed them together (shared/NOTES.md), and the
+  augmentations teach what the teacher never saw: copies that are cropped,
+  framed, overlaid with text or emoji, shrunk into a larger canvas, upscaled
+  from a thumbnail, re-encoded.
 The schedule is a fixed number of steps (one-cycle AdamW), so a run is
 reproducible; it checkpoints every `--checkpoint-every` steps and resumes.
 """
@@ -38,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,14 +62,21 @@ from export import build_model  # noqa: E402
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 FASHION_SEEN = tuple(range(7))
+# Share of each labelled class kept out of training (validation, and the many-labels few-shot bench).
+VAL_FRACTION = 0.07
 
 
-def load_corpus(folder: Path, fashion: bool) -> dict:
+def load_corpus(folder: Path, fashion: bool, teacher: Path | None = None) -> dict:
     data = np.load(folder / "train.npz")
     images, labels = data["images"], data["labels"]
     classes = [str(c) for c in data["classes"]]
     out = {"images": torch.from_numpy(images), "labels": labels, "classes": classes,
            "sources": [str(s) for s in data["sources"]]}
+    if teacher is not None:
+        targets = np.load(teacher).astype(np.float32)
+        if len(targets) != len(labels):
+            raise SystemExit(f"{teacher} has {len(targets)} rows for {len(labels)} images: run teacher_targets.py again")
+        out["teacher"] = torch.from_numpy(targets)
     if fashion:
         fm, fl = fashion_mnist.load("train")
         keep = np.isin(fl, FASHION_SEEN)
@@ -119,13 +138,24 @@ def gather(corpus: dict, refs: list[tuple[str, int]]) -> torch.Tensor:
     return out
 
 
+def teacher_targets(corpus: dict, refs: list[tuple[str, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's embeddings of the batch's clean images, and which refs have one
+    (Fashion-MNIST images have none)."""
+    has = torch.tensor([src == "corpus" for src, _ in refs])
+    out = torch.zeros(len(refs), corpus["teacher"].shape[1])
+    out[has] = corpus["teacher"][[i for src, i in refs if src == "corpus"]]
+    return out, has
+
+
 def random_geometry(n: int, gen: torch.Generator) -> torch.Tensor:
     """Affine matrices (n, 2, 3) for grid_sample: random resized crop or zoom-out
     padding, aspect change, flip, small rotation."""
     u = lambda lo, hi: torch.empty(n).uniform_(lo, hi, generator=gen)  # noqa: E731
-    area = u(0.2, 1.0)
-    zoom_out = torch.rand(n, generator=gen) < 0.2
-    area = torch.where(zoom_out, u(1.2, 2.5), area)  # the image fills less than the view
+    area = u(0.35, 1.0)
+    # The image fills less than the view: a frame or border (1.05-1.5x), or a
+    # screenshot-like larger canvas (up to 3x).
+    zoom_out = torch.rand(n, generator=gen) < 0.3
+    area = torch.where(zoom_out, torch.where(torch.rand(n, generator=gen) < 0.5, u(1.05, 1.5), u(1.5, 3.0)), area)
     log_aspect = u(math.log(3 / 4), math.log(4 / 3))
     log_aspect = torch.where(zoom_out, u(math.log(1 / 2), math.log(2)), log_aspect)
     sx = (area * log_aspect.exp()).sqrt()
@@ -202,6 +232,54 @@ def jpeg(x: torch.Tensor, rng: random.Random, share: float = 0.3) -> torch.Tenso
     return x
 
 
+def overlay(x: torch.Tensor, rgba: torch.Tensor, gen: torch.Generator, share: float = 0.2) -> torch.Tensor:
+    """Pastes another image of the batch (an emoji, a sprite, a photo inset) at
+    12-30% of the side somewhere over `share` of the views."""
+    n, size = x.shape[0], x.shape[-1]
+    pick = torch.rand(n, generator=gen) < share
+    if not pick.any() or n < 2:
+        return x
+    scale = torch.empty(n).uniform_(0.12, 0.3, generator=gen)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    centre = torch.empty(n, 2).uniform_(-0.7, 0.7, generator=gen)
+    theta[:, :, 2] = -centre / scale[:, None]
+    other = rgba.roll(1, 0)
+    grid = F.affine_grid(theta, [n, 4, size, size], align_corners=False)
+    pasted = F.grid_sample(other, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    alpha = pasted[:, 3:4] * pick.float().view(n, 1, 1, 1)
+    return pasted[:, :3] * alpha + x * (1 - alpha)
+
+
+def thumbnail(x: torch.Tensor, gen: torch.Generator, share: float = 0.15) -> torch.Tensor:
+    """A small image upscaled: `share` of the views go down to 16-48 px and back."""
+    pick = torch.rand(x.shape[0], generator=gen) < share
+    if not pick.any():
+        return x
+    side = int(torch.randint(16, 49, (1,), generator=gen))
+    small = F.interpolate(x[pick], size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    x[pick] = F.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x
+
+
+WORDS = ("SALE", "sample", "copy", "2024", "lookalike", "Hello!", "photo", "@user", "NEW", "draft", "#1", "ok")
+
+
+def caption(x: torch.Tensor, rng: random.Random, share: float = 0.1) -> torch.Tensor:
+    """Text drawn over `share` of the views (a watermark, a caption, a meme)."""
+    size = x.shape[-1]
+    for i in range(x.shape[0]):
+        if rng.random() >= share:
+            continue
+        im = Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        font = ImageFont.load_default(size=rng.randint(size // 10, size // 4))
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        ImageDraw.Draw(im).text((rng.randint(0, size // 2), rng.randint(0, size * 3 // 4)), rng.choice(WORDS),
+                                fill=colour, font=font)
+        x[i] = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+    return x
+
+
 def views(rgba: torch.Tensor, size: int, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
     """One random view of each image, normalised for the encoder."""
     n = rgba.shape[0]
@@ -209,7 +287,8 @@ def views(rgba: torch.Tensor, size: int, gen: torch.Generator, rng: random.Rando
     warped = F.grid_sample(rgba, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     alpha = warped[:, 3:4]
     x = warped[:, :3] * alpha + backgrounds(n, gen) * (1 - alpha)  # straight alpha, as cached
-    x = jpeg(blur(colour_jitter(x, gen), gen), rng)
+    x = thumbnail(overlay(x, rgba, gen), gen)
+    x = jpeg(caption(blur(colour_jitter(x, gen), gen), rng), rng)
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
@@ -231,6 +310,15 @@ def supcon(e: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.T
     positive = (labels[:, None] == labels[None, :]) & ~eye
     per_anchor = -(log_prob.masked_fill(~positive, 0).sum(1)) / positive.sum(1).clamp_min(1)
     return per_anchor[positive.any(1)].mean()
+
+
+def distill(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of student views `s` (2n, d) against the teacher's clean targets `t`
+    (n, d), both unit: view i and i + n must pick target i; plus 1 - cosine."""
+    n = t.shape[0]
+    target = torch.arange(n).repeat(2)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, target) + (1 - (s * t[target]).sum(1)).mean()
 
 
 class Projector(nn.Module):
@@ -270,6 +358,18 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
     return {"class_recall_at_1": class_r1, "view_recall_at_1": view_r1}
 
 
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded share of each labelled class, kept out of training (a mask over
+    the corpus). It validates the run, and bench/fewshot.py --regime many builds
+    its few-shot folders from it, so they are never trained on either."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels[labels >= 0]):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        mask[idx[: int(len(idx) * fraction)]] = True
+    return mask
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=Path("corpus"))
@@ -282,17 +382,23 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=16, help="labelled classes per batch")
     ap.add_argument("--k", type=int, default=3, help="images per labelled class")
     ap.add_argument("--instances", type=int, default=48, help="unlabelled draws per batch (any image)")
-    ap.add_argument("--clipart-share", type=float, default=0.45, help="share of the uniform draws from clip art")
-    ap.add_argument("--emoji-share", type=float, default=0.15)
+    ap.add_argument("--clipart-share", type=float, default=0.3, help="share of the uniform draws from clip art")
+    ap.add_argument("--stamps-share", type=float, default=0.1, help="tuxpaint's stamps")
+    ap.add_argument("--sprites-share", type=float, default=0.1, help="game sprites")
+    ap.add_argument("--emoji-share", type=float, default=0.1)
     ap.add_argument("--photo-share", type=float, default=0.3)
     ap.add_argument("--fashion-share", type=float, default=0.1)
+    ap.add_argument("--teacher", type=Path, help="teacher targets (models/teacher_targets.py): distil from them")
+    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--distill-temperature", type=float, default=0.1)
+    ap.add_argument("--init", type=Path, help="a model folder whose encoder.pt starts the run (fine-tune, not from scratch)")
     ap.add_argument("--no-fashion", action="store_true")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     ap.add_argument("--supcon-temperature", type=float, default=0.1)
     ap.add_argument("--supcon-weight", type=float, default=0.5)
-    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -304,29 +410,36 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(args.corpus, fashion=not args.no_fashion)
+    corpus = load_corpus(args.corpus, fashion=not args.no_fashion, teacher=args.teacher)
     labels = corpus["labels"]
-    # Validation: a seeded share of each training clip-art class, kept out of training.
-    vrng = np.random.default_rng(args.seed)
-    val_mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels[labels >= 0]):
-        idx = vrng.permutation(np.flatnonzero(labels == c))
-        val_mask[idx[: int(len(idx) * args.val_fraction)]] = True
+    val_mask = validation_split(labels, args.val_fraction, args.seed)
     val_idx = np.flatnonzero(val_mask)
     train_idx = np.flatnonzero(~val_mask & (labels >= 0))
     keep = ~val_mask
     train_corpus = {**corpus, "images": corpus["images"][torch.from_numpy(keep)], "labels": labels[keep],
                     "sources": [s for s, k in zip(corpus["sources"], keep) if k]}
-    shares = {"openclipart": args.clipart_share, "emoji": args.emoji_share, "photo": args.photo_share,
-              "fashion": args.fashion_share}
+    if "teacher" in corpus:
+        train_corpus["teacher"] = corpus["teacher"][torch.from_numpy(keep)]
+    shares = {"openclipart": args.clipart_share, "stamps": args.stamps_share, "sprites": args.sprites_share,
+              "emoji": args.emoji_share, "photo": args.photo_share, "fashion": args.fashion_share}
     sampler = Sampler(train_corpus, args.p, args.k, args.instances, shares, args.seed)
     print(f"{len(train_corpus['labels'])} corpus images ({int((train_corpus['labels'] >= 0).sum())} labelled, "
           f"{len(sampler.by_class)} classes with Fashion-MNIST), {len(val_idx)} validation", flush=True)
 
     arch = {"name": "shufflenet_v1", "groups": args.groups, "width": args.width, "embedding_dim": args.embedding_dim}
+    init_state = None
+    if args.init:  # the served weights of a model folder, its head's size included
+        init_state = torch.jit.load(str(args.init / "encoder.pt"), map_location="cpu").state_dict()
+        arch["embedding_dim"] = int(init_state["head.weight"].shape[0])
     model = build_model(arch)
-    projector = Projector(args.embedding_dim)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    projector = Projector(arch["embedding_dim"])
     params = list(model.parameters()) + list(projector.parameters())
+    distill_head = None
+    if "teacher" in corpus:  # the student's embedding mapped to the teacher's space, for the loss only
+        distill_head = nn.Linear(arch["embedding_dim"], corpus["teacher"].shape[1])
+        params += list(distill_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     state = {"step": 0, "seconds": 0.0, "history": []}
@@ -335,20 +448,26 @@ def main() -> None:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         projector.load_state_dict(ckpt["projector"])
+        if distill_head is not None:
+            distill_head.load_state_dict(ckpt["distill_head"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         sampler.rng = np.random.default_rng(args.seed + state["step"])
         print(f"resumed from {last} at step {state['step']}", flush=True)
 
-    recipe = {k: getattr(args, k) for k in ("size", "steps", "p", "k", "instances", "clipart_share", "emoji_share",
-                                            "photo_share", "fashion_share", "lr",
+    recipe = {k: getattr(args, k) for k in ("size", "steps", "p", "k", "instances", "clipart_share", "stamps_share",
+                                            "sprites_share", "emoji_share", "photo_share", "fashion_share", "lr",
                                             "weight_decay", "temperature", "supcon_temperature", "supcon_weight",
-                                            "val_fraction", "seed")}
-    recipe.update(optimizer="AdamW", schedule="one-cycle",
-                  losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding",
-                  augmentation="random resized crop 20-100%, zoom-out padding, flip, rotation, white/black/colour "
-                               "background, colour jitter, greyscale, blur, JPEG 30-90")
+                                            "distill_weight", "distill_temperature", "val_fraction", "seed")}
+    recipe.update(optimizer="AdamW", schedule="one-cycle", init=str(args.init) if args.init else None,
+                  teacher=str(args.teacher) if args.teacher else None,
+                  losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding"
+                         + (" + InfoNCE and cosine of each view against the teacher's embedding of the clean image"
+                            if distill_head is not None else ""),
+                  augmentation="random resized crop 35-100%, frames and larger canvases, flip, rotation, "
+                               "white/black/colour background, another image pasted over, thumbnail upscaled, "
+                               "colour jitter, greyscale, blur, text, JPEG 30-90")
     preprocess = {"size": args.size, "channels": 3, "mean": MEAN, "std": STD, "resize": "stretch", "filter": "bilinear"}
     gen = torch.Generator().manual_seed(args.seed + state["step"])
     rng = random.Random(args.seed + state["step"])
@@ -367,32 +486,43 @@ def main() -> None:
         labelled = y >= 0
         sup = supcon(e[labelled], y[labelled], args.supcon_temperature)
         loss = inst + args.supcon_weight * sup
+        dist = torch.zeros(())
+        if distill_head is not None:
+            targets, has = teacher_targets(train_corpus, refs)
+            s_views = F.normalize(distill_head(e), dim=1).view(2, len(refs), -1)[:, has].reshape(-1, targets.shape[1])
+            dist = distill(s_views, targets[has], args.distill_temperature)
+            loss = loss + args.distill_weight * dist
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         state["step"] += 1
         state["seconds"] += time.time() - started
-        losses.append((inst.item(), sup.item()))
+        losses.append((inst.item(), sup.item(), dist.item()))
         if state["step"] % 25 == 0:
-            li, ls = np.mean(losses[-25:], axis=0)
+            li, ls, ld = np.mean(losses[-25:], axis=0)
             rate = 25 * len(x) / (time.time() - window)
             window = time.time()
-            print(f"step {state['step']}/{args.steps}: nt-xent {li:.3f} supcon {ls:.3f} "
+            print(f"step {state['step']}/{args.steps}: nt-xent {li:.3f} supcon {ls:.3f} distill {ld:.3f} "
                   f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} views/s", flush=True)
         if state["step"] % args.checkpoint_every == 0 or state["step"] == args.steps:
             val = validate(model, corpus, val_idx, train_idx, args.size, args.seed)
-            li, ls = np.mean(losses[-args.checkpoint_every:], axis=0)
-            state["history"].append({"step": state["step"], "nt_xent": float(li), "supcon": float(ls), **val,
+            li, ls, ld = np.mean(losses[-args.checkpoint_every:], axis=0)
+            state["history"].append({"step": state["step"], "nt_xent": float(li), "supcon": float(ls),
+                                     "distill": float(ld), **val,
                                      "minutes": round(state["seconds"] / 60, 1)})
             print(f"validation at step {state['step']}: {json.dumps(val)}", flush=True)
             ckpt = {"arch": arch, "preprocess": preprocess, "version": "1",
-                    "training": {"data": "openclipart-png training classes, Noto colour emoji, desktop-background "
-                                         "photo crops, Fashion-MNIST seen classes 0-6 (models/corpus.py)",
+                    "training": {"data": "openclipart-png training classes, tuxpaint stamps, pingus and frozen-bubble "
+                                         "sprites, Noto colour emoji, desktop-background photo crops (split by "
+                                         "picture), Fashion-MNIST seen classes 0-6 (models/corpus.py)"
+                                         + ("; targets from the ImageNet-trained EfficientNet-Lite0 teacher"
+                                            if distill_head is not None else ""),
                                  "train_images": int(len(train_corpus["labels"]) + len(corpus.get("fashion_labels", []))),
                                  "val_images": int(len(val_idx)), "recipe": recipe, "history": state["history"],
                                  "train_seconds": round(state["seconds"]), "threads": torch.get_num_threads()}}
-            torch.save({**ckpt, "model": model.state_dict(), "projector": projector.state_dict(),
+            extra = {"distill_head": distill_head.state_dict()} if distill_head is not None else {}
+            torch.save({**ckpt, **extra, "model": model.state_dict(), "projector": projector.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
                        args.out / "last.tmp")
             (args.out / "last.tmp").replace(last)
