@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
+.PHONY: teacher-check browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ build: setup
 run: build
 	./target/release/lookalike serve
 
-test: build cluster-setup
+test: build cluster-setup teacher-check
 	cargo test $(CARGO_FLAGS)
 	cargo bench --locked --no-run   # benchmarks are not run in CI, but must keep compiling
 	@$(MAKE) --no-print-directory check-cuda-link
@@ -71,6 +71,12 @@ browser-test: build
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	node tests/browser/e2e.mjs
 
+# The EfficientNet-Lite0 port runs the wheel's ImageNet weights as trained
+# (normalisation, padding): known photographs from mate-backgrounds get their class.
+teacher-check: setup
+	@dpkg -s mate-backgrounds >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mate-backgrounds)
+	$(VENV)/bin/python models/check_teacher.py
+
 # When the wheel ships libtorch_cuda, the binary must keep it linked (build.rs),
 # or libtorch would never see a GPU.
 check-cuda-link:
@@ -97,25 +103,43 @@ $(DATASET):
 
 # The general training corpus and evaluation folders (models/corpus.py) from
 # Debian packages: clip art, colour emoji, desktop-background photographs.
-CORPUS_PACKAGES := openclipart-png fonts-noto-color-emoji gnome-backgrounds mate-backgrounds plasma-workspace-wallpapers
+CORPUS_PACKAGES := openclipart-png fonts-noto-color-emoji gnome-backgrounds mate-backgrounds plasma-workspace-wallpapers \
+	tuxpaint-stamps-default pingus-data frozen-bubble-data
 CORPUS := corpus/manifest.json
 
 corpus: $(CORPUS)
 
 $(CORPUS): models/corpus.py | setup dataset
-	@dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CORPUS_PACKAGES))
+	@dpkg -s $(CORPUS_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CORPUS_PACKAGES))
 	$(VENV)/bin/python models/corpus.py --out corpus
 
-# Train the general encoder (models/train_general.py, resumes from
-# $(GENERAL_RUN)/last.pt; about 55 minutes on 2 CPU cores), evaluate it through
-# the Rust code, and export it with its figures as models/default.
+# Distil the ImageNet-trained teacher into the general encoder: the teacher's
+# targets once (models/teacher_targets.py, about 10 minutes), then
+# models/train_general.py from the #14 general model's weights (taken from
+# commit $(GENERAL_INIT_COMMIT), the last one that bundled them), resumable from
+# $(GENERAL_RUN)/last.pt, GENERAL_STEPS steps on one thread (the time is in
+# models/README.md); then evaluated through the Rust code and exported with its
+# figures as models/default.
 GENERAL_RUN := runs/general
 GENERAL_NAME := lookalike-general-shufflenet-v1-g3-w0.5
-train-general: setup corpus
-	$(VENV)/bin/python models/train_general.py --corpus corpus --out $(GENERAL_RUN)
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --trunk-features --name $(GENERAL_NAME) --out $(GENERAL_RUN)/model
+GENERAL_INIT_COMMIT := fe6068d
+GENERAL_STEPS ?= 6000
+GENERAL_THREADS ?= 1
+TEACHER_TARGETS := corpus/teacher-160.npy
+
+$(TEACHER_TARGETS): $(CORPUS) models/teacher_targets.py models/efficientnet_lite.py
+	cd models && ../$(VENV)/bin/python teacher_targets.py --corpus ../corpus --threads $(GENERAL_THREADS)
+
+$(GENERAL_RUN)/init/encoder.pt:
+	mkdir -p $(dir $@)
+	git show $(GENERAL_INIT_COMMIT):models/default/encoder.pt > $@.tmp && mv $@.tmp $@
+
+train-general: setup corpus $(TEACHER_TARGETS) $(GENERAL_RUN)/init/encoder.pt
+	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --init $(GENERAL_RUN)/init \
+		--steps $(GENERAL_STEPS) --lr 1e-3 --threads $(GENERAL_THREADS) --out $(GENERAL_RUN)
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 --out $(GENERAL_RUN)/model
 	$(MAKE) --no-print-directory eval MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --trunk-features --name $(GENERAL_NAME) \
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 \
 		--evaluation $(GENERAL_RUN)/eval.json --out models/default
 
 # Train the Fashion-MNIST encoder (resumes from $(RUN)/last.pt), evaluate it
@@ -131,12 +155,14 @@ train: setup dataset
 MODEL ?= models/default
 EVAL_JSON ?= $(RUN)/eval.json
 VERIFY_SET ?= openclipart-heldout
+EVAL_FLAGS ?=
 eval: build dataset corpus
 	mkdir -p $(dir $(EVAL_JSON))
 	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON) --verification-set $(VERIFY_SET) \
 		--set openclipart-heldout=corpus/eval/openclipart-heldout \
 		--set copy-detection=corpus/eval/copy/gallery,corpus/eval/copy/queries \
-		--set copy-detection-clipart=corpus/eval/copy/gallery,corpus/eval/copy/queries-clipart
+		--set copy-detection-clipart=corpus/eval/copy/gallery,corpus/eval/copy/queries-clipart \
+		--near-duplicate copy-detection,openclipart-heldout $(EVAL_FLAGS)
 
 # Few-shot fine-tuning over HTTP: 5 labelled images per held-out class, one
 # POST /admin/finetune (FINETUNE_PARAMS), other images of those classes before and after.

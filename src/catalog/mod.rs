@@ -93,8 +93,9 @@ pub struct CatalogSettings {
     pub start_embedder: StartEmbedder,
     /// Preprocessing thread budget and image limits, shared by every model.
     pub preprocess: PreprocessPool,
-    /// Cosine distance under which an upload is a near duplicate.
-    pub near_duplicate_distance: f32,
+    /// Cosine distance under which an upload is a near duplicate (0: off);
+    /// `None`: the serving model's calibrated one (`Manifest::near_duplicate_distance`).
+    pub near_duplicate_distance: Option<f32>,
     /// Labelled neighbours that vote for a search's predicted label.
     pub knn_k: usize,
     /// Labels with at most this many items are searched exactly; larger ones

@@ -71,7 +71,7 @@ fn settings_gated(gate: Option<Arc<Gate>>) -> CatalogSettings {
             Embedder::with_encoder(encoder, &version.manifest, policy)
         }),
         preprocess: PreprocessPool::new(Preprocessor::new(manifest.input, limits), 2),
-        near_duplicate_distance: 0.001,
+        near_duplicate_distance: Some(0.001),
         knn_k: 10,
         exact_search_limit: 512,
         unknown_distance: None,

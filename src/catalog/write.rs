@@ -100,7 +100,7 @@ impl Catalog {
                 return Err(CatalogError::Duplicate { position, existing, score });
             }
         }
-        let distance = self.settings.near_duplicate_distance;
+        let distance = self.near_duplicate_distance(active);
         if on_duplicate != OnDuplicate::Reject || distance <= 0.0 {
             return Ok(());
         }
@@ -145,6 +145,13 @@ impl Catalog {
         .await
     }
 
+    /// The configured near-duplicate distance, else the serving model's calibrated one, else 0 (off).
+    fn near_duplicate_distance(&self, active: &ActiveModel) -> f32 {
+        self.settings
+            .near_duplicate_distance
+            .unwrap_or_else(|| active.version.manifest.near_duplicate_distance.unwrap_or(0.0))
+    }
+
     /// The most similar stored item, when it is within the near-duplicate
     /// distance (a distance of 0 turns this off).
     async fn nearest_duplicate(
@@ -152,10 +159,11 @@ impl Catalog {
         active: &ActiveModel,
         embedding: &[f32],
     ) -> Result<Option<NearDuplicate>, CatalogError> {
-        if self.settings.near_duplicate_distance <= 0.0 {
+        let distance = self.near_duplicate_distance(active);
+        if distance <= 0.0 {
             return Ok(None);
         }
-        let threshold = 1.0 - self.settings.near_duplicate_distance;
+        let threshold = 1.0 - distance;
         let best = active.index.search(embedding, 1, None).await?.into_iter().next();
         Ok(best.filter(|hit| hit.score >= threshold).map(|hit| NearDuplicate { id: hit.id, score: hit.score }))
     }

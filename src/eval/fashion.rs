@@ -37,9 +37,15 @@ struct Embedded {
     labels: Vec<i64>,
 }
 
-pub fn evaluate(dir: &Path, pre: &Preprocessor, encoder: &mut TorchEncoder) -> anyhow::Result<FashionReport> {
-    let train = embed_split(dir, "train", pre, encoder)?;
-    let test = embed_split(dir, "t10k", pre, encoder)?;
+/// `every`: keep every `every`-th image of each split (1: all of them).
+pub fn evaluate(
+    dir: &Path,
+    every: usize,
+    pre: &Preprocessor,
+    encoder: &mut TorchEncoder,
+) -> anyhow::Result<FashionReport> {
+    let train = embed_split(dir, "train", every, pre, encoder)?;
+    let test = embed_split(dir, "t10k", every, pre, encoder)?;
     Ok(FashionReport {
         seen: split_report("Fashion-MNIST seen 0-6", &test, &train, |l| SEEN.contains(&l)),
         unseen: split_report("Fashion-MNIST unseen 7-9", &test, &train, |l| UNSEEN.contains(&l)),
@@ -49,8 +55,16 @@ pub fn evaluate(dir: &Path, pre: &Preprocessor, encoder: &mut TorchEncoder) -> a
     })
 }
 
-fn embed_split(dir: &Path, prefix: &str, pre: &Preprocessor, encoder: &mut TorchEncoder) -> anyhow::Result<Embedded> {
-    let split = fashion_mnist::load(dir, prefix)?;
+fn embed_split(
+    dir: &Path,
+    prefix: &str,
+    every: usize,
+    pre: &Preprocessor,
+    encoder: &mut TorchEncoder,
+) -> anyhow::Result<Embedded> {
+    let mut split = fashion_mnist::load(dir, prefix)?;
+    split.images = split.images.into_iter().step_by(every).collect();
+    split.labels = split.labels.into_iter().step_by(every).collect();
     let mut model = Vec::with_capacity(split.images.len());
     for chunk in split.images.chunks(BATCH) {
         let mut pixels = Vec::with_capacity(chunk.len() * pre.input_len());

@@ -5,6 +5,7 @@
 
 pub mod fashion;
 pub mod fashion_mnist;
+pub mod near_duplicate;
 pub mod folders;
 pub mod metrics;
 
@@ -42,6 +43,10 @@ pub struct EvalConfig {
     /// Skip Fashion-MNIST (evaluate folder sets only).
     #[arg(long)]
     pub no_fashion_mnist: bool,
+    /// Keep every Nth Fashion-MNIST image of each split (1: all 70,000); for
+    /// models too slow on a CPU for the whole set (the 224 px teacher).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fashion_mnist_every: u32,
     /// An image-folder set, repeatable: `NAME=DIR` (each class sub-folder split into
     /// gallery and queries with `--seed`) or `NAME=GALLERY_DIR,QUERY_DIR`. A gallery
     /// class with no queries is a distractor (copy detection: one original per class).
@@ -57,6 +62,11 @@ pub struct EvalConfig {
     /// (default: fashion-mnist when evaluated, else the first set).
     #[arg(long)]
     pub verification_set: Option<String>,
+    /// Calibrate the near-duplicate distance: `COPIES,CLASSMATES`, two evaluated
+    /// sets (altered copies of their gallery's originals; classes whose distinct
+    /// images must not count as duplicates).
+    #[arg(long)]
+    pub near_duplicate: Option<String>,
     /// Skip the throughput measurement.
     #[arg(long)]
     pub no_throughput: bool,
@@ -98,6 +108,8 @@ pub struct EvalReport {
     pub verification: Verification,
     pub verification_set: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub near_duplicate: Option<near_duplicate::NearDuplicateCalibration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub throughput: Option<Throughput>,
     pub seconds: f64,
 }
@@ -116,12 +128,15 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
     let fashion = if config.no_fashion_mnist {
         None
     } else {
-        Some(fashion::evaluate(&config.data, &preprocessor, &mut encoder)?)
+        Some(fashion::evaluate(&config.data, config.fashion_mnist_every as usize, &preprocessor, &mut encoder)?)
     };
-    let mut sets = Vec::new();
+    let (mut sets, mut embedded) = (Vec::new(), Vec::new());
     for set in &config.sets {
-        sets.push(evaluate_set(set, config, &preprocessor, &mut encoder)?);
+        let (report, vectors) = evaluate_set(set, config, &preprocessor, &mut encoder)?;
+        sets.push(report);
+        embedded.push((set.name.clone(), vectors));
     }
+    let near_duplicate = config.near_duplicate.as_deref().map(|spec| calibrate_near_duplicate(spec, &embedded)).transpose()?;
     let (verification_set, verification) = chosen_verification(config, fashion.as_ref(), &sets)?;
     let throughput =
         if config.no_throughput { None } else { Some(throughput(&mut encoder, preprocessor.input_len())?) };
@@ -131,6 +146,7 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
         sets,
         verification,
         verification_set,
+        near_duplicate,
         throughput,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -159,6 +175,29 @@ fn chosen_verification(
     Ok((name, verification))
 }
 
+/// The share of class-mate pairs the calibrated near-duplicate distance may flag.
+const NEAR_DUPLICATE_MAX_FALSE_POSITIVES: f64 = 0.01;
+
+fn calibrate_near_duplicate(
+    spec: &str,
+    embedded: &[(String, near_duplicate::Embedded)],
+) -> anyhow::Result<near_duplicate::NearDuplicateCalibration> {
+    let (copies, classmates) =
+        spec.split_once(',').ok_or_else(|| anyhow::anyhow!("--near-duplicate takes COPIES,CLASSMATES"))?;
+    let find = |name: &str| {
+        embedded
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e)
+            .ok_or_else(|| anyhow::anyhow!("--near-duplicate: no evaluated set named '{name}'"))
+    };
+    Ok(near_duplicate::calibrate(
+        (copies, find(copies)?),
+        (classmates, find(classmates)?),
+        NEAR_DUPLICATE_MAX_FALSE_POSITIVES,
+    ))
+}
+
 /// One decoded file: the encoder's input and the raw-pixel vector.
 struct Prepared {
     pixels: Vec<f32>,
@@ -170,7 +209,7 @@ fn evaluate_set(
     config: &EvalConfig,
     pre: &Preprocessor,
     encoder: &mut TorchEncoder,
-) -> anyhow::Result<SetReport> {
+) -> anyhow::Result<(SetReport, near_duplicate::Embedded)> {
     let files = folders::list(set, config.query_fraction, config.seed)?;
     let (gallery, g_labels, g_skipped) = prepare_all(&files.gallery, pre);
     let (queries, q_labels, q_skipped) = prepare_all(&files.queries, pre);
@@ -185,7 +224,7 @@ fn evaluate_set(
     };
     let (g_model, q_model) = (embed(encoder, &gallery)?, embed(encoder, &queries)?);
     let (g_raw, q_raw) = centred_raw(&gallery, &queries);
-    Ok(SetReport {
+    let report = SetReport {
         name: set.name.clone(),
         queries: q_labels.len(),
         gallery: g_labels.len(),
@@ -193,7 +232,14 @@ fn evaluate_set(
         model: retrieval(&q_model, &q_labels, &g_model, &g_labels),
         raw_pixels: retrieval(&q_raw, &q_labels, &g_raw, &g_labels),
         verification: Some(metrics::pair_verification(&q_model, &q_labels, &g_model, &g_labels, MAX_PAIRS)),
-    })
+    };
+    let vectors = near_duplicate::Embedded {
+        queries: q_model,
+        query_labels: q_labels,
+        gallery: g_model,
+        gallery_labels: g_labels,
+    };
+    Ok((report, vectors))
 }
 
 /// Decodes and prepares files on every core; returns the prepared ones, their
@@ -317,6 +363,12 @@ pub fn render(report: &EvalReport) -> String {
         "verification threshold {:.4} (balanced accuracy {:.4}, ROC AUC {:.4}) calibrated on {}\n",
         v.threshold, v.balanced_accuracy, v.roc_auc, report.verification_set
     );
+    if let Some(n) = &report.near_duplicate {
+        out += &format!(
+            "near-duplicate distance {:.4}: {:.3} of {} altered copies ({}) within it, {:.4} of {} class-mate pairs ({})\n",
+            n.distance, n.recall, n.copy_pairs, n.copies_set, n.false_positive_rate, n.classmate_pairs, n.classmates_set
+        );
+    }
     if let Some(t) = &report.throughput {
         out += &format!(
             "throughput: {:.0} images/s at batch 1, {:.0} at batch 32 ({} threads, CPU, fp32)\n",

@@ -103,6 +103,20 @@ impl Default for FinetuneParams {
 }
 
 impl FinetuneParams {
+    /// A request body (a JSON object; empty or blank for the defaults) over the
+    /// model's own defaults (`finetune_defaults` in its manifest), over ours.
+    pub fn from_request(
+        body: &[u8],
+        model_defaults: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, serde_json::Error> {
+        let mut merged = model_defaults.clone();
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            let request: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)?;
+            merged.extend(request);
+        }
+        serde_json::from_value(serde_json::Value::Object(merged))
+    }
+
     /// Checks ranges; the message names the offending field.
     pub fn validate(&self) -> Result<(), InvalidParams> {
         let check = |ok: bool, rule: &'static str| if ok { Ok(()) } else { Err(InvalidParams(rule)) };

@@ -239,6 +239,9 @@ fn new_manifest(job: &JobRecord, base: &ModelVersion, trained: &train::Outcome, 
     let mut manifest = base.manifest.clone();
     manifest.trained = true;
     manifest.verification_threshold = Some(chosen.validation.threshold);
+    // Calibrated for the parent's space: a job pulls class-mates together, so
+    // it no longer holds (`--near-duplicate-distance` still sets one).
+    manifest.near_duplicate_distance = None;
     // The parent's training and evaluation figures do not describe this model.
     manifest.extra.remove("training");
     manifest.extra.remove("evaluation");
