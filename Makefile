@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: teacher-check browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
+.PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
 
 setup: $(STAMP)
 
@@ -115,30 +115,23 @@ $(CORPUS): models/corpus.py | setup dataset
 
 # Distil the ImageNet-trained teacher into the general encoder: the teacher's
 # targets once (models/teacher_targets.py, about 10 minutes), then
-# models/train_general.py from the #14 general model's weights (taken from
-# commit $(GENERAL_INIT_COMMIT), the last one that bundled them), resumable from
-# $(GENERAL_RUN)/last.pt, GENERAL_STEPS steps on one thread (the time is in
-# models/README.md); then evaluated through the Rust code and exported with its
-# figures as models/default.
+# models/train_general.py from scratch (resumable from $(GENERAL_RUN)/last.pt),
+# GENERAL_STEPS steps on GENERAL_THREADS threads (the time is in models/README.md),
+# then evaluated through the Rust code and exported with its figures as models/default.
 GENERAL_RUN := runs/general
 GENERAL_NAME := lookalike-general-shufflenet-v1-g3-w0.5
-GENERAL_INIT_COMMIT := fe6068d
-GENERAL_STEPS ?= 6000
+GENERAL_STEPS ?= 4500
 GENERAL_THREADS ?= 1
 TEACHER_TARGETS := corpus/teacher-160.npy
 
 $(TEACHER_TARGETS): $(CORPUS) models/teacher_targets.py models/efficientnet_lite.py
-	cd models && ../$(VENV)/bin/python teacher_targets.py --corpus ../corpus --threads $(GENERAL_THREADS)
+	cd models && ../$(VENV)/bin/python teacher_targets.py --corpus ../corpus
 
-$(GENERAL_RUN)/init/encoder.pt:
-	mkdir -p $(dir $@)
-	git show $(GENERAL_INIT_COMMIT):models/default/encoder.pt > $@.tmp && mv $@.tmp $@
-
-train-general: setup corpus $(TEACHER_TARGETS) $(GENERAL_RUN)/init/encoder.pt
-	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --init $(GENERAL_RUN)/init \
-		--steps $(GENERAL_STEPS) --lr 1e-3 --threads $(GENERAL_THREADS) --out $(GENERAL_RUN)
+train-general: setup corpus $(TEACHER_TARGETS)
+	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
+		--steps $(GENERAL_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_RUN)
 	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 --out $(GENERAL_RUN)/model
-	$(MAKE) --no-print-directory eval MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
+	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
 	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 \
 		--evaluation $(GENERAL_RUN)/eval.json --out models/default
 
@@ -147,16 +140,28 @@ train-general: setup corpus $(TEACHER_TARGETS) $(GENERAL_RUN)/init/encoder.pt
 train: setup dataset
 	$(VENV)/bin/python models/train.py --out $(RUN)
 	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --out $(RUN)/model
-	$(MAKE) --no-print-directory eval MODEL=$(RUN)/model EVAL_JSON=$(RUN)/eval.json VERIFY_SET=fashion-mnist
+	$(MAKE) --no-print-directory eval-model MODEL=$(RUN)/model EVAL_JSON=$(RUN)/eval.json VERIFY_SET=fashion-mnist
 	$(VENV)/bin/python models/export.py --checkpoint $(RUN)/best.pt --evaluation $(RUN)/eval.json --out models/fashion-mnist
 
-# One table: Fashion-MNIST seen/unseen, openclipart's held-out classes, copy
-# detection among distractors, throughput; raw pixels beside every row.
+# `make eval`: the bundled models side by side (models/eval_table.py): Fashion-MNIST
+# seen/unseen, openclipart's held-out classes, copy detection among distractors,
+# /verify and near-duplicate calibration, throughput; raw pixels beside every row.
+# The 224 px teacher sees every 10th Fashion-MNIST image (70,000 would take an hour).
+# `make eval-model MODEL=folder` measures one model (EVAL_JSON: where its report goes).
+EVAL_DIR := runs/eval
+EVAL_MODELS := fashion-mnist default efficientnet-lite0
+eval: build dataset corpus
+	@for m in $(EVAL_MODELS); do \
+		flags=$$( [ $$m = efficientnet-lite0 ] && echo '--fashion-mnist-every 10' ); \
+		$(MAKE) --no-print-directory eval-model MODEL=models/$$m EVAL_JSON=$(EVAL_DIR)/$$m.json EVAL_FLAGS="$$flags" || exit 1; \
+	done
+	$(VENV)/bin/python models/eval_table.py $(foreach m,$(EVAL_MODELS),$(EVAL_DIR)/$(m).json)
+
 MODEL ?= models/default
 EVAL_JSON ?= $(RUN)/eval.json
 VERIFY_SET ?= openclipart-heldout
 EVAL_FLAGS ?=
-eval: build dataset corpus
+eval-model: build dataset corpus
 	mkdir -p $(dir $(EVAL_JSON))
 	./target/release/lookalike eval --model $(MODEL) --json $(EVAL_JSON) --verification-set $(VERIFY_SET) \
 		--set openclipart-heldout=corpus/eval/openclipart-heldout \

@@ -20,12 +20,18 @@ Held out, never written to the training cache:
 - a seeded 30% of the wallpaper *pictures* (copy detection on photographs): a
   picture shipped at several resolutions or in light and dark variants is one
   picture, held out or trained on as a whole;
+- any training image (clip art, stamps, sprites) that is a near-identical twin
+  of a held-out image (openclipart repeats files across folders, and some
+  tuxpaint stamps are openclipart drawings): dropped by a 16 x 16 thumbnail
+  comparison, and stamps whose SVG names openclipart are skipped outright;
 - the wallpaper packages kept for the independent evaluation (HELDOUT_PACKAGES),
   should they be installed: their files are never read.
 
 Writes:
 - corpus/train.npz: RGBA uint8 images (N, 4, CACHE, CACHE), stretched to a square
-  as the service stretches them, class ids (-1: no class, instance only), sources;
+  as the service stretches them, class ids (-1: no class, instance only), sources,
+  and `val`: the validation rows the trainer keeps out (a seeded VAL_FRACTION of
+  each clip-art and stamp class), which bench/fewshot.py --regime many uses;
 - corpus/eval/openclipart-heldout/<class>/: links to the held-out classes' files;
 - corpus/eval/copy/{gallery,queries}/<instance>/: originals of held-out clip art and
   photo crops among distractors, and one transformed copy of each query original;
@@ -65,6 +71,11 @@ CACHE = 128  # side of the cached training images (the trainer crops and resizes
 MAX_PIXELS = 4096 * 4096  # larger files are skipped (the service's default limits refuse the largest too)
 HELDOUT_CLASS_FRACTION = 0.2
 HELDOUT_PHOTO_FRACTION = 0.3
+VAL_FRACTION = 0.07  # of each labelled class: the trainer's validation, never trained on
+TWIN_SIDE = 16
+TWIN_RMS = 10.0  # RMS difference (0-255) of 16 x 16 grey thumbnails under which two images may be one drawing
+TWIN_CORRELATION = 0.97  # ... and the correlation of their shapes above which they are
+TWIN_MIN_STD = 3.0  # thumbnails flatter than this (blank, a plain gradient) are not compared
 # The photo split is by picture (picture_key), not by file: plasma-workspace-wallpapers
 # ships one picture at several resolutions, mate-backgrounds some at several sizes,
 # gnome-backgrounds light and dark variants. Copy detection is also reported on
@@ -174,8 +185,70 @@ def picture_key(path: Path) -> str:
     if "contents" in parts:
         return str(Path(*parts[: parts.index("contents")]))
     stem = re.sub(r"_\d+x\d+$", "", path.stem)
-    stem = re.sub(r"-[dl]$", "", stem)
-    return str(path.parent / stem)
+    stem = re.sub(r"-([dl]|dark|light)$", "", stem, flags=re.IGNORECASE)
+    stem = re.sub(r"^(ubuntu-mate)-.*-no-logo$", r"\1-no-logo", stem, flags=re.IGNORECASE)  # recolours
+    stem = re.sub(r"^mate-stripes$", "stripes", stem, flags=re.IGNORECASE)
+    return str(path.parent / stem.lower())
+
+
+def validation_rows(labels: list[int], seed: int) -> np.ndarray:
+    """A seeded VAL_FRACTION of each class (a mask over `labels`)."""
+    arr = np.array(labels)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(arr), dtype=bool)
+    for c in np.unique(arr):
+        idx = rng.permutation(np.flatnonzero(arr == c))
+        mask[idx[: int(len(idx) * VAL_FRACTION)]] = True
+    return mask
+
+
+def thumb(path: Path) -> np.ndarray | None:
+    """A 16 x 16 grey thumbnail over white, for spotting twins of held-out images."""
+    im = open_small(path, 64)
+    if im is None:
+        return None
+    return np.asarray(on_white(im).convert("L").resize((TWIN_SIDE, TWIN_SIDE), Image.BILINEAR), dtype=np.float32).ravel()
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean(1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
+
+
+class TwinFilter:
+    """Finds training candidates that are near-identical copies of held-out
+    images: a 16 x 16 thumbnail within TWIN_RMS of a held-out one *and*
+    correlated above TWIN_CORRELATION with it (so two mostly white, unrelated
+    drawings do not count); blank thumbnails say nothing and never match."""
+
+    def __init__(self, heldout_files: list[Path], workers: int):
+        with Pool(workers) as pool:
+            thumbs = [t for t in pool.map(thumb, heldout_files, chunksize=32) if t is not None]
+        self.heldout = np.stack(thumbs)
+        self.norms = (self.heldout ** 2).sum(1)
+        self.shapes = standardised(self.heldout)
+
+    def twins(self, files: list[Path], workers: int) -> set[Path]:
+        with Pool(workers) as pool:
+            thumbs = pool.map(thumb, files, chunksize=32)
+        found = set()
+        for start in range(0, len(files), 1024):
+            part = [(f, t) for f, t in zip(files[start:start + 1024], thumbs[start:start + 1024])
+                    if t is not None and t.std() >= TWIN_MIN_STD]
+            if not part:
+                continue
+            x = np.stack([t for _, t in part])
+            d2 = (x ** 2).sum(1)[:, None] + self.norms[None, :] - 2 * x @ self.heldout.T
+            rms = np.sqrt(np.maximum(d2, 0) / x.shape[1])
+            twin = ((rms < TWIN_RMS) & (standardised(x) @ self.shapes.T > TWIN_CORRELATION)).any(1)
+            found |= {f for (f, _), t in zip(part, twin) if t}
+        return found
+
+
+def names_openclipart(png: Path) -> bool:
+    """A tuxpaint stamp whose SVG source credits openclipart (possibly a held-out drawing)."""
+    svg = png.with_suffix(".svg")
+    return svg.exists() and "openclipart" in svg.read_text(errors="ignore").lower()
 
 
 def tuxpaint_classes() -> dict[str, list[Path]]:
@@ -184,7 +257,7 @@ def tuxpaint_classes() -> dict[str, list[Path]]:
     if not TUXPAINT_STAMPS.exists():
         return classes
     for path in sorted(TUXPAINT_STAMPS.rglob("*.png")):
-        if path.stem.endswith("_mirror") or "_" + "thumb" in path.stem:
+        if path.stem.endswith("_mirror") or "_" + "thumb" in path.stem or names_openclipart(path):
             continue
         parts = path.relative_to(TUXPAINT_STAMPS).parts
         name = "tuxpaint/" + ("/".join(parts[:2]) if len(parts) > 2 else f"{parts[0]}/_")
@@ -302,7 +375,7 @@ def write_copy_detection(out: Path, originals: list[tuple[str, str, Image.Image]
         if i in query_ids:
             (out / "queries" / f"{i:05d}").mkdir(parents=True)
             save_jpeg(transformed_copy(im, rng), out / "queries" / f"{i:05d}" / "copy.jpg", rng.randint(30, 90))
-            if not group.startswith("photo-"):  # clip-art copies alone (see PHOTO_SPLIT_NOTE)
+            if not group.startswith("photo-"):  # clip-art copies alone
                 link((out / "queries" / f"{i:05d}" / "copy.jpg").resolve(), out / "queries-clipart" / f"{i:05d}" / "copy.jpg")
     for j, (name, im) in enumerate(distractors):
         folder = out / "gallery" / f"d{j:05d}"
@@ -333,36 +406,55 @@ def main() -> None:
         for i, p in sorted(cap_rng.sample(files, min(EVAL_PER_CLASS, len(files)))):
             link(p, args.out / "eval" / "openclipart-heldout" / name.replace("/", "--") / f"{i:04d}-{p.name}")
 
+    # Twins of held-out drawings never train: the held-out classes and computer/icons.
+    heldout_files = [p for name in heldout for p in classes[name]]
+    heldout_files += sorted((OPENCLIPART / EXCLUDED_CLASSES[0]).rglob("*.png"))
+    twin_filter = TwinFilter(heldout_files, args.workers)
+
     train_files = [(p, c) for c, name in enumerate(train_classes) for p in classes[name]]
     with Pool(args.workers) as pool:
         cached = pool.map(load_clipart, [p for p, _ in train_files], chunksize=32)
-    images = [a for a in cached if a is not None]
-    labels = [c for a, (_, c) in zip(cached, train_files) if a is not None]
+    loaded = [(a, p, c) for a, (p, c) in zip(cached, train_files) if a is not None]
+    clip_twins = twin_filter.twins([p for _, p, _ in loaded], args.workers)
+    kept = [(a, c) for a, p, c in loaded if p not in clip_twins]
+    images = [a for a, _ in kept]
+    labels = [c for _, c in kept]
+    val = validation_rows(labels, args.seed).tolist()
     sources = ["openclipart"] * len(images)
-    print(f"clip art: {len(images)} training images in {len(train_classes)} classes ({time.time() - started:.0f}s)")
+    print(f"clip art: {len(images)} training images in {len(train_classes)} classes, {sum(val)} of them validation; "
+          f"{len(clip_twins)} twins of held-out images dropped ({time.time() - started:.0f}s)")
 
     # Tuxpaint's stamps: every class trains (none of it is evaluated), labelled like clip art.
     stamps = tuxpaint_classes()
     stamp_classes = sorted(stamps)
     stamp_files = [(p, len(train_classes) + c) for c, name in enumerate(stamp_classes) for p in stamps[name]]
+    twins = twin_filter.twins([p for p, _ in stamp_files], args.workers)
     with Pool(args.workers) as pool:
         cached = pool.map(load_clipart, [p for p, _ in stamp_files], chunksize=16)
-    kept = [(a, c) for a, (_, c) in zip(cached, stamp_files) if a is not None]
+    kept = [(a, c) for a, (p, c) in zip(cached, stamp_files) if a is not None and p not in twins]
+    stamp_val = validation_rows([c for _, c in kept], args.seed + 5)
     images += [a for a, _ in kept]
     labels += [c for _, c in kept]
+    val += stamp_val.tolist()
     sources += ["stamps"] * len(kept)
-    print(f"tuxpaint stamps: {len(kept)} images in {len(stamp_classes)} classes ({time.time() - started:.0f}s)")
+    print(f"tuxpaint stamps: {len(kept)} images in {len(stamp_classes)} classes, {int(stamp_val.sum())} validation; "
+          f"{len(twins)} twins of held-out images dropped ({time.time() - started:.0f}s)")
 
+    sprite_paths = sprite_files()
+    twins = twin_filter.twins(sprite_paths, args.workers)
     with Pool(args.workers) as pool:
-        sprites = [a for a in pool.map(load_sprite, sprite_files(), chunksize=32) if a is not None]
+        sprites = [a for a in pool.map(load_sprite, [p for p in sprite_paths if p not in twins], chunksize=32)
+                   if a is not None]
     images += sprites
     labels += [-1] * len(sprites)
+    val += [False] * len(sprites)
     sources += ["sprites"] * len(sprites)
-    print(f"game sprites: {len(sprites)} images")
+    print(f"game sprites: {len(sprites)} images; {len(twins)} twins of held-out images dropped")
 
     emoji = render_emoji()
     images += emoji
     labels += [-1] * len(emoji)
+    val += [False] * len(emoji)
     sources += ["emoji"] * len(emoji)
     print(f"emoji: {len(emoji)} glyphs")
 
@@ -390,6 +482,7 @@ def main() -> None:
         for crop in random_crops(path, CROPS_PER_TRAIN_PHOTO, 2 * CACHE, rng):
             images.append(cache_square(crop))
             labels.append(-1)
+            val.append(False)
             sources.append("photo")
             n_crops += 1
     print(f"photos: {len(pictures) - len(heldout_pictures)} pictures -> {n_crops} training crops; "
@@ -397,7 +490,7 @@ def main() -> None:
           f"({time.time() - started:.0f}s)")
 
     np.savez(args.out / "train.npz", images=np.stack(images), labels=np.array(labels, dtype=np.int64),
-             sources=np.array(sources), classes=np.array(train_classes + stamp_classes))
+             sources=np.array(sources), classes=np.array(train_classes + stamp_classes), val=np.array(val))
 
     # Copy detection: held-out clip art and photo crops are the originals; training
     # clip art (never a query) fills the gallery with distractors.
@@ -408,7 +501,8 @@ def main() -> None:
             if im is not None:
                 clip_originals.append((name, p.stem, im))
     distractor_rng = random.Random(args.seed + 3)
-    distractor_files = distractor_rng.sample([p for p, _ in train_files], COPY_DISTRACTORS + 200)
+    # A twin of a held-out original would be a second right answer: not a distractor.
+    distractor_files = distractor_rng.sample([p for p, _ in train_files if p not in clip_twins], COPY_DISTRACTORS + 200)
     distractors = [(p.stem, im) for p in distractor_files if (im := open_small(p, 512)) is not None][:COPY_DISTRACTORS]
     copy = write_copy_detection(args.out / "eval" / "copy", clip_originals + photo_originals, distractors, args.seed)
     fewshot = write_fewshot(args.out / "eval" / "fewshot", classes, heldout, args.seed)

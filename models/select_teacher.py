@@ -80,9 +80,12 @@ def main() -> None:
     pool = [p for n in train_classes for p in classes[n]]
     gallery = [im for p in rng.sample(pool, 1300) if (im := corpus_lib.open_small(p, 512)) is not None][:1000]
     heldout = set(manifest["heldout_photos"])
-    photos = [p for p in corpus_lib.wallpaper_files() if str(p) not in heldout]
-    for p in rng.sample(photos, 25):
-        gallery += corpus_lib.random_crops(p, 8, 256, rng)
+    pictures: dict[str, Path] = {}  # one file per training picture (not one per resolution)
+    for p in corpus_lib.wallpaper_files():
+        if str(p) not in heldout:
+            pictures.setdefault(corpus_lib.picture_key(p), p)
+    for key in rng.sample(sorted(pictures), 25):
+        gallery += corpus_lib.random_crops(pictures[key], 8, 256, rng)
     query_ids = rng.sample(range(len(gallery)), 300)
     queries = [corpus_lib.transformed_copy(gallery[i], rng) for i in query_ids]
     print(f"class retrieval: {len(cls_images)} images in 40 classes; copies: {len(queries)} among {len(gallery)}")

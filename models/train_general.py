@@ -62,8 +62,8 @@ from export import build_model  # noqa: E402
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.229, 0.224, 0.225]
 FASHION_SEEN = tuple(range(7))
-# Share of each labelled class kept out of training (validation, and the many-labels few-shot bench).
-VAL_FRACTION = 0.07
+# Share of each labelled class kept out of training when the corpus names no validation rows.
+VAL_FRACTION = 0.05
 
 
 def load_corpus(folder: Path, fashion: bool, teacher: Path | None = None) -> dict:
@@ -72,6 +72,8 @@ def load_corpus(folder: Path, fashion: bool, teacher: Path | None = None) -> dic
     classes = [str(c) for c in data["classes"]]
     out = {"images": torch.from_numpy(images), "labels": labels, "classes": classes,
            "sources": [str(s) for s in data["sources"]]}
+    if "val" in data:
+        out["val"] = data["val"]
     if teacher is not None:
         targets = np.load(teacher).astype(np.float32)
         if len(targets) != len(labels):
@@ -312,12 +314,16 @@ def supcon(e: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.T
     return per_anchor[positive.any(1)].mean()
 
 
-def distill(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE of student views `s` (2n, d) against the teacher's clean targets `t`
-    (n, d), both unit: view i and i + n must pick target i; plus 1 - cosine."""
+    (n, d), both unit: view i and i + n must pick target i, among the targets of
+    *other* images (`ids`: the image of each target, as a batch can draw one
+    twice); plus 1 - cosine."""
     n = t.shape[0]
     target = torch.arange(n).repeat(2)
     logits = s @ t.T / temperature
+    same_image = (ids[target][:, None] == ids[None, :]) & (target[:, None] != torch.arange(n)[None, :])
+    logits = logits.masked_fill(same_image, float("-inf"))
     return F.cross_entropy(logits, target) + (1 - (s * t[target]).sum(1)).mean()
 
 
@@ -360,8 +366,7 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """A seeded share of each labelled class, kept out of training (a mask over
-    the corpus). It validates the run, and bench/fewshot.py --regime many builds
-    its few-shot folders from it, so they are never trained on either."""
+    the corpus), for a corpus that does not name its validation rows."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels[labels >= 0]):
@@ -377,7 +382,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--embedding-dim", type=int, default=128)
+    ap.add_argument("--embedding-dim", type=int, default=128,
+                    help="0: the pooled trunk features themselves (an identity head of their size)")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--p", type=int, default=16, help="labelled classes per batch")
     ap.add_argument("--k", type=int, default=3, help="images per labelled class")
@@ -412,7 +418,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(args.corpus, fashion=not args.no_fashion, teacher=args.teacher)
     labels = corpus["labels"]
-    val_mask = validation_split(labels, args.val_fraction, args.seed)
+    # The corpus names its validation rows (images no model here trained on); else a seeded share.
+    val_mask = corpus["val"] if "val" in corpus else validation_split(labels, args.val_fraction, args.seed)
     val_idx = np.flatnonzero(val_mask)
     train_idx = np.flatnonzero(~val_mask & (labels >= 0))
     keep = ~val_mask
@@ -431,7 +438,15 @@ def main() -> None:
     if args.init:  # the served weights of a model folder, its head's size included
         init_state = torch.jit.load(str(args.init / "encoder.pt"), map_location="cpu").state_dict()
         arch["embedding_dim"] = int(init_state["head.weight"].shape[0])
-    model = build_model(arch)
+    if arch["embedding_dim"] == 0:  # serve (and train) the pooled trunk: an identity head of its size
+        arch["embedding_dim"] = build_model({**arch, "embedding_dim": 1}).feature_dim
+        arch["served"] = "pooled trunk features (identity-initialised head)"
+        model = build_model(arch)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.eye(arch["embedding_dim"]))
+            model.head.bias.zero_()
+    else:
+        model = build_model(arch)
     if init_state is not None:
         model.load_state_dict(init_state)
     projector = Projector(arch["embedding_dim"])
@@ -490,7 +505,8 @@ def main() -> None:
         if distill_head is not None:
             targets, has = teacher_targets(train_corpus, refs)
             s_views = F.normalize(distill_head(e), dim=1).view(2, len(refs), -1)[:, has].reshape(-1, targets.shape[1])
-            dist = distill(s_views, targets[has], args.distill_temperature)
+            ids = torch.tensor([i for src, i in refs if src == "corpus"])
+            dist = distill(s_views, targets[has], ids, args.distill_temperature)
             loss = loss + args.distill_weight * dist
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
