@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
 use crate::cluster::ClusterLink;
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
-use crate::finetune::{Jobs, Trainer};
+use crate::finetune::{FinetuneParams, Jobs, Trainer};
 use crate::gallery::{GalleryStore, PgGallery, SqliteGallery};
 use crate::index::{IndexProvider, LocalIndexes, PgIndexes};
 use crate::manifest::Manifest;
@@ -60,6 +60,8 @@ impl Application {
             "--unknown-distance must be between 0 and 2"
         );
         let bundled = Manifest::load(&config.model)?;
+        FinetuneParams::model_defaults_hold(&bundled.finetune_defaults)
+            .map_err(|e| anyhow::anyhow!("{}: finetune_defaults in its manifest: {e}", config.model.display()))?;
         let metrics_handle = metrics::handle();
         let (store, indexes, cluster) = open_gallery(&config).await?;
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };

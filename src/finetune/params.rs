@@ -117,6 +117,13 @@ impl FinetuneParams {
         serde_json::from_value(serde_json::Value::Object(merged))
     }
 
+    /// Whether a manifest's `finetune_defaults` make valid parameters on their
+    /// own, so a mistake there is refused at start, not blamed on every request.
+    pub fn model_defaults_hold(defaults: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+        let params = Self::from_request(b"", defaults).map_err(|e| e.to_string())?;
+        params.validate().map_err(|e| e.to_string())
+    }
+
     /// Checks ranges; the message names the offending field.
     pub fn validate(&self) -> Result<(), InvalidParams> {
         let check = |ok: bool, rule: &'static str| if ok { Ok(()) } else { Err(InvalidParams(rule)) };
@@ -179,5 +186,33 @@ mod tests {
         assert!(serde_json::from_str::<FinetuneParams>(r#"{"epoch": 3}"#).is_err(), "unknown fields are refused");
         let by_recall: FinetuneParams = serde_json::from_str(r#"{"select_by": "recall_at_1"}"#).unwrap();
         assert_eq!(by_recall.select_by, SelectBy::RecallAt1);
+    }
+
+    fn object(json: &str) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_request_lies_over_the_model_defaults_which_lie_over_ours() {
+        let model = object(r#"{"freeze": 0.6, "epochs": 8}"#);
+        let empty = FinetuneParams::from_request(b" \n", &model).unwrap();
+        assert_eq!((empty.freeze, empty.epochs, empty.k), (0.6, 8, 8), "model defaults, then ours");
+        let request = FinetuneParams::from_request(br#"{"epochs": 2, "freeze": 0}"#, &model).unwrap();
+        assert_eq!((request.freeze, request.epochs), (0.0, 2), "the request wins");
+        let cleared = FinetuneParams::from_request(br#"{"steps_per_epoch": null}"#, &object(r#"{"steps_per_epoch": 5}"#));
+        assert_eq!(cleared.unwrap().steps_per_epoch, None, "null clears a model default");
+        let unknown = FinetuneParams::from_request(br#"{"epoch": 2}"#, &model).unwrap_err();
+        assert_eq!(unknown.classify(), serde_json::error::Category::Data, "an unknown field is a 422, not a 400");
+        let syntax = FinetuneParams::from_request(b"{", &model).unwrap_err();
+        assert_eq!(syntax.classify(), serde_json::error::Category::Eof);
+        let not_object = FinetuneParams::from_request(b"[1]", &model).unwrap_err();
+        assert_eq!(not_object.classify(), serde_json::error::Category::Data);
+    }
+
+    #[test]
+    fn broken_model_defaults_are_caught_before_any_request() {
+        assert!(FinetuneParams::model_defaults_hold(&object(r#"{"freeze": 0.6}"#)).is_ok());
+        assert!(FinetuneParams::model_defaults_hold(&object(r#"{"freez": 0.6}"#)).unwrap_err().contains("freez"));
+        assert!(FinetuneParams::model_defaults_hold(&object(r#"{"freeze": 1.5}"#)).unwrap_err().contains("freeze"));
     }
 }
