@@ -3,8 +3,11 @@
 //!
 //! Vectors are unit length, so the dot-product distance `1 - dot` is the
 //! cosine distance and the score we report is `1 - distance`. `hnsw_rs`
-//! panics on NaN and, with SIMD distances, on vectors that are not unit
-//! length: every vector is checked and renormalised before it gets there.
+//! panics on NaN and, with SIMD distances, on any dot product above 1.000002:
+//! every vector is checked, renormalised and stored a hair short of unit
+//! length (`STORED_NORM`), because two unit vectors of 1,280 mostly positive
+//! f32 components (EfficientNet's GeM features) can sum past that in the SIMD
+//! order. Scores are scaled back, so a vector still scores 1 against itself.
 //!
 //! `hnsw_rs` has no delete: a deleted id becomes a tombstone, filtered out of
 //! results at once, and the graph is rebuilt without them (compaction) once
@@ -271,7 +274,7 @@ impl HnswIndex {
         let mut hits: Vec<Hit> = neighbours
             .into_iter()
             .filter(|n| live(&n.d_id))
-            .map(|n| Hit { id: n.d_id as i64, score: 1.0 - n.distance })
+            .map(|n| Hit { id: n.d_id as i64, score: ((1.0 - n.distance) / (STORED_NORM * STORED_NORM)).min(1.0) })
             .collect();
         hits.sort_by(|a, b| b.score.total_cmp(&a.score));
         hits.truncate(k);
@@ -295,9 +298,14 @@ impl HnswIndex {
         if v.len() != self.shared.dim {
             return Err(IndexError::Dimension { got: v.len(), expected: self.shared.dim });
         }
-        normalized(v).map_err(|_| IndexError::NotFinite)
+        let unit = normalized(v).map_err(|_| IndexError::NotFinite)?;
+        Ok(unit.into_iter().map(|x| x * STORED_NORM).collect())
     }
 }
+
+/// Length of the stored and searched vectors: short enough of 1 that the
+/// rounding of a 1,280-term f32 dot product never passes `hnsw_rs`'s 1.000002.
+const STORED_NORM: f32 = 1.0 - 1e-5;
 
 #[cfg(test)]
 mod tests {
@@ -325,6 +333,28 @@ mod tests {
         assert_eq!(hits[0].id, 105);
         assert!((hits[0].score - 1.0).abs() < 1e-4);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    }
+
+    #[test]
+    fn wide_positive_vectors_never_trip_the_dot_product_assertion() {
+        // Like GeM-pooled ReLU6 features after a fine-tune that drew them
+        // together: 1,280 non-negative components, all nearly one direction.
+        // As plain unit vectors, their f32 dot products pass 1.000002 and
+        // hnsw_rs panics while inserting them.
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let base: Vec<f32> = (0..1280).map(|_| next() * next() * 6.0).collect();
+        let items: Vec<(i64, Vec<f32>)> =
+            (0..300).map(|i| (i, base.iter().map(|x| x + next() * 1e-3).collect())).collect();
+        let index = HnswIndex::new(1280, items.len());
+        index.insert(&items).unwrap();
+        for (_, v) in &items {
+            let hits = index.search(v, 1, None).unwrap();
+            assert!((hits[0].score - 1.0).abs() < 1e-5, "the nearest scores 1: {}", hits[0].score);
+        }
     }
 
     #[test]
