@@ -171,8 +171,9 @@ eval-model: build dataset corpus
 
 # Few-shot fine-tuning over HTTP: 5 labelled images per held-out class, one
 # POST /admin/finetune (FINETUNE_PARAMS), other images of those classes before and after.
+FEWSHOT_REGIME ?= classes
 bench-fewshot: build corpus
-	$(VENV)/bin/python bench/fewshot.py --params '$(FINETUNE_PARAMS)' $(if $(FEWSHOT_MODEL),--model $(FEWSHOT_MODEL))
+	$(VENV)/bin/python bench/fewshot.py --regime $(FEWSHOT_REGIME) --params '$(FINETUNE_PARAMS)' $(if $(FEWSHOT_MODEL),--model $(FEWSHOT_MODEL))
 
 # Benchmarks (not tests): tables to read, printed side by side in one run.
 # `make bench` = the embedding path (cargo bench) + POST /search under wrk,

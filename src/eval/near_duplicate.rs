@@ -2,8 +2,10 @@
 //! (cropped, framed, recoloured, re-encoded) stays to its original, against how
 //! close two *different* images of one class come. Class-mates are the pairs a
 //! duplicate check must not flag, so the distance is set where at most
-//! `max_false_positive_rate` of them fall within it, and the report says what
-//! share of the copies it then catches.
+//! `max_false_positive_rate` of them fall within it. The recall and false
+//! positive rate reported are two-fold: calibrated on half of the queries of
+//! each set, measured on the other half, and averaged; the distance itself
+//! comes from all of them.
 
 use serde::Serialize;
 use tch::Tensor;
@@ -24,25 +26,37 @@ pub struct NearDuplicateCalibration {
     pub classmates_set: String,
     /// Cosine distance within which an upload is a near duplicate (`--near-duplicate-distance`).
     pub distance: f32,
-    /// Share of the copies within `distance` of their original.
+    /// Share of the copies within the distance of their original (two-fold, see the module doc).
     pub recall: f64,
-    /// Share of the class-mate pairs within `distance`.
+    /// Share of the class-mate pairs within the distance (two-fold).
     pub false_positive_rate: f64,
     pub copy_pairs: usize,
     pub classmate_pairs: usize,
 }
 
-/// Cosine similarities of query x gallery pairs that share a class.
-fn same_class_scores(set: &Embedded) -> Vec<f32> {
+/// Cosine similarities of query x gallery pairs that share a class, for the
+/// queries `keep` selects by position.
+fn same_class_scores(set: &Embedded, keep: impl Fn(usize) -> bool) -> Vec<f32> {
     let scores = set.queries.matmul(&set.gallery.tr()).contiguous().view([-1]);
     let scores = Vec::<f32>::try_from(&scores).expect("a 1-d float tensor converts; this is a bug");
     let columns = set.gallery_labels.len();
     scores
         .iter()
         .enumerate()
-        .filter(|(k, _)| set.query_labels[k / columns] == set.gallery_labels[k % columns])
+        .filter(|(k, _)| keep(k / columns) && set.query_labels[k / columns] == set.gallery_labels[k % columns])
         .map(|(_, s)| *s)
         .collect()
+}
+
+/// The similarity a pair must exceed so that at most `rate` of `negatives` do.
+fn floor_for(mut negatives: Vec<f32>, rate: f64) -> f32 {
+    negatives.sort_by(|a, b| b.total_cmp(a));
+    let allowed = (rate * negatives.len() as f64).floor() as usize;
+    negatives.get(allowed).copied().unwrap_or(-1.0)
+}
+
+fn share_above(scores: &[f32], floor: f32) -> f64 {
+    scores.iter().filter(|s| **s > floor).count() as f64 / scores.len().max(1) as f64
 }
 
 pub fn calibrate(
@@ -50,19 +64,22 @@ pub fn calibrate(
     classmates: (&str, &Embedded),
     max_false_positive_rate: f64,
 ) -> NearDuplicateCalibration {
-    let positives = same_class_scores(copies.1);
-    let mut negatives = same_class_scores(classmates.1);
-    negatives.sort_by(|a, b| b.total_cmp(a));
-    let allowed = (max_false_positive_rate * negatives.len() as f64).floor() as usize;
-    // Similarity a pair must exceed: the first class-mate pair past the allowance.
-    let floor = negatives.get(allowed).copied().unwrap_or(-1.0);
-    let within = |s: &f32| *s > floor;
+    let positives = same_class_scores(copies.1, |_| true);
+    let negatives = same_class_scores(classmates.1, |_| true);
+    let (mut recall, mut false_positive_rate) = (0.0, 0.0);
+    for fold in 0..2 {
+        let part = |q: usize| q % 2 == fold;
+        let floor = floor_for(same_class_scores(classmates.1, part), max_false_positive_rate);
+        recall += share_above(&same_class_scores(copies.1, |q| !part(q)), floor) / 2.0;
+        false_positive_rate += share_above(&same_class_scores(classmates.1, |q| !part(q)), floor) / 2.0;
+    }
+    let floor = floor_for(negatives.clone(), max_false_positive_rate);
     NearDuplicateCalibration {
         copies_set: copies.0.to_string(),
         classmates_set: classmates.0.to_string(),
         distance: (1.0 - floor).max(0.0),
-        recall: positives.iter().filter(|s| within(s)).count() as f64 / positives.len().max(1) as f64,
-        false_positive_rate: negatives.iter().filter(|s| within(s)).count() as f64 / negatives.len().max(1) as f64,
+        recall,
+        false_positive_rate,
         copy_pairs: positives.len(),
         classmate_pairs: negatives.len(),
     }
@@ -79,26 +96,25 @@ mod tests {
 
     #[test]
     fn the_distance_keeps_classmates_out_and_reports_the_copies_it_catches() {
-        // Copies: two originals, each copy at a different angle from its own.
-        let (a, b) = (0.1f32, 0.6f32);
+        let at = |a: f32| [a.cos(), a.sin()];
+        // Four copies, each at its own angle from its original (all originals at angle 0).
         let copies = Embedded {
-            queries: rows(&[[a.cos(), a.sin()], [b.cos(), b.sin()]]),
-            query_labels: vec![0, 1],
-            gallery: rows(&[[1.0, 0.0], [1.0, 0.0]]),
-            gallery_labels: vec![0, 1],
+            queries: rows(&[at(0.1), at(0.6), at(0.1), at(0.6)]),
+            query_labels: vec![0, 1, 2, 3],
+            gallery: rows(&[at(0.0), at(0.0), at(0.0), at(0.0)]),
+            gallery_labels: vec![0, 1, 2, 3],
         };
-        // Class-mates: one pair at angle 0.3 (similarity 0.955).
-        let c = 0.3f32;
+        // Class-mates: two pairs at angle 0.3 (similarity 0.955), one a fold.
         let classmates = Embedded {
-            queries: rows(&[[c.cos(), c.sin()]]),
-            query_labels: vec![5],
-            gallery: rows(&[[1.0, 0.0], [0.0, 1.0]]),
+            queries: rows(&[at(0.3), at(0.3)]),
+            query_labels: vec![5, 5],
+            gallery: rows(&[at(0.0), at(1.5)]),
             gallery_labels: vec![5, 6],
         };
         let calibrated = calibrate(("copies", &copies), ("classes", &classmates), 0.0);
-        assert!((calibrated.distance - (1.0 - c.cos())).abs() < 1e-6);
-        assert_eq!((calibrated.copy_pairs, calibrated.classmate_pairs), (2, 1));
-        assert_eq!(calibrated.recall, 0.5, "the copy at 0.1 rad is caught, the one at 0.6 rad is not");
+        assert!((calibrated.distance - (1.0 - 0.3f32.cos())).abs() < 1e-6);
+        assert_eq!((calibrated.copy_pairs, calibrated.classmate_pairs), (4, 2));
+        assert_eq!(calibrated.recall, 0.5, "copies at 0.1 rad are caught, those at 0.6 rad are not");
         assert_eq!(calibrated.false_positive_rate, 0.0);
     }
 }
