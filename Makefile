@@ -119,7 +119,7 @@ $(CORPUS): models/corpus.py | setup dataset
 # GENERAL_STEPS steps on GENERAL_THREADS threads (the time is in models/README.md),
 # then evaluated through the Rust code and exported with its figures as models/default.
 GENERAL_RUN := runs/general
-GENERAL_NAME := lookalike-general-shufflenet-v1-g3-w0.5
+GENERAL_NAME := lookalike-distilled-shufflenet-v1-g3-w0.5
 GENERAL_STEPS ?= 4500
 GENERAL_THREADS ?= 1
 TEACHER_TARGETS := corpus/teacher-160.npy
@@ -130,9 +130,9 @@ $(TEACHER_TARGETS): $(CORPUS) models/teacher_targets.py models/efficientnet_lite
 train-general: setup corpus $(TEACHER_TARGETS)
 	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
 		--steps $(GENERAL_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_RUN)
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 --out $(GENERAL_RUN)/model
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 1 --out $(GENERAL_RUN)/model
 	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 2 \
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
 		--evaluation $(GENERAL_RUN)/eval.json --out models/default
 
 # Train the Fashion-MNIST encoder (resumes from $(RUN)/last.pt), evaluate it

@@ -69,8 +69,9 @@ async fn copies_found_first(app: &TestApp) -> Vec<String> {
 async fn an_altered_copy_finds_its_original_with_the_general_model() {
     let app = spawn_app_with(|c| c.model = BUNDLED_MODEL_DIR.into()).await;
     let found = copies_found_first(&app).await;
-    // One of slack for other CPUs' arithmetic; the Fashion-MNIST model finds 4.
-    assert!(found.len() >= clipart().len() - 1, "only {found:?} found their original");
+    // 7 of 12 here (models/README.md: copies are the distilled default's weak
+    // point); one of slack for other CPUs' arithmetic. The Fashion-MNIST model finds 4.
+    assert!(found.len() >= 6, "only {found:?} found their original");
     app.stop().await;
 }
 
@@ -78,6 +79,7 @@ async fn an_altered_copy_finds_its_original_with_the_general_model() {
 async fn an_altered_copy_finds_its_original_with_the_teacher_model() {
     let app = spawn_app_with(|c| c.model = TEACHER_MODEL_DIR.into()).await;
     let found = copies_found_first(&app).await;
+    // All 12 here; one of slack for other CPUs' arithmetic.
     assert!(found.len() >= clipart().len() - 1, "only {found:?} found their original");
     app.stop().await;
 }
