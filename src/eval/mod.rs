@@ -5,9 +5,9 @@
 
 pub mod fashion;
 pub mod fashion_mnist;
-pub mod near_duplicate;
 pub mod folders;
 pub mod metrics;
+pub mod near_duplicate;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -136,7 +136,8 @@ pub fn run(config: &EvalConfig) -> anyhow::Result<EvalReport> {
         sets.push(report);
         embedded.push((set.name.clone(), vectors));
     }
-    let near_duplicate = config.near_duplicate.as_deref().map(|spec| calibrate_near_duplicate(spec, &embedded)).transpose()?;
+    let near_duplicate =
+        config.near_duplicate.as_deref().map(|spec| calibrate_near_duplicate(spec, &embedded)).transpose()?;
     let (verification_set, verification) = chosen_verification(config, fashion.as_ref(), &sets)?;
     let throughput =
         if config.no_throughput { None } else { Some(throughput(&mut encoder, preprocessor.input_len())?) };

@@ -199,7 +199,8 @@ mod tests {
         assert_eq!((empty.freeze, empty.epochs, empty.k), (0.6, 8, 8), "model defaults, then ours");
         let request = FinetuneParams::from_request(br#"{"epochs": 2, "freeze": 0}"#, &model).unwrap();
         assert_eq!((request.freeze, request.epochs), (0.0, 2), "the request wins");
-        let cleared = FinetuneParams::from_request(br#"{"steps_per_epoch": null}"#, &object(r#"{"steps_per_epoch": 5}"#));
+        let cleared =
+            FinetuneParams::from_request(br#"{"steps_per_epoch": null}"#, &object(r#"{"steps_per_epoch": 5}"#));
         assert_eq!(cleared.unwrap().steps_per_epoch, None, "null clears a model default");
         let unknown = FinetuneParams::from_request(br#"{"epoch": 2}"#, &model).unwrap_err();
         assert_eq!(unknown.classify(), serde_json::error::Category::Data, "an unknown field is a 422, not a 400");
