@@ -104,7 +104,10 @@ async fn the_teacher_model_fine_tunes_with_its_own_defaults() {
     let (status, _) = wait_for_job(&app.client, &app.address, started["id"].as_str().unwrap()).await;
     assert_eq!((status["state"].as_str(), status["result"]["committed"].as_bool()), (Some("done"), Some(true)));
     let health: Value = app.health().await.json().await.unwrap();
-    assert_eq!((health["model_version"].as_str(), health["indexed_items"].as_u64()), (Some("2"), Some(all.len() as u64)));
+    assert_eq!(
+        (health["model_version"].as_str(), health["indexed_items"].as_u64()),
+        (Some("2"), Some(all.len() as u64))
+    );
     let again: Value = app.search_form(&all[0].1, 1).await.json().await.unwrap();
     assert!(again["results"][0]["score"].as_f64().unwrap() > 0.999, "the new version re-embedded the gallery");
     app.stop().await;
