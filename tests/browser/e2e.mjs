@@ -46,7 +46,10 @@ function check(condition, message) {
 async function startService(env) {
   const dataDir = mkdtempSync(join(tmpdir(), "lookalike-browser-"));
   const port = await freePort();
-  const args = ["serve", "--port", String(port), "--data-dir", dataDir];
+  // The fixtures are Fashion-MNIST images: the model of that domain, as in tests/api
+  // (the general default calls a T-shirt and a trouser "the same" at its threshold).
+  const model = join(root, "models/fashion-mnist");
+  const args = ["serve", "--port", String(port), "--data-dir", dataDir, "--model", model];
   const process_ = spawn(join(root, "target/release/lookalike"), args, {
     stdio: ["ignore", "ignore", "inherit"],
     env: { ...process.env, RUST_LOG: "warn", ...env },
