@@ -34,18 +34,23 @@ pub struct NearDuplicateCalibration {
     pub classmate_pairs: usize,
 }
 
-/// Cosine similarities of query x gallery pairs that share a class, for the
-/// queries `keep` selects by position.
-fn same_class_scores(set: &Embedded, keep: impl Fn(usize) -> bool) -> Vec<f32> {
+/// Cosine similarities of the query x gallery pairs that share a class, each
+/// with its query's position (the folds split on it).
+fn same_class_scores(set: &Embedded) -> Vec<(usize, f32)> {
     let scores = set.queries.matmul(&set.gallery.tr()).contiguous().view([-1]);
     let scores = Vec::<f32>::try_from(&scores).expect("a 1-d float tensor converts; this is a bug");
     let columns = set.gallery_labels.len();
     scores
-        .iter()
+        .into_iter()
         .enumerate()
-        .filter(|(k, _)| keep(k / columns) && set.query_labels[k / columns] == set.gallery_labels[k % columns])
-        .map(|(_, s)| *s)
+        .filter(|(k, _)| set.query_labels[k / columns] == set.gallery_labels[k % columns])
+        .map(|(k, s)| (k / columns, s))
         .collect()
+}
+
+/// The scores whose query position `keep` selects.
+fn of_queries(scores: &[(usize, f32)], keep: impl Fn(usize) -> bool) -> Vec<f32> {
+    scores.iter().filter(|(q, _)| keep(*q)).map(|(_, s)| *s).collect()
 }
 
 /// The similarity a pair must exceed so that at most `rate` of `negatives` do.
@@ -64,16 +69,16 @@ pub fn calibrate(
     classmates: (&str, &Embedded),
     max_false_positive_rate: f64,
 ) -> NearDuplicateCalibration {
-    let positives = same_class_scores(copies.1, |_| true);
-    let negatives = same_class_scores(classmates.1, |_| true);
+    let positives = same_class_scores(copies.1);
+    let negatives = same_class_scores(classmates.1);
     let (mut recall, mut false_positive_rate) = (0.0, 0.0);
     for fold in 0..2 {
         let part = |q: usize| q % 2 == fold;
-        let floor = floor_for(same_class_scores(classmates.1, part), max_false_positive_rate);
-        recall += share_above(&same_class_scores(copies.1, |q| !part(q)), floor) / 2.0;
-        false_positive_rate += share_above(&same_class_scores(classmates.1, |q| !part(q)), floor) / 2.0;
+        let floor = floor_for(of_queries(&negatives, part), max_false_positive_rate);
+        recall += share_above(&of_queries(&positives, |q| !part(q)), floor) / 2.0;
+        false_positive_rate += share_above(&of_queries(&negatives, |q| !part(q)), floor) / 2.0;
     }
-    let floor = floor_for(negatives.clone(), max_false_positive_rate);
+    let floor = floor_for(of_queries(&negatives, |_| true), max_false_positive_rate);
     NearDuplicateCalibration {
         copies_set: copies.0.to_string(),
         classmates_set: classmates.0.to_string(),
