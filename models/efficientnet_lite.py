@@ -29,6 +29,12 @@ from torch import nn
 LITE_MEAN = [127.0 / 255] * 3
 LITE_STD = [128.0 / 255] * 3
 BN_EPS = 1e-3
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1], channels at dim -3, as the weights expect it."""
+    shape = (3, 1, 1)
+    return (x - torch.tensor(LITE_MEAN).view(shape)) / torch.tensor(LITE_STD).view(shape)
 FEATURES = 1280
 # (kernel, stride, expansion, input, output, repeats): EfficientNet-B0's stages.
 STAGES = ((3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),

@@ -29,7 +29,7 @@ def tensor(im, size: int) -> torch.Tensor:
     """Over white, stretched to size x size (bilinear, as the service's `stretch`), TF-Lite normalised."""
     im = corpus_lib.on_white(im).resize((size, size), corpus_lib.Image.BILINEAR)
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
-    return (x - torch.tensor(lite.LITE_MEAN).view(3, 1, 1)) / torch.tensor(lite.LITE_STD).view(3, 1, 1)
+    return lite.normalise(x)
 
 
 @torch.no_grad()

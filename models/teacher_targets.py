@@ -27,8 +27,7 @@ def embed(encoder: lite.EfficientNetLiteEncoder, rgba_u8: torch.Tensor, size: in
     rgba = rgba_u8.float() / 255
     x = rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])  # over white, as the service composites
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - torch.tensor(lite.LITE_MEAN).view(1, 3, 1, 1)) / torch.tensor(lite.LITE_STD).view(1, 3, 1, 1)
-    return encoder(x)
+    return encoder(lite.normalise(x))
 
 
 def main() -> None:
