@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::files::{sync_dir, write_atomic};
 use crate::manifest::{Manifest, ManifestError, ENCODER_FILE};
+use crate::error_kind::ErrorKind as Kind;
 
 const MODELS_DIR: &str = "models";
 const ACTIVE_FILE: &str = "ACTIVE";
@@ -36,6 +37,15 @@ pub enum RegistryError {
     EncoderMismatch { dir: PathBuf, expected: String, actual: String },
     #[error("cannot read the active model version from {path}: {reason}; fix or remove the file")]
     Active { path: PathBuf, reason: String },
+}
+
+impl RegistryError {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Unknown(_) => Kind::NotFound,
+            Self::Manifest(_) | Self::Io(_) | Self::EncoderMismatch { .. } | Self::Active { .. } => Kind::Internal,
+        }
+    }
 }
 
 /// One model a gallery can be embedded with.

@@ -13,12 +13,14 @@ use crate::api::upload::FormLimits;
 use crate::api::{self, AppState, RequestLimits};
 use crate::auth::{self, ApiKeys};
 use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
-use crate::cluster::ClusterLink;
+use crate::cluster::PgCluster;
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
 use crate::finetune::{FinetuneParams, Jobs, Trainer};
 use crate::gallery::{GalleryStore, PgGallery, SqliteGallery};
 use crate::index::{IndexProvider, LocalIndexes, PgIndexes};
+use crate::lifecycle::memory::MemoryCluster;
+use crate::lifecycle::{ModelLifecycle, Ports};
 use crate::manifest::Manifest;
 use crate::metrics;
 use crate::preprocess::{ImageLimits, PreprocessPool, Preprocessor};
@@ -63,7 +65,8 @@ impl Application {
         FinetuneParams::model_defaults_hold(&bundled.finetune_defaults)
             .map_err(|e| anyhow::anyhow!("{}: finetune_defaults in its manifest: {e}", config.model.display()))?;
         let metrics_handle = metrics::handle();
-        let (store, indexes, cluster) = open_gallery(&config).await?;
+        let registry = Registry::new(&config.model, &config.data_dir);
+        let (store, indexes, ports) = open_gallery(&config, &registry).await?;
         let limits = ImageLimits { max_side: config.max_image_side, max_decoded_bytes: config.max_decoded_bytes };
         let preprocess =
             PreprocessPool::new(Preprocessor::new(bundled.input.clone(), limits), config.preprocess_threads);
@@ -75,12 +78,10 @@ impl Application {
             exact_search_limit: config.exact_search_limit,
             unknown_distance: config.unknown_distance,
         };
-        let registry = Registry::new(&config.model, &config.data_dir);
-        let (catalog, startup) = Catalog::open(store, indexes, registry, settings, cluster).await?;
-        if catalog.cluster().is_some() {
-            catalog.join_cluster().await.context("joining the cluster")?;
-            tokio::spawn(catalog.clone().follow_cluster());
-        }
+        let version = ModelLifecycle::adopt_active_version(&ports, &registry).await?;
+        let (catalog, startup) = Catalog::open(store, indexes.as_ref(), version, settings).await?;
+        let lifecycle = ModelLifecycle::new(catalog.clone(), indexes, registry, ports);
+        lifecycle.join().await.context("joining the cluster")?;
         let serving = catalog.serving();
         tracing::info!(
             model = %serving.model, version = %serving.version, bundled = serving.bundled,
@@ -101,7 +102,7 @@ impl Application {
                 anyone who reaches the port can add, delete and search (see --api-key and README \"Security\")");
         }
         let trainer = Trainer { device: config.device.parse()?, threads: config.finetune_threads };
-        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), trainer)?;
+        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), lifecycle.clone(), trainer)?;
 
         let listener = TcpListener::bind((config.host, config.port))
             .await
@@ -123,6 +124,7 @@ impl Application {
         let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
         let state = AppState {
             catalog,
+            lifecycle,
             limits: Arc::new(limits),
             metrics: metrics_handle,
             index_startup: Arc::new(startup),
@@ -157,7 +159,8 @@ impl Application {
     /// nothing acknowledged depends on this order, only how fast the next start is.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         tracing::info!(address = %self.address, "listening");
-        let (catalog, jobs, grace) = (self.state.catalog.clone(), self.state.jobs.clone(), self.grace);
+        let (catalog, lifecycle, jobs, grace) =
+            (self.state.catalog.clone(), self.state.lifecycle.clone(), self.state.jobs.clone(), self.grace);
         let dumper = (!self.dump_interval.is_zero())
             .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
         let (draining, delay) = (self.state.draining.clone(), self.delay);
@@ -187,10 +190,8 @@ impl Application {
             let _ = dumper.await; // a dump in progress finishes on its blocking thread either way
         }
         catalog.settle().await;
-        if let Some(cluster) = catalog.cluster() {
-            if let Err(error) = cluster.leave().await {
-                tracing::warn!(%error, "could not tell the cluster this replica left; it is taken as gone in seconds");
-            }
+        if let Err(error) = lifecycle.leave().await {
+            tracing::warn!(%error, "could not tell the cluster this replica left; it is taken as gone in seconds");
         }
         if let Err(error) = catalog.dump_index().await {
             tracing::error!(%error, "could not dump the index at shutdown; the next start rebuilds it");
@@ -248,23 +249,29 @@ fn embedder_config(config: &ServeConfig) -> anyhow::Result<EmbedderConfig> {
 }
 
 /// What `open_gallery` opens.
-type Gallery = (Arc<dyn GalleryStore>, Arc<dyn IndexProvider>, Option<Arc<ClusterLink>>);
+type Gallery = (Arc<dyn GalleryStore>, Arc<dyn IndexProvider>, Ports);
 
-/// The gallery store and its vector indexes: SQLite and `hnsw_rs` in the
-/// data folder, or, with `--database-url`, PostgreSQL with pgvector, with
-/// the model lifecycle shared by every replica.
-async fn open_gallery(config: &ServeConfig) -> anyhow::Result<Gallery> {
+/// The gallery store, its vector indexes and the model lifecycle's ports:
+/// SQLite, `hnsw_rs` in the data folder and a one-replica cluster in memory,
+/// or, with `--database-url`, PostgreSQL with pgvector, with the model
+/// lifecycle shared by every replica.
+async fn open_gallery(config: &ServeConfig, registry: &Registry) -> anyhow::Result<Gallery> {
     if let Some(url) = &config.database_url {
         let store = PgGallery::connect(url).await.context("opening the gallery in PostgreSQL (--database-url)")?;
         let indexes = PgIndexes { pool: store.pool().clone() };
-        let cluster = ClusterLink::join(store.pool().clone(), store.config().clone());
-        tracing::info!(replica = %cluster.replica, "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
-        return Ok((Arc::new(store), Arc::new(indexes), Some(cluster)));
+        let cluster = PgCluster::join(store.pool().clone(), store.config().clone());
+        let ports = Ports::of(cluster);
+        tracing::info!(replica = %ports.membership.replica(), "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
+        return Ok((Arc::new(store), Arc::new(indexes), ports));
     }
-    let store = SqliteGallery::open(&config.data_dir)
-        .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
+    let store: Arc<dyn GalleryStore> = Arc::new(
+        SqliteGallery::open(&config.data_dir)
+            .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?,
+    );
     let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
-    Ok((Arc::new(store), Arc::new(indexes), None))
+    let active = registry.active()?;
+    let cluster = MemoryCluster::new((!active.bundled).then_some(active.version), store.clone());
+    Ok((store, Arc::new(indexes), Ports::of(cluster.join())))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

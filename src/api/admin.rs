@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{ApiError, AppState};
-use crate::catalog::VersionInfo;
 use crate::finetune::FinetuneParams;
+use crate::lifecycle::VersionInfo;
 
 /// Proof that the request carried the admin token; handlers that take it are admin-only.
 pub struct Admin;
@@ -37,7 +37,7 @@ impl FromRequestParts<AppState> for Admin {
 /// `POST /admin/finetune`: JSON parameters (all optional; an empty body takes
 /// the active model's defaults, then ours).
 pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let model_defaults = state.catalog.active_version().manifest.finetune_defaults;
+    let model_defaults = state.lifecycle.active_version().manifest.finetune_defaults;
     let params = FinetuneParams::from_request(&body, &model_defaults).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::invalid("invalid_params", e.to_string()),
         _ => ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")),
@@ -49,38 +49,24 @@ pub async fn start(_: Admin, State(state): State<AppState>, body: Bytes) -> Resu
 
 /// `GET /admin/finetune`: every job, newest first (in cluster mode, every replica's).
 pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
-    if let Some(jobs) = state.jobs.cluster_list().await? {
-        return Ok(Json(json!({ "jobs": jobs })).into_response());
-    }
-    Ok(Json(json!({ "jobs": state.jobs.list() })).into_response())
+    Ok(Json(json!({ "jobs": state.jobs.list().await? })).into_response())
 }
 
 /// `GET /admin/finetune/{id}` (in cluster mode, of any replica).
 pub async fn status(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    if let Some(job) = state.jobs.get(&id) {
-        return Ok(Json(job.status()).into_response());
-    }
-    let remote = state.jobs.remote(&id).await?.ok_or_else(|| no_job(&id))?;
-    Ok(Json(remote).into_response())
+    let status = state.jobs.status(&id).await?.ok_or_else(|| no_job(&id))?;
+    Ok(Json(status).into_response())
 }
 
 /// `DELETE /admin/finetune/{id}`: asks a running job to stop; 202 with its
 /// status. In cluster mode, the replica running it stops it within a second.
 pub async fn cancel(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let status = match state.jobs.get(&id) {
-        Some(job) => serde_json::to_value(job.status()).expect("a job status serialises"),
-        None => state.jobs.remote(&id).await?.ok_or_else(|| no_job(&id))?,
-    };
-    if !matches!(status["state"].as_str(), Some("queued" | "training" | "re_embedding" | "swapping")) {
+    let status = state.jobs.status(&id).await?.ok_or_else(|| no_job(&id))?;
+    if status.record.state.is_finished() {
         let message = format!("job {id} has already finished");
         return Err(ApiError::Conflict { code: "job_finished", message });
     }
-    match state.jobs.get(&id) {
-        Some(job) => job.cancel(),
-        None => {
-            state.jobs.cancel_remote(&id).await?;
-        }
-    }
+    state.jobs.cancel(&id).await?;
     Ok((StatusCode::ACCEPTED, Json(status)).into_response())
 }
 
@@ -92,8 +78,8 @@ pub struct Models {
 
 /// `GET /admin/models`
 pub async fn models(_: Admin, State(state): State<AppState>) -> Result<Json<Models>, ApiError> {
-    let active = state.catalog.active_version().version;
-    let versions = state.catalog.versions().await?;
+    let active = state.lifecycle.active_version().version;
+    let versions = state.lifecycle.versions().await?;
     Ok(Json(Models { active, versions }))
 }
 
@@ -105,7 +91,7 @@ pub async fn activate(
     State(state): State<AppState>,
     Path(version): Path<String>,
 ) -> Result<Response, ApiError> {
-    let status = state.catalog.activate(&version).await?;
+    let status = state.lifecycle.activate(&version).await?;
     let location = format!("/admin/activations/{}", status.id);
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
 }
@@ -113,19 +99,13 @@ pub async fn activate(
 /// `GET /admin/activations`: the activations since start, newest first (in
 /// cluster mode, every replica's).
 pub async fn activations(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {
-    if let Some(activations) = state.catalog.cluster_activations().await? {
-        return Ok(Json(json!({ "activations": activations })).into_response());
-    }
-    Ok(Json(json!({ "activations": state.catalog.activations() })).into_response())
+    Ok(Json(json!({ "activations": state.lifecycle.activations().await? })).into_response())
 }
 
 /// `GET /admin/activations/{id}` (in cluster mode, of any replica).
 pub async fn activation(_: Admin, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    if let Some(status) = state.catalog.activation(&id) {
-        return Ok(Json(status).into_response());
-    }
-    let remote = state.catalog.remote_activation(&id).await?;
-    remote.map(|s| Json(s).into_response()).ok_or_else(|| ApiError::NotFound(format!("no model activation `{id}`")))
+    let status = state.lifecycle.activation(&id).await?;
+    status.map(|s| Json(s).into_response()).ok_or_else(|| ApiError::NotFound(format!("no model activation `{id}`")))
 }
 
 fn no_job(id: &str) -> ApiError {

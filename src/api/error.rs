@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::catalog::{CatalogError, EmbedError, GalleryError, IndexError, PreprocessError};
-use crate::cluster::ClusterError;
+use crate::catalog::{CatalogError, ErrorKind, PreprocessError};
 use crate::finetune::JobError;
+use crate::lifecycle::LifecycleError;
 
 /// Seconds a client is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "1";
@@ -153,64 +153,36 @@ fn image_error(which: Option<String>, e: PreprocessError) -> ApiError {
     }
 }
 
-impl From<EmbedError> for ApiError {
-    fn from(e: EmbedError) -> Self {
-        match e {
-            EmbedError::Overloaded => Self::Overloaded,
-            EmbedError::Stopped => Self::Unavailable("the embedding worker is not running".into()),
-            EmbedError::UnknownDevice(_)
-            | EmbedError::UnknownPrecision(_)
-            | EmbedError::MissingCuda { .. }
-            | EmbedError::Fp16NeedsCuda
-            | EmbedError::Load(_)
-            | EmbedError::Forward(_) => Self::Internal(e.to_string()),
-        }
-    }
-}
-
-impl From<GalleryError> for ApiError {
-    fn from(e: GalleryError) -> Self {
-        match e {
-            GalleryError::Sqlite(_)
-            | GalleryError::Schema(_)
-            | GalleryError::Io(_)
-            | GalleryError::Corrupt(_)
-            | GalleryError::Postgres(_) => Self::Internal(e.to_string()),
-            GalleryError::Unavailable(_) => Self::Unavailable(e.to_string()),
-        }
-    }
-}
-
-impl From<IndexError> for ApiError {
-    fn from(e: IndexError) -> Self {
-        match e {
-            // Embeddings come from our own encoder: a bad one is our bug, not the client's.
-            IndexError::Dimension { .. }
-            | IndexError::NotFinite
-            | IndexError::Dump(_)
-            | IndexError::Task(_)
-            | IndexError::Database(_) => Self::Internal(e.to_string()),
-            IndexError::Unavailable(_) => Self::Unavailable(e.to_string()),
+impl ApiError {
+    /// The answer to a failure of kind `kind`; `conflict` is the code a conflict answers with.
+    fn of_kind(kind: ErrorKind, conflict: &'static str, message: String) -> Self {
+        match kind {
+            ErrorKind::Invalid => Self::Invalid { code: "invalid", message },
+            ErrorKind::NotFound => Self::NotFound(message),
+            ErrorKind::Conflict => Self::Conflict { code: conflict, message },
+            ErrorKind::Busy => Self::Overloaded,
+            ErrorKind::Unavailable => Self::Unavailable(message),
+            ErrorKind::Internal => Self::Internal(message),
         }
     }
 }
 
 impl From<CatalogError> for ApiError {
     fn from(e: CatalogError) -> Self {
+        if let CatalogError::Image { position, source } = e {
+            return image_error(Some(format!("image {position}")), source);
+        }
+        let conflict = if matches!(e, CatalogError::Cancelled) { "cancelled" } else { "duplicate" };
+        Self::of_kind(e.kind(), conflict, e.to_string())
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
         match e {
-            CatalogError::Image { position, source } => image_error(Some(format!("image {position}")), source),
-            CatalogError::Duplicate { .. } | CatalogError::DuplicateInRequest { .. } => {
-                Self::Conflict { code: "duplicate", message: e.to_string() }
-            }
-            CatalogError::UnknownVersion(_) => Self::NotFound(e.to_string()),
-            CatalogError::Busy(_) => Self::Conflict { code: "job_running", message: e.to_string() },
-            CatalogError::Task(_) | CatalogError::Models(_) | CatalogError::Switch(_) => Self::Internal(e.to_string()),
-            CatalogError::Cancelled => Self::Conflict { code: "cancelled", message: e.to_string() },
-            CatalogError::Embed(e) => e.into(),
-            CatalogError::Store(e) => e.into(),
-            CatalogError::Index(e) => e.into(),
-            CatalogError::Cluster(ClusterError::Database(e)) => e.into(),
-            CatalogError::Cluster(e) => Self::Internal(e.to_string()),
+            LifecycleError::Catalog(e) => e.into(),
+            LifecycleError::Busy(_) => Self::of_kind(e.kind(), "job_running", e.to_string()),
+            _ => Self::of_kind(e.kind(), "conflict", e.to_string()),
         }
     }
 }
@@ -221,6 +193,7 @@ impl From<JobError> for ApiError {
             JobError::Data(_) => Self::invalid("insufficient_labels", e.to_string()),
             JobError::Params(_) => Self::invalid("invalid_params", e.to_string()),
             JobError::Catalog(e) => e.into(),
+            JobError::Lifecycle(e) => e.into(),
             JobError::Io(_) => Self::Internal(e.to_string()),
         }
     }

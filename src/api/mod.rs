@@ -37,6 +37,7 @@ pub use error::ApiError;
 use crate::auth::{AdminToken, ApiKeys};
 use crate::catalog::{Catalog, IndexStartup};
 use crate::finetune::Jobs;
+use crate::lifecycle::ModelLifecycle;
 use upload::FormLimits;
 
 /// Per-request limits taken from the configuration.
@@ -56,6 +57,7 @@ pub struct RequestLimits {
 #[derive(Clone)]
 pub struct AppState {
     pub catalog: Catalog,
+    pub lifecycle: ModelLifecycle,
     pub limits: Arc<RequestLimits>,
     pub metrics: PrometheusHandle,
     pub index_startup: Arc<IndexStartup>,

@@ -25,7 +25,7 @@ const CLAIM_CHUNK: usize = 32;
 
 /// How `embed_missing` goes about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Pass {
+pub(crate) enum Pass {
     /// Beside live traffic: bulk priority, and no more items than were
     /// missing when it began, so continuous uploads cannot keep it going.
     Background,
@@ -35,20 +35,20 @@ pub(super) enum Pass {
 }
 
 /// A model version with its workers, preprocessing and index.
-pub(super) struct ActiveModel {
-    pub(super) version: ModelVersion,
-    pub(super) embedder: Embedder,
-    pub(super) preprocess: PreprocessPool,
-    pub(super) index: Arc<dyn VectorIndex>,
+pub(crate) struct ActiveModel {
+    pub(crate) version: ModelVersion,
+    pub(crate) embedder: Embedder,
+    pub(crate) preprocess: PreprocessPool,
+    pub(crate) index: Arc<dyn VectorIndex>,
     /// Stored items this model's preprocessing refuses (for example after
     /// `--max-image-side` was lowered): left out of its index, not searchable.
     /// A std `Mutex`: held for a set operation, never across an `.await`.
-    pub(super) unembeddable: Mutex<BTreeSet<i64>>,
+    pub(crate) unembeddable: Mutex<BTreeSet<i64>>,
 }
 
 impl ActiveModel {
     /// Starts the workers of a model version beside `index`.
-    pub(super) async fn start(
+    pub(crate) async fn start(
         version: ModelVersion,
         settings: &CatalogSettings,
         index: Arc<dyn VectorIndex>,
@@ -61,12 +61,12 @@ impl ActiveModel {
     }
 
     /// The key this model's embeddings and index are stored under (it names the encoder's content).
-    pub(super) fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         self.version.key.clone()
     }
 
     /// `name@version`, as answers show it.
-    pub(super) fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.version.model.clone()
     }
 
@@ -74,7 +74,7 @@ impl ActiveModel {
     /// of this model. Returns how many it embedded. An item
     /// whose image no longer preprocesses is skipped and remembered
     /// (`unembeddable`), not an error: one image must not block a switch or a start.
-    pub(super) async fn embed_missing(
+    pub(crate) async fn embed_missing(
         &self,
         store: &dyn GalleryStore,
         pass: Pass,
@@ -162,12 +162,12 @@ impl ActiveModel {
         (ids, pixels)
     }
 
-    pub(super) fn lock_unembeddable(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
+    pub(crate) fn lock_unembeddable(&self) -> std::sync::MutexGuard<'_, BTreeSet<i64>> {
         self.unembeddable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Preprocesses images on the bounded pool, all at once.
-    pub(super) async fn prepare_all(
+    pub(crate) async fn prepare_all(
         &self,
         images: Vec<Bytes>,
         priority: Priority,
@@ -181,7 +181,7 @@ impl ActiveModel {
     }
 
     /// Queues every image at once so they share forward passes.
-    pub(super) async fn embed_all(
+    pub(crate) async fn embed_all(
         &self,
         pixels: Vec<Vec<f32>>,
         priority: Priority,
@@ -194,6 +194,6 @@ impl ActiveModel {
 
 /// Drops a model off the async runtime: its workers stop once the last
 /// request using them is done, and joining them blocks.
-pub(super) fn retire<M: Send + 'static>(model: M) {
+pub(crate) fn retire<M: Send + 'static>(model: M) {
     tokio::task::spawn_blocking(move || drop(model));
 }

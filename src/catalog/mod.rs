@@ -1,59 +1,47 @@
-//! The catalog: the product's core operations over one gallery. It ties
-//! preprocessing, the embedder, a vector index and a gallery store together
-//! (add, search, verify, delete; `write`, `search`), keeps the index in step
-//! with the store across restarts and model switches (`switch`), and owns the
-//! model versions' lifecycle (`models`, activations as jobs in `activation`).
-//! HTTP-agnostic; `api/` translates.
+//! The catalog: the request path over one gallery. It ties preprocessing,
+//! the embedder, a vector index and a gallery store together (add, search,
+//! verify, delete, list; `write`, `search`) over the models serving now
+//! (`serving`). It neither starts nor switches models: the model lifecycle
+//! (`crate::lifecycle`) does, through `ServingModels`. HTTP-agnostic; `api/`
+//! translates.
 //!
 //! Order of writes: the store first, then the index. The store is the truth;
 //! whatever the index missed in a crash is reconciled at the next start.
-//!
-//! The active model (its embedding workers, preprocessing and index) is one
-//! value behind an `ArcSwap`: a request takes it once and uses it throughout,
-//! so a model switch never mixes two models' embeddings in one answer.
 
-mod activation;
-mod active;
-mod cluster;
+pub(crate) mod active;
 mod labels;
-mod models;
+pub(crate) mod reconcile;
 mod search;
-mod switch;
+pub(crate) mod serving;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod types;
 mod write;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
-
-use arc_swap::{ArcSwap, ArcSwapOption};
 
 pub use crate::gallery::{ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
-pub use activation::{ActivationState, ActivationStatus};
-pub use models::{Slot, SlotHolder};
 pub use types::*;
 
 pub use crate::embed::Priority;
 
 // The errors a catalog call can carry, part of its interface.
-pub use crate::cluster::ClusterError;
 pub use crate::embed::EmbedError;
+pub use crate::error_kind::ErrorKind;
 pub use crate::gallery::GalleryError;
 pub use crate::index::IndexError;
 pub use crate::preprocess::PreprocessError;
-pub use crate::registry::RegistryError;
 
-use crate::cluster::ClusterLink;
 use crate::embed::Embedder;
 use crate::gallery::GalleryStore;
 use crate::index::IndexProvider;
-use crate::metrics;
 use crate::preprocess::{PreprocessPool, Preprocessor};
-use crate::registry::{ModelVersion, Registry};
+use crate::registry::ModelVersion;
 use active::{ActiveModel, Pass};
+use serving::ServingModels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -63,26 +51,29 @@ pub enum CatalogError {
     Duplicate { position: usize, existing: i64, score: f32 },
     #[error("image {position} duplicates image {earlier} of the same request")]
     DuplicateInRequest { position: usize, earlier: usize },
-    #[error("no model version `{0}`")]
-    UnknownVersion(String),
-    #[error("{0} is still running; wait for it or cancel it")]
-    Busy(SlotHolder),
     #[error(transparent)]
     Embed(#[from] EmbedError),
     #[error(transparent)]
     Store(#[from] GalleryError),
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error(transparent)]
-    Models(#[from] RegistryError),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("cancelled")]
     Cancelled,
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
-    #[error("model switch across the cluster: {0}")]
-    Switch(String),
+}
+
+impl CatalogError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Image { .. } => ErrorKind::Invalid,
+            Self::Duplicate { .. } | Self::DuplicateInRequest { .. } | Self::Cancelled => ErrorKind::Conflict,
+            Self::Embed(e) => e.kind(),
+            Self::Store(e) => e.kind(),
+            Self::Index(e) => e.kind(),
+            Self::Task(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// Starts the embedding workers of a model version: libtorch workers in the
@@ -106,57 +97,32 @@ pub struct CatalogSettings {
     pub unknown_distance: Option<f32>,
 }
 
-/// Cheap-clone handle over one gallery and the model serving it.
+/// Cheap-clone handle over one gallery and the models serving it.
 #[derive(Clone)]
 pub struct Catalog {
-    active: Arc<ArcSwap<ActiveModel>>,
+    models: Arc<ServingModels>,
     store: Arc<dyn GalleryStore>,
-    indexes: Arc<dyn IndexProvider>,
-    registry: Registry,
     settings: Arc<CatalogSettings>,
-    /// Adds and deletes hold it shared; a model switch holds it alone while it
-    /// catches up with them and swaps.
-    writes: Arc<tokio::sync::RwLock<()>>,
     /// The items of each label, for filtered searches.
     labels: Arc<labels::LabelMap>,
-    /// Who holds the one-at-a-time slot of fine-tunes and activations. A std
-    /// `Mutex`: held for a field read or write, never across an `.await`.
-    lifecycle: Arc<Mutex<Option<SlotHolder>>>,
-    activations: Arc<activation::Activations>,
-    /// Cluster mode: the lifecycle shared with the other replicas.
-    cluster: Option<Arc<ClusterLink>>,
-    /// Cluster mode, while a switch prepares: the next model, with which
-    /// uploads are embedded too, so that none lacks it at the flip.
-    next: Arc<ArcSwapOption<ActiveModel>>,
-    /// Cluster mode, after a flip: the model switched from, with which
-    /// uploads are embedded too while another replica still serves it, so
-    /// that its searches find them as well.
-    previous: Arc<ArcSwapOption<ActiveModel>>,
-    /// One cluster step at a time (the follower's loop and a switch's own).
-    cluster_steps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Catalog {
-    /// Opens the catalog on the active model version: starts its workers,
-    /// embeds stored images that lack its embedding, then reloads its saved
-    /// index and reconciles it with the store, or builds it from stored embeddings.
+    /// Opens the catalog on `version`: starts its workers, embeds stored
+    /// images that lack its embedding, then reloads its saved index and
+    /// reconciles it with the store, or builds it from stored embeddings.
     pub async fn open(
         store: Arc<dyn GalleryStore>,
-        indexes: Arc<dyn IndexProvider>,
-        registry: Registry,
+        indexes: &dyn IndexProvider,
+        version: ModelVersion,
         settings: CatalogSettings,
-        cluster: Option<Arc<ClusterLink>>,
     ) -> Result<(Self, IndexStartup), CatalogError> {
         let started = Instant::now();
-        if let Some(cluster) = &cluster {
-            cluster::adopt_active_version(cluster, &registry).await?;
-        }
-        let version = models::registry_call(&registry, |registry| registry.active()).await?;
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
         let (index, source, reason) = indexes.open(&version.key, dim, capacity).await;
         let model = ActiveModel::start(version, &settings, index).await?;
         model.embed_missing(store.as_ref(), Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
-        let (added, removed) = switch::reconcile(store.as_ref(), &model).await?;
+        let (added, removed) = reconcile::reconcile(store.as_ref(), &model).await?;
         let labels = Arc::new(labels::LabelMap::new(store.labelled().await?));
         let startup = IndexStartup {
             source,
@@ -166,29 +132,26 @@ impl Catalog {
             removed,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let info = model.embedder.info();
-        metrics::model_info(&info.model_key, &info.device, &info.precision.to_string(), true);
-        let catalog = Self {
-            active: Arc::new(ArcSwap::from_pointee(model)),
-            store,
-            indexes,
-            registry,
-            settings: Arc::new(settings),
-            writes: Arc::default(),
-            labels,
-            lifecycle: Arc::default(),
-            activations: Arc::default(),
-            cluster,
-            next: Arc::default(),
-            previous: Arc::default(),
-            cluster_steps: Arc::default(),
-        };
-        Ok((catalog, startup))
+        let models = Arc::new(ServingModels::new(model));
+        Ok((Self { models, store, settings: Arc::new(settings), labels }, startup))
     }
 
     /// The model serving now. Take it once per request and use it throughout.
     fn active(&self) -> Arc<ActiveModel> {
-        self.active.load_full()
+        self.models.active()
+    }
+
+    /// What the model lifecycle changes.
+    pub(crate) fn models(&self) -> &Arc<ServingModels> {
+        &self.models
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn GalleryStore> {
+        &self.store
+    }
+
+    pub(crate) fn settings(&self) -> &CatalogSettings {
+        &self.settings
     }
 
     /// The version serving now.
@@ -253,6 +216,16 @@ impl Catalog {
         Ok(self.store.images(ids).await?)
     }
 
+    /// Items with a stored embedding of the model stored under `key`.
+    pub(crate) async fn count_embedded(&self, key: String) -> Result<u64, CatalogError> {
+        Ok(self.store.count_embedded(key).await?)
+    }
+
+    /// Stored items the serving model cannot preprocess, by id.
+    pub(crate) fn unembeddable(&self) -> Vec<i64> {
+        self.active().lock_unembeddable().iter().copied().collect()
+    }
+
     /// Whether the store answers.
     pub async fn ping(&self) -> Result<(), CatalogError> {
         Ok(self.store.ping().await?)
@@ -261,7 +234,7 @@ impl Catalog {
     /// Waits for writes under way (including those whose request is gone) to
     /// reach the store and the index.
     pub async fn settle(&self) {
-        drop(self.writes.write().await);
+        drop(self.models.write_exclusive().await);
     }
 
     /// Saves the active index if it changed since the last save.

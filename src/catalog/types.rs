@@ -128,7 +128,7 @@ pub struct IndexStartup {
 }
 
 /// What a model switch did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Switched {
     pub version: String,
     pub model: String,
@@ -168,19 +168,4 @@ pub struct Serving {
     pub indexed_items: usize,
     /// Stored items the serving model could not preprocess, so not searchable.
     pub unembeddable_items: usize,
-}
-
-/// One model version, as `GET /admin/models` lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct VersionInfo {
-    pub version: String,
-    pub model: String,
-    pub bundled: bool,
-    pub active: bool,
-    pub parent: Option<String>,
-    pub verification_threshold: Option<f32>,
-    /// Gallery items with a stored embedding of this version (activating it re-embeds the rest).
-    pub embedded_items: u64,
-    /// For fine-tuned versions: the job, its parameters and validation figures.
-    pub finetune: Option<serde_json::Value>,
 }

@@ -57,7 +57,7 @@ impl Catalog {
         on_duplicate: OnDuplicate,
         priority: Priority,
     ) -> Result<Vec<Added>, CatalogError> {
-        let writing = self.writes.clone().read_owned().await;
+        let writing = self.models.write_shared().await;
         let active = self.active();
         let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
         let existing = self.store.oldest_with_hashes(hashes.clone()).await?;
@@ -72,12 +72,9 @@ impl Catalog {
         embed_uploads(&active, &mut pending, on_duplicate, priority).await?;
         self.find_near_duplicates(&active, &mut pending, on_duplicate).await?;
         let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
-        let mut for_others: Vec<(String, _)> = Vec::new();
-        for other in [self.next.load_full(), self.previous.load_full()].into_iter().flatten() {
-            // A rollback soon after a switch: the next version is also the previous one.
-            if other.key() != active.key() && for_others.iter().all(|(key, _)| *key != other.key()) {
-                for_others.push(embed_with_other(&other, &items, priority).await?);
-            }
+        let mut for_others = Vec::new();
+        for other in self.models.also_writing(&active) {
+            for_others.push(embed_with_other(&other, &items, priority).await?);
         }
         let inserted = self.store_and_index(writing, &active, items, for_others).await?;
         Ok(reports(pending, inserted))
@@ -170,7 +167,7 @@ impl Catalog {
 
     /// Deletes an item: from the store (committed), then from results at once.
     pub async fn delete(&self, id: i64) -> Result<bool, CatalogError> {
-        let writing = self.writes.clone().read_owned().await;
+        let writing = self.models.write_shared().await;
         let active = self.active();
         let (store, index, labels) = (self.store.clone(), active.index.clone(), self.labels.clone());
         let deleted = detached_write(writing, async move {

@@ -22,6 +22,7 @@ pub use queue::{BatchPolicy, Embedded, Priority};
 use crate::manifest::{Manifest, ENCODER_FILE};
 use crate::metrics;
 use queue::{Entry, Queue};
+use crate::error_kind::ErrorKind;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {
@@ -41,6 +42,21 @@ pub enum EmbedError {
     Overloaded,
     #[error("the embedding worker has stopped")]
     Stopped,
+}
+
+impl EmbedError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Overloaded => ErrorKind::Busy,
+            Self::Stopped => ErrorKind::Unavailable,
+            Self::UnknownDevice(_)
+            | Self::UnknownPrecision(_)
+            | Self::MissingCuda { .. }
+            | Self::Fp16NeedsCuda
+            | Self::Load(_)
+            | Self::Forward(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// How to start the embedding engine.

@@ -16,8 +16,9 @@ use super::params::FinetuneParams;
 use super::train::{EpochRecord, Validation};
 use crate::catalog::Progress;
 use crate::clock::now_millis;
-use crate::cluster::ClusterLink;
 use crate::files::write_atomic;
+use crate::lifecycle::ports::RunKind;
+use crate::lifecycle::{RunStatus, Runs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,12 +95,29 @@ pub struct Live {
 }
 
 /// Everything `GET /admin/finetune/{id}` reports: the record and the live state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStatus {
     #[serde(flatten)]
     pub record: JobRecord,
     pub reembedding: Option<Progress>,
     pub eta_seconds: Option<f64>,
+}
+
+impl RunStatus for JobStatus {
+    const KIND: RunKind = RunKind::Job;
+
+    fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    fn is_running(&self) -> bool {
+        !self.record.state.is_finished()
+    }
+
+    fn orphan(&mut self, why: &str) {
+        self.record.state = JobState::Failed;
+        self.record.error = Some(why.to_string());
+    }
 }
 
 /// A job: its record and live state, and flags that ask it to stop.
@@ -110,12 +128,13 @@ pub struct Job {
     pub(super) shutdown: AtomicBool,
     started: Instant,
     path: PathBuf,
-    /// Cluster mode: where every change is copied for the other replicas.
-    mirror: Option<Arc<ClusterLink>>,
+    /// Where every change is copied for the other replicas (`None`: a
+    /// finished job read from disk).
+    mirror: Option<Runs>,
 }
 
 impl Job {
-    fn new(record: JobRecord, path: PathBuf, mirror: Option<Arc<ClusterLink>>) -> Self {
+    fn new(record: JobRecord, path: PathBuf, mirror: Option<Runs>) -> Self {
         Self {
             state: Mutex::new((record, Live::default())),
             cancel: AtomicBool::new(false),
@@ -159,9 +178,11 @@ impl Job {
             }
         }
         if let Some(mirror) = &self.mirror {
-            let status =
-                JobStatus { record: record.clone(), reembedding: live.reembedding, eta_seconds: live.eta_seconds };
-            mirror.publish_run("job", &record.id, serde_json::to_value(status).expect("a job status serialises"));
+            mirror.publish(&JobStatus {
+                record: record.clone(),
+                reembedding: live.reembedding,
+                eta_seconds: live.eta_seconds,
+            });
         }
     }
 
@@ -183,14 +204,14 @@ impl Job {
 pub struct JobBook {
     dir: PathBuf,
     jobs: Arc<Mutex<BTreeMap<String, Arc<Job>>>>,
-    mirror: Option<Arc<ClusterLink>>,
+    mirror: Runs,
 }
 
 impl JobBook {
     /// Reads the job records in `dir`. A job that was running when the
     /// service stopped is marked done if the version it saved is the active
     /// one (`active`: the stop came after its swap), failed otherwise.
-    pub fn open(dir: &Path, active: &str, mirror: Option<Arc<ClusterLink>>) -> std::io::Result<Self> {
+    pub fn open(dir: &Path, active: &str, mirror: Runs) -> std::io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut jobs = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
@@ -217,7 +238,7 @@ impl JobBook {
     pub(super) fn add(&self, record: JobRecord) -> std::io::Result<Arc<Job>> {
         let path = self.dir.join(format!("{}.json", record.id));
         write_record(&path, &record)?;
-        let job = Arc::new(Job::new(record, path, self.mirror.clone()));
+        let job = Arc::new(Job::new(record, path, Some(self.mirror.clone())));
         job.update(false, |_, _| {}); // the other replicas see it from the start
         self.jobs.lock().expect("jobs lock").insert(job.record().id, job.clone());
         Ok(job)

@@ -27,8 +27,9 @@ pub use jobs::{Job, JobRecord, JobResult, JobState, JobStatus, ValidationFigures
 pub use params::{FinetuneParams, InvalidParams};
 pub use train::{EpochRecord, Trainer, Validation};
 
-use crate::catalog::{Catalog, CatalogError, SlotHolder};
+use crate::catalog::{Catalog, CatalogError};
 use crate::clock::now_millis;
+use crate::lifecycle::{LifecycleError, ModelLifecycle, PortError, SlotHolder, POLL};
 use jobs::JobBook;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,16 @@ pub enum JobError {
     Params(#[from] InvalidParams),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
     #[error("job records: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<PortError> for JobError {
+    fn from(e: PortError) -> Self {
+        Self::Lifecycle(e.into())
+    }
 }
 
 /// Starts, lists and stops fine-tune jobs over one catalog.
@@ -48,27 +57,26 @@ pub enum JobError {
 pub struct Jobs {
     book: JobBook,
     catalog: Catalog,
+    lifecycle: ModelLifecycle,
     trainer: Trainer,
 }
 
 impl Jobs {
     /// Reads the job records in `dir`; see `JobBook::open` for jobs a stop interrupted.
-    pub fn open(dir: &Path, catalog: Catalog, trainer: Trainer) -> Result<Self, JobError> {
+    pub fn open(dir: &Path, catalog: Catalog, lifecycle: ModelLifecycle, trainer: Trainer) -> Result<Self, JobError> {
         let active = catalog.active_version().version;
-        let jobs = Self { book: JobBook::open(dir, &active, catalog.cluster())?, catalog, trainer };
-        if jobs.catalog.cluster().is_some() {
-            tokio::spawn(jobs.clone().follow_cancels());
-        }
+        let book = JobBook::open(dir, &active, lifecycle.runs().clone())?;
+        let jobs = Self { book, catalog, lifecycle, trainer };
+        tokio::spawn(jobs.clone().follow_cancels());
         Ok(jobs)
     }
 
-    /// Cluster mode: cancels the running job when another replica was asked to.
+    /// Cancels the running job when it was asked to through another replica.
     async fn follow_cancels(self) {
-        let cluster = self.catalog.cluster().expect("cluster mode");
         loop {
-            tokio::time::sleep(crate::cluster::POLL).await;
-            let Some(SlotHolder::Job(id)) = self.catalog.slot_holder() else { continue };
-            match cluster.cancel_requested(&id).await {
+            tokio::time::sleep(POLL).await;
+            let Some(SlotHolder::Job(id)) = self.lifecycle.slot_holder() else { continue };
+            match self.lifecycle.runs().cancel_requested(&id).await {
                 Ok(true) => {
                     if let Some(job) = self.book.get(&id) {
                         tracing::info!(job = %id, "cancel asked through another replica");
@@ -81,38 +89,40 @@ impl Jobs {
         }
     }
 
-    /// Cluster mode: a job another replica runs or ran, as it last recorded it.
-    pub async fn remote(&self, id: &str) -> Result<Option<serde_json::Value>, JobError> {
-        let Some(cluster) = self.catalog.cluster() else { return Ok(None) };
-        Ok(cluster.run("job", id).await.map_err(CatalogError::from)?)
+    /// A job of any replica, by id (this process's first, as it stands now).
+    pub async fn status(&self, id: &str) -> Result<Option<JobStatus>, JobError> {
+        if let Some(job) = self.book.get(id) {
+            return Ok(Some(job.status()));
+        }
+        Ok(self.lifecycle.runs().get(id).await?)
     }
 
-    /// Cluster mode: every replica's jobs, newest first; `None` in embedded mode.
-    pub async fn cluster_list(&self) -> Result<Option<Vec<serde_json::Value>>, JobError> {
-        let Some(cluster) = self.catalog.cluster() else { return Ok(None) };
-        Ok(Some(cluster.runs("job").await.map_err(CatalogError::from)?))
+    /// Every replica's jobs, newest first.
+    pub async fn list(&self) -> Result<Vec<JobStatus>, JobError> {
+        let mut all = self.book.list();
+        let recorded: Vec<JobStatus> = self.lifecycle.runs().list().await?;
+        let elsewhere: Vec<JobStatus> =
+            recorded.into_iter().filter(|r| all.iter().all(|s| s.record.id != r.record.id)).collect();
+        all.extend(elsewhere);
+        all.sort_by_key(|s| std::cmp::Reverse(s.record.created_at));
+        Ok(all)
     }
 
-    /// Cluster mode: asks the replica running job `id` to cancel it; false when no replica knows it.
-    pub async fn cancel_remote(&self, id: &str) -> Result<bool, JobError> {
-        let Some(cluster) = self.catalog.cluster() else { return Ok(false) };
-        Ok(cluster.request_cancel(id).await.map_err(CatalogError::from)?)
-    }
-
-    pub fn get(&self, id: &str) -> Option<std::sync::Arc<Job>> {
-        self.book.get(id)
-    }
-
-    /// Every job, newest first.
-    pub fn list(&self) -> Vec<JobStatus> {
-        self.book.list()
+    /// Asks job `id` to stop, here or on the replica running it (within a
+    /// `POLL`); false when no replica knows it.
+    pub async fn cancel(&self, id: &str) -> Result<bool, JobError> {
+        if let Some(job) = self.book.get(id) {
+            job.cancel();
+            return Ok(true);
+        }
+        Ok(self.lifecycle.runs().request_cancel(id).await?)
     }
 
     /// Checks the parameters and the data, then starts a job in the background.
     pub async fn start(&self, params: FinetuneParams) -> Result<JobStatus, JobError> {
         params.validate()?;
         let id = uuid::Uuid::new_v4().to_string();
-        let slot = self.catalog.claim(SlotHolder::Job(id.clone())).await?;
+        let slot = self.lifecycle.claim(SlotHolder::Job(id.clone())).await?;
         let labelled = self.catalog.labelled().await?;
         let mut rng = StdRng::seed_from_u64(params.seed);
         let split =
@@ -139,16 +149,18 @@ impl Jobs {
             error: None,
         };
         let job = self.book.add(record)?;
-        if let Some(cluster) = self.catalog.cluster() {
-            // Readable on every replica once this one has answered.
-            let first = serde_json::to_value(job.status()).expect("a job status serialises");
-            if let Err(error) = cluster.record_run("job", &id, first).await {
-                job.finish(JobState::Failed, None, Some(format!("could not record the job: {error}")));
-                return Err(CatalogError::from(error).into());
-            }
+        // Readable on every replica once this one has answered.
+        if let Err(error) = self.lifecycle.runs().record(&job.status()).await {
+            job.finish(JobState::Failed, None, Some(format!("could not record the job: {error}")));
+            return Err(error.into());
         }
         tracing::info!(job = %id, base = %base.model, data = ?split.summary, "fine-tune job queued");
-        let runner = run::Runner { catalog: self.catalog.clone(), trainer: self.trainer.clone(), job: job.clone() };
+        let runner = run::Runner {
+            catalog: self.catalog.clone(),
+            lifecycle: self.lifecycle.clone(),
+            trainer: self.trainer.clone(),
+            job: job.clone(),
+        };
         let scratch = self.book.scratch(&id);
         tokio::spawn(async move {
             let _slot = slot;
@@ -164,7 +176,7 @@ impl Jobs {
     /// abandoned, and the next start records it failed. Returns whether the
     /// slot was free in time.
     pub async fn stop_running(&self, grace: Duration) -> bool {
-        if let Some(SlotHolder::Job(id)) = self.catalog.slot_holder() {
+        if let Some(SlotHolder::Job(id)) = self.lifecycle.slot_holder() {
             if let Some(job) = self.book.get(&id) {
                 tracing::info!(job = %id, "stopping the fine-tune job for shutdown");
                 job.shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -172,7 +184,7 @@ impl Jobs {
             }
         }
         let deadline = Instant::now() + grace;
-        while self.catalog.slot_holder().is_some() {
+        while self.lifecycle.slot_holder().is_some() {
             if Instant::now() >= deadline {
                 return false;
             }

@@ -14,7 +14,8 @@ use super::data::{PreparedImages, Split};
 use super::jobs::{Job, JobRecord, JobResult, JobState};
 use super::params::Commit;
 use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
-use crate::catalog::{Catalog, CatalogError, Progress};
+use crate::catalog::{Catalog, CatalogError, Progress, Switched};
+use crate::lifecycle::{LifecycleError, ModelLifecycle};
 use crate::clock::now_millis;
 use crate::manifest::Manifest;
 use crate::registry::ModelVersion;
@@ -42,11 +43,13 @@ enum RunError {
     #[error("{0}")]
     Catalog(#[from] CatalogError),
     #[error("{0}")]
+    Lifecycle(#[from] LifecycleError),
+    #[error("{0}")]
     Train(TrainError),
     #[error("the training thread failed: {0}")]
     Thread(tokio::task::JoinError),
     #[error("saved version {version}, but switching to it failed: {source}")]
-    Switch { version: String, source: CatalogError },
+    Switch { version: String, source: LifecycleError },
 }
 
 impl From<RunError> for Stop {
@@ -58,6 +61,7 @@ impl From<RunError> for Stop {
 /// What a job runs with.
 pub(super) struct Runner {
     pub catalog: Catalog,
+    pub lifecycle: ModelLifecycle,
     pub trainer: Trainer,
     pub job: Arc<Job>,
 }
@@ -100,13 +104,13 @@ impl Runner {
             }
         };
         let manifest = new_manifest(&job.record(), &base, &trained, &chosen.0);
-        let version = self.catalog.save_version(chosen.1.clone(), manifest).await.map_err(RunError::Catalog)?;
+        let version = self.lifecycle.save_version(chosen.1.clone(), manifest).await.map_err(RunError::Lifecycle)?;
         tracing::info!(version = %version.version, parent = %base.version, "fine-tuned model saved");
         let saved = version.version.clone();
         job.update(true, |r, _| r.saved_version = Some(saved.clone()));
-        let switched = self.switch(version).await.map_err(|e| match e {
-            CatalogError::Cancelled => Stop::Cancelled(Some(saved.clone())),
-            source => Stop::Failed(RunError::Switch { version: saved.clone(), source }),
+        let switched = self.switch(version).await.map_err(|source| match source.is_cancelled() {
+            true => Stop::Cancelled(Some(saved.clone())),
+            false => Stop::Failed(RunError::Switch { version: saved.clone(), source }),
         })?;
         let reason = format!(
             "validation Recall@1 {:.4} -> {:.4}, MAP@R {:.4} -> {:.4}; {} images re-embedded, {} indexed{}",
@@ -175,7 +179,7 @@ impl Runner {
     }
 
     /// Re-embeds and swaps, reporting progress into the job.
-    async fn switch(&self, version: ModelVersion) -> Result<crate::catalog::Switched, CatalogError> {
+    async fn switch(&self, version: ModelVersion) -> Result<Switched, LifecycleError> {
         let job = &self.job;
         job.set_state(JobState::ReEmbedding);
         let started = Instant::now();
@@ -187,7 +191,7 @@ impl Runner {
             });
         };
         let swapping = || job.set_state(JobState::Swapping);
-        self.catalog.switch_to(version, &progress, &swapping, &job.cancel).await
+        self.lifecycle.switch_to(version, &progress, &swapping, &job.cancel).await
     }
 }
 

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use crate::error_kind::ErrorKind;
 
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;
@@ -33,6 +34,17 @@ pub enum GalleryError {
     /// connection): worth a retry.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+}
+
+impl GalleryError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::Sqlite(_) | Self::Schema(_) | Self::Io(_) | Self::Corrupt(_) | Self::Postgres(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for GalleryError {

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::Serialize;
+use crate::error_kind::ErrorKind;
 
 pub use hnsw::HnswIndex;
 pub use local::{LocalIndex, LocalIndexes};
@@ -35,6 +36,18 @@ pub enum IndexError {
     /// The database refused a statement: a bug or an unsupported setup (pgvector before 0.8).
     #[error("vector index query: {0}")]
     Database(String),
+}
+
+impl IndexError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unavailable(_) => ErrorKind::Unavailable,
+            // Embeddings come from our own encoder: a bad one is our bug, not the client's.
+            Self::Dimension { .. } | Self::NotFinite | Self::Dump(_) | Self::Task(_) | Self::Database(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
 }
 
 /// A gallery id and its cosine similarity to the query.

@@ -1,0 +1,178 @@
+//! Saved model versions (`model_versions`: TorchScript bytes and manifest)
+//! and the fine-tune and activation records of every replica (`lifecycle_runs`).
+
+use std::path::Path;
+
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
+use crate::clock::now_millis;
+use crate::gallery::GalleryError;
+use crate::lifecycle::ports::{PortResult, RunKind, RunLog, StoredRun, VersionStore};
+use crate::manifest::Manifest;
+use crate::registry::{ModelVersion, Registry};
+
+#[async_trait::async_trait]
+impl VersionStore for PgCluster {
+    /// Saves trained weights as the next version number across the cluster,
+    /// in the database and in this replica's model folder.
+    async fn publish(&self, registry: &Registry, weights: &Path, mut manifest: Manifest) -> PortResult<ModelVersion> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&VERSIONS_LOCK]).await?;
+        let rows = tx.query("SELECT version FROM model_versions", &[]).await?;
+        let stored = rows.iter().filter_map(|r| r.get::<_, String>(0).parse::<u64>().ok()).max().unwrap_or(0);
+        let (registry, weights_path) = (registry.clone(), weights.to_path_buf());
+        let saved = tokio::task::spawn_blocking(move || {
+            let local: u64 = registry.next_version()?.parse().unwrap_or(1);
+            manifest.version = local.max(stored + 1).to_string();
+            registry.save(&weights_path, &manifest)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let encoder_path = saved.encoder_path();
+        let encoder =
+            tokio::task::spawn_blocking(move || std::fs::read(encoder_path)).await.map_err(std::io::Error::other)??;
+        let manifest = serde_json::to_value(&saved.manifest).expect("a manifest serialises");
+        tx.execute(
+            "INSERT INTO model_versions (version, manifest, encoder, created_at) VALUES ($1, $2, $3, $4)",
+            &[&saved.version, &manifest, &encoder, &(now_millis() as i64)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(saved)
+    }
+
+    /// Copies into this replica's model folder every version another replica saved.
+    async fn install(&self, registry: &Registry) -> PortResult<()> {
+        let _installing = self.installing.lock().await;
+        let client = self.client().await?;
+        let local: Vec<(String, String)> = {
+            let registry = registry.clone();
+            let list = tokio::task::spawn_blocking(move || registry.list()).await.map_err(std::io::Error::other)??;
+            list.into_iter().map(|v| (v.version, v.encoder_sha256)).collect()
+        };
+        let rows = client.query("SELECT version, manifest->>'encoder_sha256' FROM model_versions", &[]).await?;
+        for row in rows {
+            let (version, sha): (String, Option<String>) = (row.get(0), row.get(1));
+            if local.iter().any(|(v, s)| *v == version && Some(s) == sha.as_ref()) {
+                continue;
+            }
+            let row = client
+                .query_one("SELECT manifest, encoder FROM model_versions WHERE version = $1", &[&version])
+                .await?;
+            let manifest: Manifest = serde_json::from_value(row.get(0)).map_err(std::io::Error::other)?;
+            let encoder: Vec<u8> = row.get(1);
+            let registry = registry.clone();
+            tokio::task::spawn_blocking(move || registry.install(&encoder, &manifest))
+                .await
+                .map_err(std::io::Error::other)??;
+            tracing::info!(%version, "model version installed from the database");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl RunLog for PgCluster {
+    /// Records a job's or an activation's first status before its start is
+    /// answered, so that a `202` from this replica is readable on every one.
+    async fn record(&self, kind: RunKind, id: &str, status: Value) -> PortResult<()> {
+        let client = self.client().await?;
+        upsert_run(&client, &self.replica, kind, id, &status).await?;
+        Ok(())
+    }
+
+    fn publish(&self, kind: RunKind, id: &str, status: Value) {
+        let _ = self.runs.send(RunUpdate { kind, id: id.to_string(), status });
+    }
+
+    async fn read(&self, kind: RunKind, id: Option<&str>) -> PortResult<Vec<StoredRun>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT r.status, EXISTS (SELECT 1 FROM replicas p WHERE p.id = r.replica
+                    AND p.seen_at > now() - make_interval(secs => $3))
+                 FROM lifecycle_runs r WHERE kind = $1 AND ($2::text IS NULL OR id = $2)
+                 ORDER BY created_at DESC",
+                &[&kind.as_str(), &id, &LIVE_WITHIN_SECS],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| StoredRun { status: r.get(0), replica_live: r.get(1) }).collect())
+    }
+
+    async fn request_cancel(&self, id: &str) -> PortResult<bool> {
+        let sql = "UPDATE lifecycle_runs SET cancel = TRUE WHERE id = $1";
+        Ok(self.client().await?.execute(sql, &[&id]).await? == 1)
+    }
+
+    async fn cancel_requested(&self, id: &str) -> PortResult<bool> {
+        let row = self.client().await?.query_opt("SELECT cancel FROM lifecycle_runs WHERE id = $1", &[&id]).await?;
+        Ok(row.is_some_and(|r| r.get(0)))
+    }
+}
+
+/// `lookalike migrate`: stores an embedded service's saved model versions
+/// (not the bundled one, which every replica has) and makes `active` the
+/// cluster's active version (`None`: the bundled one). Returns how many were stored.
+pub async fn import_versions(pool: &Pool, versions: &[ModelVersion], active: Option<&str>) -> PortResult<usize> {
+    let mut client = pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let tx = client.transaction().await?;
+    let mut stored = 0;
+    for version in versions.iter().filter(|v| !v.bundled) {
+        let encoder = std::fs::read(version.encoder_path())?;
+        let manifest = serde_json::to_value(&version.manifest).expect("a manifest serialises");
+        stored += tx
+            .execute(
+                "INSERT INTO model_versions (version, manifest, encoder, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (version) DO NOTHING",
+                &[&version.version, &manifest, &encoder, &(now_millis() as i64)],
+            )
+            .await? as usize;
+    }
+    tx.execute("UPDATE cluster_state SET active_version = $1", &[&active]).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// Writes run updates in order, the latest of each run when several wait.
+pub(super) async fn write_runs(pool: Pool, replica: String, mut updates: mpsc::UnboundedReceiver<RunUpdate>) {
+    while let Some(first) = updates.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = updates.try_recv() {
+            batch.retain(|u| u.id != more.id);
+            batch.push(more);
+        }
+        let Ok(client) = pool.get().await else {
+            tracing::warn!("cannot reach the database to record a job's or activation's progress");
+            continue;
+        };
+        for update in batch {
+            if let Err(error) = upsert_run(&client, &replica, update.kind, &update.id, &update.status).await {
+                tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database");
+            }
+        }
+    }
+}
+
+/// A run's status, inserted or replaced.
+async fn upsert_run(
+    client: &tokio_postgres::Client,
+    replica: &str,
+    kind: RunKind,
+    id: &str,
+    status: &Value,
+) -> Result<(), tokio_postgres::Error> {
+    let kind = kind.as_str();
+    client
+        .execute(
+            "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status",
+            &[&id, &kind, &replica, status, &(now_millis() as i64)],
+        )
+        .await?;
+    Ok(())
+}

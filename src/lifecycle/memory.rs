@@ -1,0 +1,327 @@
+//! The lifecycle's ports in memory: replicas in one process. A single-node
+//! service is a one-replica `MemoryCluster` (its switch flips as soon as its
+//! own follower is ready); the switch protocol's tests join three.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::ports::{
+    ClusterState, HeldLock, LifecycleLock, Membership, PortResult, RunKind, RunLog, StoredRun, SwitchCoordinator,
+    SwitchStatus, VersionStore,
+};
+use crate::gallery::GalleryStore;
+use crate::manifest::Manifest;
+use crate::registry::{ModelVersion, Registry};
+
+/// Runs remembered per kind (a single node also keeps its jobs on disk).
+const RUNS_KEPT: usize = 64;
+
+/// The state replicas in one process share.
+pub struct MemoryCluster {
+    shared: Mutex<Shared>,
+    changed: Arc<Notify>,
+    /// Counts the target's embeddings for a switch's progress.
+    store: Arc<dyn GalleryStore>,
+    /// One version number chosen at a time.
+    numbering: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Shared {
+    active: Option<String>,
+    target: Option<(String, String)>,
+    replicas: BTreeMap<String, Replica>,
+    holder: Option<String>,
+    /// Newest last.
+    runs: Vec<Run>,
+    /// Published versions and the folder each was saved in.
+    versions: BTreeMap<u64, PathBuf>,
+}
+
+struct Replica {
+    serving: String,
+    ready_for: Option<String>,
+    failed: Option<(String, String)>,
+}
+
+struct Run {
+    kind: RunKind,
+    id: String,
+    replica: String,
+    status: Value,
+    cancel: bool,
+}
+
+impl MemoryCluster {
+    /// A cluster whose active version is `active` (`None`: the bundled one).
+    pub fn new(active: Option<String>, store: Arc<dyn GalleryStore>) -> Arc<Self> {
+        let shared = Shared { active, ..Shared::default() };
+        Arc::new(Self {
+            shared: Mutex::new(shared),
+            changed: Arc::default(),
+            store,
+            numbering: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// A new replica's handle.
+    pub fn join(self: &Arc<Self>) -> Arc<MemoryReplica> {
+        Arc::new(MemoryReplica { cluster: self.clone(), id: uuid::Uuid::new_v4().to_string(), gone: AtomicBool::new(false) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One replica's handle on a `MemoryCluster`.
+pub struct MemoryReplica {
+    cluster: Arc<MemoryCluster>,
+    id: String,
+    /// Left or killed: its heartbeat no longer brings it back.
+    gone: AtomicBool,
+}
+
+impl MemoryReplica {
+    /// Tests: the replica dies where it stands, holding whatever it held.
+    pub fn kill(&self) {
+        self.gone.store(true, Ordering::Relaxed);
+        self.cluster.lock().replicas.remove(&self.id);
+        self.cluster.changed.notify_waiters();
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.cluster.lock()
+    }
+
+    fn notify(&self) {
+        self.cluster.changed.notify_waiters();
+    }
+}
+
+#[async_trait::async_trait]
+impl Membership for MemoryReplica {
+    fn replica(&self) -> &str {
+        &self.id
+    }
+
+    async fn heartbeat(&self, serving: &str) -> PortResult<()> {
+        if self.gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut shared = self.shared();
+        let row = shared.replicas.entry(self.id.clone()).or_insert_with(|| Replica {
+            serving: String::new(),
+            ready_for: None,
+            failed: None,
+        });
+        row.serving = serving.to_string();
+        Ok(())
+    }
+
+    async fn lagging(&self, serving: &str) -> PortResult<usize> {
+        Ok(self.shared().replicas.iter().filter(|(id, r)| **id != self.id && r.serving != serving).count())
+    }
+
+    async fn leave(&self) -> PortResult<()> {
+        self.gone.store(true, Ordering::Relaxed);
+        self.shared().replicas.remove(&self.id);
+        Ok(())
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        None // every change comes through this process, and notifies
+    }
+}
+
+#[async_trait::async_trait]
+impl SwitchCoordinator for MemoryReplica {
+    fn changed(&self) -> Arc<Notify> {
+        self.cluster.changed.clone()
+    }
+
+    async fn state(&self) -> PortResult<ClusterState> {
+        let shared = self.shared();
+        Ok(ClusterState { active: shared.active.clone(), target: shared.target.clone() })
+    }
+
+    async fn begin(&self, version: &str, switch_id: &str) -> PortResult<()> {
+        self.shared().target = Some((version.to_string(), switch_id.to_string()));
+        self.notify();
+        Ok(())
+    }
+
+    async fn ready(&self, switch_id: &str) -> PortResult<()> {
+        if let Some(row) = self.shared().replicas.get_mut(&self.id) {
+            row.ready_for = Some(switch_id.to_string());
+        }
+        self.notify();
+        Ok(())
+    }
+
+    async fn failed(&self, switch_id: &str, why: &str) -> PortResult<()> {
+        if let Some(row) = self.shared().replicas.get_mut(&self.id) {
+            row.failed = Some((switch_id.to_string(), why.to_string()));
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// With no shared record of the items a model cannot preprocess, the
+    /// replicas' readiness says when nothing is left to embed.
+    async fn status(&self, switch_id: &str, key: &str) -> PortResult<SwitchStatus> {
+        let embedded = self.cluster.store.count_embedded(key.to_string()).await?;
+        let count = self.cluster.store.count().await?;
+        let shared = self.shared();
+        let live = shared.replicas.len();
+        let ready = shared.replicas.values().filter(|r| r.ready_for.as_deref() == Some(switch_id)).count();
+        let failures = shared
+            .replicas
+            .values()
+            .filter_map(|r| r.failed.as_ref().filter(|(id, _)| id == switch_id).map(|(_, why)| why.clone()))
+            .collect();
+        let missing = if live > 0 && ready >= live { 0 } else { count.saturating_sub(embedded) };
+        Ok(SwitchStatus { live, ready, failures, embedded, missing })
+    }
+
+    async fn flip(&self, switch_id: &str, version: &str) -> PortResult<bool> {
+        let flipped = {
+            let mut shared = self.shared();
+            let current = shared.target.as_ref().is_some_and(|(_, id)| id == switch_id);
+            if current {
+                (shared.active, shared.target) = (Some(version.to_string()), None);
+            }
+            current
+        };
+        self.notify();
+        Ok(flipped)
+    }
+
+    async fn abandon(&self, switch_id: &str) -> PortResult<()> {
+        {
+            let mut shared = self.shared();
+            if shared.target.as_ref().is_some_and(|(_, id)| id == switch_id) {
+                shared.target = None;
+            }
+        }
+        self.notify();
+        Ok(())
+    }
+}
+
+/// The lifecycle lock, held: frees it when dropped.
+struct MemoryLock {
+    cluster: Arc<MemoryCluster>,
+}
+
+impl Drop for MemoryLock {
+    fn drop(&mut self) {
+        self.cluster.lock().holder = None;
+    }
+}
+
+#[async_trait::async_trait]
+impl LifecycleLock for MemoryReplica {
+    async fn acquire(&self, holder: &str) -> PortResult<Result<HeldLock, String>> {
+        let gave_up = {
+            let mut shared = self.shared();
+            if let Some(other) = &shared.holder {
+                return Ok(Err(other.clone()));
+            }
+            shared.holder = Some(holder.to_string());
+            // A switch still published lost its switching replica: give it up.
+            shared.target.take().is_some()
+        };
+        if gave_up {
+            self.notify();
+        }
+        Ok(Ok(Box::new(MemoryLock { cluster: self.cluster.clone() })))
+    }
+}
+
+#[async_trait::async_trait]
+impl RunLog for MemoryReplica {
+    async fn record(&self, kind: RunKind, id: &str, status: Value) -> PortResult<()> {
+        RunLog::publish(self, kind, id, status);
+        Ok(())
+    }
+
+    fn publish(&self, kind: RunKind, id: &str, status: Value) {
+        let mut shared = self.shared();
+        if let Some(run) = shared.runs.iter_mut().find(|r| r.kind == kind && r.id == id) {
+            run.status = status;
+            return;
+        }
+        let run = Run { kind, id: id.to_string(), replica: self.id.clone(), status, cancel: false };
+        shared.runs.push(run);
+        if shared.runs.iter().filter(|r| r.kind == kind).count() > RUNS_KEPT {
+            let oldest = shared.runs.iter().position(|r| r.kind == kind).expect("one of this kind");
+            shared.runs.remove(oldest);
+        }
+    }
+
+    async fn read(&self, kind: RunKind, id: Option<&str>) -> PortResult<Vec<StoredRun>> {
+        let shared = self.shared();
+        let runs = shared.runs.iter().rev().filter(|r| r.kind == kind && id.is_none_or(|id| r.id == id));
+        Ok(runs
+            .map(|r| StoredRun { status: r.status.clone(), replica_live: shared.replicas.contains_key(&r.replica) })
+            .collect())
+    }
+
+    async fn request_cancel(&self, id: &str) -> PortResult<bool> {
+        let mut shared = self.shared();
+        let run = shared.runs.iter_mut().find(|r| r.id == id);
+        Ok(run.map(|r| r.cancel = true).is_some())
+    }
+
+    async fn cancel_requested(&self, id: &str) -> PortResult<bool> {
+        Ok(self.shared().runs.iter().any(|r| r.id == id && r.cancel))
+    }
+}
+
+#[async_trait::async_trait]
+impl VersionStore for MemoryReplica {
+    async fn publish(&self, registry: &Registry, weights: &Path, mut manifest: Manifest) -> PortResult<ModelVersion> {
+        let _numbering = self.cluster.numbering.lock().await;
+        let published = self.shared().versions.keys().next_back().copied().unwrap_or(0);
+        let (registry, weights) = (registry.clone(), weights.to_path_buf());
+        let saved = tokio::task::spawn_blocking(move || {
+            let local: u64 = registry.next_version()?.parse().unwrap_or(1);
+            manifest.version = local.max(published + 1).to_string();
+            registry.save(&weights, &manifest)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if let Ok(number) = saved.version.parse() {
+            self.shared().versions.insert(number, saved.dir.clone());
+        }
+        Ok(saved)
+    }
+
+    async fn install(&self, registry: &Registry) -> PortResult<()> {
+        let published: Vec<PathBuf> = self.shared().versions.values().cloned().collect();
+        let registry = registry.clone();
+        tokio::task::spawn_blocking(move || {
+            let local: Vec<(String, String)> =
+                registry.list()?.into_iter().map(|v| (v.version, v.encoder_sha256)).collect();
+            for dir in published {
+                let manifest = Manifest::load(&dir).map_err(crate::registry::RegistryError::from)?;
+                let sha = manifest.extra.get("encoder_sha256").and_then(Value::as_str).unwrap_or_default();
+                if local.iter().any(|(v, s)| *v == manifest.version && s == sha) {
+                    continue;
+                }
+                let encoder = std::fs::read(dir.join(crate::manifest::ENCODER_FILE))?;
+                registry.install(&encoder, &manifest)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
