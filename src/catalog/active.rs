@@ -8,29 +8,27 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::future::join_all;
 
-use super::{CatalogError, CatalogSettings, Progress};
+use super::{CatalogError, CatalogSettings};
 use crate::embed::{EmbedError, Embedded, Embedder, Priority};
 use crate::gallery::GalleryStore;
 use crate::index::VectorIndex;
 use crate::preprocess::{Prepared, PreprocessPool};
 use crate::registry::ModelVersion;
 
-/// Images re-embedded per round trip to the store, at most; and the most
-/// original bytes one round holds in memory (photos can be megabytes each).
-const EMBED_CHUNK: usize = 256;
-const EMBED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
-/// Items one replica claims at a time in cluster mode: small, so that the
-/// work spreads over replicas and a claim's row locks are held briefly.
+/// Items claimed for embedding at a time: small, so that in cluster mode
+/// the work spreads over replicas and a claim's row locks are held briefly;
+/// and the most original bytes one claim holds in memory (photos can be
+/// megabytes each).
 const CLAIM_CHUNK: usize = 32;
+const EMBED_CHUNK_BYTES: usize = 64 * 1024 * 1024;
 
 /// How `embed_missing` goes about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pass {
-    /// Beside live traffic: bulk priority, and no more items than were
-    /// missing when it began, so continuous uploads cannot keep it going.
+    /// Beside live traffic: bulk priority.
     Background,
-    /// Everything still missing, at interactive priority: at start, or while
-    /// a switch holds the writers' lock and every add and delete waits on it.
+    /// At interactive priority: at start, or while a switch holds the
+    /// writers' lock and every add and delete waits on it.
     Final,
 }
 
@@ -71,59 +69,25 @@ impl ActiveModel {
     }
 
     /// Embeds, from their stored originals, the items that have no embedding
-    /// of this model. Returns how many it embedded. An item
-    /// whose image no longer preprocesses is skipped and remembered
-    /// (`unembeddable`), not an error: one image must not block a switch or a start.
+    /// of this model, claiming them a chunk at a time (in cluster mode every
+    /// replica shares the work, and a replica that dies frees its chunk).
+    /// Returns how many it embedded. An item whose image no longer
+    /// preprocesses is skipped and remembered (`unembeddable`), not an
+    /// error: one image must not block a switch or a start.
     pub(crate) async fn embed_missing(
         &self,
         store: &dyn GalleryStore,
         pass: Pass,
-        progress: &(dyn Fn(Progress) + Sync),
         cancel: &AtomicBool,
     ) -> Result<usize, CatalogError> {
-        let model = self.key();
         let priority = if pass == Pass::Background { Priority::Bulk } else { Priority::Interactive };
-        if store.is_shared() {
-            return self.embed_claimed(store, priority, progress, cancel).await;
-        }
-        // Saturating: an item added between the two counts is embedded already.
-        let to_embed = store.count().await?.saturating_sub(store.count_embedded(model.clone()).await?) as usize;
-        if to_embed > 0 {
-            tracing::info!(count = to_embed, %model, "embedding stored images for the model");
-        }
-        let (mut embedded, mut seen, mut after) = (0, 0, 0);
-        loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(CatalogError::Cancelled);
-            }
-            if pass == Pass::Background && seen >= to_embed {
-                return Ok(embedded); // the rest arrived meanwhile: the final pass takes it
-            }
-            let missing = store.missing_embeddings(model.clone(), after, EMBED_CHUNK, EMBED_CHUNK_BYTES).await?;
-            let Some(&(last, _)) = missing.last() else { return Ok(embedded) };
-            (after, seen) = (last, seen + missing.len());
-            let (ids, pixels) = self.prepare_stored(missing, priority).await;
-            let vectors = self.embed_all(pixels, priority).await?;
-            embedded += ids.len();
-            store.put_embeddings(model.clone(), ids.into_iter().zip(vectors).collect()).await?;
-            progress(Progress { embedded, to_embed: to_embed.max(embedded) });
-        }
-    }
-
-    /// Cluster mode's `embed_missing`: claims chunks of items that lack this
-    /// model's embedding until none is left unclaimed, so that every replica
-    /// shares the work and a replica that dies frees its chunk for the others.
-    async fn embed_claimed(
-        &self,
-        store: &dyn GalleryStore,
-        priority: Priority,
-        progress: &(dyn Fn(Progress) + Sync),
-        cancel: &AtomicBool,
-    ) -> Result<usize, CatalogError> {
         let mut embedded = 0;
         while let Some(mut claim) = store.claim_missing(self.key(), CLAIM_CHUNK, EMBED_CHUNK_BYTES).await? {
             if cancel.load(Ordering::Relaxed) {
                 return Err(CatalogError::Cancelled); // the dropped claim frees its items
+            }
+            if embedded == 0 {
+                tracing::info!(model = %self.key(), "embedding stored images for the model");
             }
             let items = claim.take_items();
             let claimed: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
@@ -132,7 +96,6 @@ impl ActiveModel {
             let vectors = self.embed_all(pixels, priority).await?;
             embedded += ids.len();
             claim.complete(ids.into_iter().zip(vectors).collect(), failed).await?;
-            progress(Progress { embedded, to_embed: embedded });
         }
         Ok(embedded)
     }

@@ -121,7 +121,7 @@ impl Catalog {
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
         let (index, source, reason) = indexes.open(&version.key, dim, capacity).await;
         let model = ActiveModel::start(version, &settings, index).await?;
-        model.embed_missing(store.as_ref(), Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
+        model.embed_missing(store.as_ref(), Pass::Final, &AtomicBool::new(false)).await?;
         let (added, removed) = reconcile::reconcile(store.as_ref(), &model).await?;
         let labels = Arc::new(labels::LabelMap::new(store.labelled().await?));
         let startup = IndexStartup {

@@ -128,13 +128,12 @@ pub struct Job {
     pub(super) shutdown: AtomicBool,
     started: Instant,
     path: PathBuf,
-    /// Where every change is copied for the other replicas (`None`: a
-    /// finished job read from disk).
-    mirror: Option<Runs>,
+    /// Where every change is copied for the other replicas.
+    mirror: Runs,
 }
 
 impl Job {
-    fn new(record: JobRecord, path: PathBuf, mirror: Option<Runs>) -> Self {
+    fn new(record: JobRecord, path: PathBuf, mirror: Runs) -> Self {
         Self {
             state: Mutex::new((record, Live::default())),
             cancel: AtomicBool::new(false),
@@ -177,13 +176,11 @@ impl Job {
                 tracing::error!(%error, job = %record.id, "could not write the job record");
             }
         }
-        if let Some(mirror) = &self.mirror {
-            mirror.publish(&JobStatus {
-                record: record.clone(),
-                reembedding: live.reembedding,
-                eta_seconds: live.eta_seconds,
-            });
-        }
+        self.mirror.publish(&JobStatus {
+            record: record.clone(),
+            reembedding: live.reembedding,
+            eta_seconds: live.eta_seconds,
+        });
     }
 
     pub(super) fn set_state(&self, state: JobState) {
@@ -229,7 +226,7 @@ impl JobBook {
                 settle_interrupted(&mut record, active);
                 write_record(&path, &record)?;
             }
-            jobs.insert(record.id.clone(), Arc::new(Job::new(record, path, None)));
+            jobs.insert(record.id.clone(), Arc::new(Job::new(record, path, mirror.clone())));
         }
         Ok(Self { dir: dir.into(), jobs: Arc::new(Mutex::new(jobs)), mirror })
     }
@@ -238,7 +235,7 @@ impl JobBook {
     pub(super) fn add(&self, record: JobRecord) -> std::io::Result<Arc<Job>> {
         let path = self.dir.join(format!("{}.json", record.id));
         write_record(&path, &record)?;
-        let job = Arc::new(Job::new(record, path, Some(self.mirror.clone())));
+        let job = Arc::new(Job::new(record, path, self.mirror.clone()));
         job.update(false, |_, _| {}); // the other replicas see it from the start
         self.jobs.lock().expect("jobs lock").insert(job.record().id, job.clone());
         Ok(job)

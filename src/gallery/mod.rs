@@ -8,6 +8,7 @@ mod pg_schema;
 mod postgres;
 mod schema;
 mod sqlite;
+mod sqlite_claim;
 
 use std::collections::HashMap;
 
@@ -190,43 +191,20 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// The embeddings under `model` of the given ids (those that have one).
     async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError>;
 
-    /// Up to `limit` items after id `after` that have no embedding under
-    /// `model` yet, with their bytes, ascending by id; fewer once their
-    /// bytes reach `max_bytes` (at least one).
-    async fn missing_embeddings(
-        &self,
-        model: String,
-        after: i64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError>;
-
     /// Stores embeddings computed later (for another model), in one
     /// transaction; ids of items deleted meanwhile are skipped.
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError>;
 
-    /// Whether other processes share this store and the re-embedding work
-    /// (cluster mode): then `claim_missing` hands out that work.
-    fn is_shared(&self) -> bool {
-        false
-    }
-
     /// Claims up to `limit` items that lack an embedding under `model` (and
-    /// were not found unembeddable by it), among those no other process holds;
-    /// fewer once their bytes reach `max_bytes` (at least one). `None` when
-    /// nothing is left to claim, and always for a store that is not shared.
+    /// were not found unembeddable by it), among those no other claim holds
+    /// (in cluster mode, no other replica); fewer once their bytes reach
+    /// `max_bytes` (at least one). `None` when nothing is left to claim.
     async fn claim_missing(
         &self,
-        _model: String,
-        _limit: usize,
-        _max_bytes: usize,
-    ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
-        Ok(None)
-    }
-
-    /// A number that grows with every committed insert or delete of items:
-    /// equal readings mean the set of items did not change in between.
-    fn change_sequence(&self) -> u64;
+        model: String,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError>;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), GalleryError>;

@@ -3,8 +3,6 @@
 //! committed and visible to every replica.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
@@ -28,9 +26,6 @@ const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, c
 pub struct PgGallery {
     pool: Pool,
     config: tokio_postgres::Config,
-    /// Bumped on every call: other replicas change the items too, so two
-    /// readings are never taken to mean "nothing changed".
-    reads: Arc<AtomicU64>,
 }
 
 impl PgGallery {
@@ -47,7 +42,7 @@ impl PgGallery {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| GalleryError::Unavailable(e.to_string()))?;
-        let store = Self { pool, config, reads: Arc::default() };
+        let store = Self { pool, config };
         let mut client = store.client().await?;
         pg_schema::migrate(&mut client).await?;
         drop(client);
@@ -61,29 +56,17 @@ impl PgGallery {
         let tx = client.transaction().await?;
         for item in items {
             let s = &item.summary;
-            tx.execute(
-                "INSERT INTO items (id, content_hash, media_type, label, metadata, width, height, created_at, image)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                &[
-                    &s.id,
-                    &s.content_hash,
-                    &s.media_type,
-                    &s.label,
-                    &s.metadata,
-                    &(s.width as i32),
-                    &(s.height as i32),
-                    &s.created_at,
-                    &item.image,
-                ],
-            )
-            .await?;
-            for (model, vector) in item.embeddings {
-                tx.execute(
-                    "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
-                    &[&model, &s.id, &Vector::from(vector)],
-                )
-                .await?;
-            }
+            let row = ItemRow {
+                content_hash: &s.content_hash,
+                media_type: &s.media_type,
+                label: s.label.as_deref(),
+                metadata: &s.metadata,
+                width: s.width,
+                height: s.height,
+                created_at: s.created_at,
+                image: &item.image,
+            };
+            insert_row(&tx, Some(s.id), row, item.embeddings).await?;
         }
         tx.execute("SELECT setval(pg_get_serial_sequence('items', 'id'), GREATEST(MAX(id), 1)) FROM items", &[])
             .await?;
@@ -127,28 +110,17 @@ impl GalleryStore for PgGallery {
                 out.push(Inserted { id: existing, content_hash, duplicate_of, stored: false });
                 continue;
             }
-            let row = tx
-                .query_one(
-                    "INSERT INTO items (content_hash, media_type, label, metadata, width, height, created_at, image)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-                    &[
-                        &item.content_hash,
-                        &item.media_type,
-                        &item.label,
-                        &item.metadata,
-                        &(item.width as i32),
-                        &(item.height as i32),
-                        &(now_millis() as i64),
-                        &&item.image[..],
-                    ],
-                )
-                .await?;
-            let id: i64 = row.get(0);
-            tx.execute(
-                "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
-                &[&model, &id, &Vector::from(item.embedding)],
-            )
-            .await?;
+            let row = ItemRow {
+                content_hash: &item.content_hash,
+                media_type: &item.media_type,
+                label: item.label.as_deref(),
+                metadata: &item.metadata,
+                width: item.width,
+                height: item.height,
+                created_at: now_millis() as i64,
+                image: &item.image,
+            };
+            let id = insert_row(&tx, None, row, vec![(model.clone(), item.embedding)]).await?;
             out.push(Inserted { id, content_hash, duplicate_of, stored: true });
         }
         tx.commit().await?;
@@ -231,31 +203,6 @@ impl GalleryStore for PgGallery {
         Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Vector>(1).to_vec())).collect())
     }
 
-    async fn missing_embeddings(
-        &self,
-        model: String,
-        after: i64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
-        // One statement (one snapshot): rows past `max_bytes` are left out before their bytes are
-        // read; the first row always comes back, so a pass never ends early on a deleted chunk.
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT id, image FROM (
-                    SELECT id, image, SUM(octet_length(image)) OVER (ORDER BY id) - octet_length(image) AS before
-                    FROM items i WHERE id > $2
-                    AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model = $1 AND e.item_id = i.id)
-                    ORDER BY id LIMIT $3) chunk
-                 WHERE before < $4 ORDER BY id",
-                &[&model, &after, &(limit as i64), &(max_bytes as i64)],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -272,10 +219,6 @@ impl GalleryStore for PgGallery {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    fn is_shared(&self) -> bool {
-        true
     }
 
     async fn claim_missing(
@@ -316,10 +259,6 @@ impl GalleryStore for PgGallery {
         let rows = client.query("SELECT id, image FROM items WHERE id = ANY($1) ORDER BY id", &[&ids]).await?;
         claim.items = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(Some(Box::new(claim)))
-    }
-
-    fn change_sequence(&self) -> u64 {
-        self.reads.fetch_add(1, Ordering::SeqCst)
     }
 
     async fn ping(&self) -> Result<(), GalleryError> {
@@ -390,6 +329,55 @@ impl MissingClaim for PgClaim {
         self.release();
         Ok(())
     }
+}
+
+/// An item's columns, as both insert paths write them.
+struct ItemRow<'a> {
+    content_hash: &'a str,
+    media_type: &'a str,
+    label: Option<&'a str>,
+    metadata: &'a serde_json::Value,
+    width: u32,
+    height: u32,
+    created_at: i64,
+    image: &'a [u8],
+}
+
+/// Inserts an item with its embeddings (`(model, vector)`); `id: None`
+/// takes the next id of the sequence. Returns the item's id.
+async fn insert_row(
+    tx: &impl GenericClient,
+    id: Option<i64>,
+    row: ItemRow<'_>,
+    embeddings: Vec<(String, Vec<f32>)>,
+) -> Result<i64, GalleryError> {
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO items (id, content_hash, media_type, label, metadata, width, height, created_at, image)
+             VALUES (COALESCE($1, nextval(pg_get_serial_sequence('items', 'id'))), $2, $3, $4, $5, $6, $7, $8, $9)
+             RETURNING id",
+            &[
+                &id,
+                &row.content_hash,
+                &row.media_type,
+                &row.label,
+                row.metadata,
+                &(row.width as i32),
+                &(row.height as i32),
+                &row.created_at,
+                &row.image,
+            ],
+        )
+        .await?
+        .get(0);
+    for (model, vector) in embeddings {
+        tx.execute(
+            "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
+            &[&model, &id, &Vector::from(vector)],
+        )
+        .await?;
+    }
+    Ok(id)
 }
 
 async fn oldest_with_hash(client: &impl GenericClient, hash: &str) -> Result<Option<i64>, GalleryError> {

@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, NewItem, StoredImage};
+use super::sqlite_claim::{Held, SqliteClaim};
+use super::{
+    schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
+};
 use crate::clock::now_millis;
 
 const STORE_FILE: &str = "gallery.sqlite3";
@@ -18,8 +20,8 @@ const STORE_FILE: &str = "gallery.sqlite3";
 #[derive(Clone)]
 pub struct SqliteGallery {
     conn: Arc<Mutex<Connection>>,
-    /// Counts committed inserts and deletes (see `GalleryStore::change_sequence`).
-    changes: Arc<AtomicU64>,
+    /// Items held for re-embedding, per model.
+    held: Arc<Held>,
 }
 
 impl SqliteGallery {
@@ -33,7 +35,7 @@ impl SqliteGallery {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), changes: Arc::default() })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), held: Arc::default() })
     }
 
     /// Opens the store in `data_dir`, which must exist already.
@@ -58,10 +60,6 @@ impl SqliteGallery {
         })
         .await
         .map_err(|e| GalleryError::Corrupt(format!("store task failed: {e}")))?
-    }
-
-    fn changed(&self) {
-        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -97,7 +95,6 @@ impl GalleryStore for SqliteGallery {
     /// Adds items with their embeddings under `model` in one transaction:
     /// when this returns, all of them are on disk, or none is.
     async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
-        let changes = self.changes.clone();
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(items.len());
@@ -105,7 +102,6 @@ impl GalleryStore for SqliteGallery {
                 out.push(insert_one(&tx, item, &model)?);
             }
             tx.commit()?;
-            changes.fetch_add(1, Ordering::SeqCst);
             Ok(out)
         })
         .await
@@ -167,12 +163,7 @@ impl GalleryStore for SqliteGallery {
 
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
-        let deleted =
-            self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await?;
-        if deleted {
-            self.changed();
-        }
-        Ok(deleted)
+        self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
     }
 
     /// For each hash, the oldest item with those exact bytes, if any.
@@ -239,32 +230,42 @@ impl GalleryStore for SqliteGallery {
     }
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    async fn missing_embeddings(
+    /// Claims up to `limit` items that lack an embedding under `model`,
+    /// leaving out those another claim of this process holds (or that failed).
+    async fn claim_missing(
         &self,
         model: String,
-        after: i64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
-        self.with_conn(move |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT id, image FROM items
-                 WHERE id > ?2 AND id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
-                 ORDER BY id LIMIT ?3",
-            )?;
-            let mut rows = stmt.query(params![model, after, limit as i64])?;
-            let (mut out, mut bytes) = (Vec::new(), 0);
-            while let Some(row) = rows.next()? {
-                let image: Vec<u8> = row.get(1)?;
-                bytes += image.len();
-                out.push((row.get(0)?, image));
-                if bytes >= max_bytes {
-                    break;
+    ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
+        let held = self.held.of(&model);
+        let key = model.clone();
+        let items = self
+            .with_conn(move |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1) ORDER BY id",
+                )?;
+                let ids: Vec<i64> = stmt.query_map([&key], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                let mut image = conn.prepare("SELECT image FROM items WHERE id = ?1")?;
+                let (mut out, mut bytes) = (Vec::new(), 0);
+                for id in ids.into_iter().filter(|id| !held.contains(id)).take(limit) {
+                    let bytes_of: Vec<u8> = image.query_row([id], |r| r.get(0))?;
+                    bytes += bytes_of.len();
+                    out.push((id, bytes_of));
+                    if bytes >= max_bytes {
+                        break;
+                    }
                 }
-            }
-            Ok(out)
-        })
-        .await
+                Ok(out)
+            })
+            .await?;
+        let ids = self.held.hold(&model, items.iter().map(|(id, _)| *id).collect());
+        let items: Vec<(i64, Vec<u8>)> = items.into_iter().filter(|(id, _)| ids.contains(id)).collect();
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let claim = SqliteClaim { store: self.clone(), held: self.held.clone(), model, items, ids };
+        Ok(Some(Box::new(claim)))
     }
 
     async fn put_embeddings(&self, model: String, vectors: Vec<(i64, Vec<f32>)>) -> Result<(), GalleryError> {
@@ -282,10 +283,6 @@ impl GalleryStore for SqliteGallery {
             Ok(())
         })
         .await
-    }
-
-    fn change_sequence(&self) -> u64 {
-        self.changes.load(Ordering::SeqCst)
     }
 }
 

@@ -111,7 +111,7 @@ impl Follower {
         }
         self.retire_previous(&active).await?;
         let store = self.ctx.catalog.store().as_ref();
-        active.embed_missing(store, Pass::Background, &|_| {}, &AtomicBool::new(false)).await?;
+        active.embed_missing(store, Pass::Background, &AtomicBool::new(false)).await?;
         Ok(())
     }
 
@@ -141,7 +141,7 @@ impl Follower {
                 }
             };
             let store = self.ctx.catalog.store().as_ref();
-            model.embed_missing(store, Pass::Background, &|_| {}, &given_up.0).await?;
+            model.embed_missing(store, Pass::Background, &given_up.0).await?;
             reconcile(store, &model).await?;
             model.index.prepare().await.map_err(crate::catalog::CatalogError::from)?;
             coordinator.ready(switch_id).await?;
@@ -169,7 +169,7 @@ impl Follower {
                     retire(other);
                 }
                 let model = self.start_model(version).await?;
-                model.embed_missing(store, Pass::Background, &|_| {}, &AtomicBool::new(false)).await?;
+                model.embed_missing(store, Pass::Background, &AtomicBool::new(false)).await?;
                 model
             }
         };
@@ -177,7 +177,7 @@ impl Follower {
         let caught_up = async {
             // Uploads acknowledged before this replica embedded them with both
             // models, and deletes since it prepared (normally none).
-            model.embed_missing(store, Pass::Final, &|_| {}, &AtomicBool::new(false)).await?;
+            model.embed_missing(store, Pass::Final, &AtomicBool::new(false)).await?;
             reconcile(store, &model).await?;
             model.index.prepare().await.map_err(crate::catalog::CatalogError::from)?;
             let id = model.version.version.clone();
