@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::error_kind::ErrorKind as Kind;
 use crate::files::{sync_dir, write_atomic};
 use crate::manifest::{Manifest, ManifestError, ENCODER_FILE};
-use crate::error_kind::ErrorKind as Kind;
 
 const MODELS_DIR: &str = "models";
 const ACTIVE_FILE: &str = "ACTIVE";

@@ -171,7 +171,6 @@ impl SwitchCoordinator for PgCluster {
         tx.commit().await?;
         Ok(())
     }
-
 }
 
 #[async_trait::async_trait]
@@ -204,5 +203,4 @@ impl LifecycleLock for PgCluster {
         client.execute("UPDATE cluster_state SET holder = $1", &[&holder]).await?;
         Ok(Ok(Box::new(PgLock { _client: client })))
     }
-
 }

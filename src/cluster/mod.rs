@@ -127,4 +127,3 @@ async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>) {
         tokio::time::sleep(POLL).await;
     }
 }
-

@@ -19,10 +19,10 @@ pub use device::{resolve as resolve_devices, CudaInfo, DeviceChoice};
 pub use encoder::{Encoder, Precision, TorchEncoder};
 pub use queue::{BatchPolicy, Embedded, Priority};
 
+use crate::error_kind::ErrorKind;
 use crate::manifest::{Manifest, ENCODER_FILE};
 use crate::metrics;
 use queue::{Entry, Queue};
-use crate::error_kind::ErrorKind;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EmbedError {

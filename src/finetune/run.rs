@@ -15,8 +15,8 @@ use super::jobs::{Job, JobRecord, JobResult, JobState};
 use super::params::Commit;
 use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
 use crate::catalog::{Catalog, CatalogError, Progress, Switched};
-use crate::lifecycle::{LifecycleError, ModelLifecycle};
 use crate::clock::now_millis;
+use crate::lifecycle::{LifecycleError, ModelLifecycle};
 use crate::manifest::Manifest;
 use crate::registry::ModelVersion;
 

@@ -12,9 +12,9 @@ mod sqlite_claim;
 
 use std::collections::HashMap;
 
+use crate::error_kind::ErrorKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use crate::error_kind::ErrorKind;
 
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;

@@ -54,7 +54,11 @@ impl MissingClaim for SqliteClaim {
         std::mem::take(&mut self.items)
     }
 
-    async fn complete(mut self: Box<Self>, vectors: Vec<(i64, Vec<f32>)>, failed: Vec<i64>) -> Result<(), GalleryError> {
+    async fn complete(
+        mut self: Box<Self>,
+        vectors: Vec<(i64, Vec<f32>)>,
+        failed: Vec<i64>,
+    ) -> Result<(), GalleryError> {
         self.store.put_embeddings(self.model.clone(), vectors).await?;
         // The failed stay held: not claimed again by this process.
         self.ids.retain(|id| !failed.contains(id));

@@ -12,8 +12,8 @@ mod pgvector;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde::Serialize;
 use crate::error_kind::ErrorKind;
+use serde::Serialize;
 
 pub use hnsw::HnswIndex;
 pub use local::{LocalIndex, LocalIndexes};

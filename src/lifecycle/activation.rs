@@ -122,4 +122,3 @@ pub(super) fn finish(sender: &watch::Sender<ActivationStatus>, outcome: Result<S
         }
     });
 }
-

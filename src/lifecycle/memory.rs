@@ -72,7 +72,11 @@ impl MemoryCluster {
 
     /// A new replica's handle.
     pub fn join(self: &Arc<Self>) -> Arc<MemoryReplica> {
-        Arc::new(MemoryReplica { cluster: self.clone(), id: uuid::Uuid::new_v4().to_string(), gone: AtomicBool::new(false) })
+        Arc::new(MemoryReplica {
+            cluster: self.clone(),
+            id: uuid::Uuid::new_v4().to_string(),
+            gone: AtomicBool::new(false),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {

@@ -232,7 +232,10 @@ impl ModelLifecycle {
             let unembeddable = self.ctx.catalog.unembeddable();
             let (version, model) = (target.version, target.model);
             let items = active.indexed_items;
-            activation::finish(&sender, Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 }));
+            activation::finish(
+                &sender,
+                Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 }),
+            );
             return Ok(sender.borrow().clone());
         }
         tracing::info!(activation = %id, version = %target.version, "model activation started");

@@ -67,7 +67,9 @@ impl Runs {
             .into_iter()
             .filter_map(|run| {
                 let mut status: S = serde_json::from_value(run.status)
-                    .map_err(|error| tracing::warn!(%error, kind = S::KIND.as_str(), "skipping an unreadable run record"))
+                    .map_err(
+                        |error| tracing::warn!(%error, kind = S::KIND.as_str(), "skipping an unreadable run record"),
+                    )
                     .ok()?;
                 if status.is_running() && !run.replica_live {
                     status.orphan(ORPHANED);

@@ -8,8 +8,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::finetune::{wait_for_job, TOKEN};
-use crate::helpers::{fixtures, spawn_app_with};
+use crate::support::{fixtures, spawn_app_with, wait_for_job, TOKEN};
 
 pub fn python(args: &[&str]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

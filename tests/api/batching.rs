@@ -3,7 +3,7 @@
 
 use futures::future::join_all;
 
-use crate::helpers::{assert_error, config, fixtures, spawn_with, TestApp};
+use crate::support::{assert_error, config, fixtures, spawn_with, TestApp};
 
 async fn app_with(tune: impl FnOnce(&mut lookalike::config::ServeConfig)) -> (TestApp, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();

@@ -2,20 +2,18 @@
 //! binaries as replicas over one database, each with a data folder of its own.
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use crate::crash::{unique_image, Server};
-use crate::finetune::TOKEN;
-use crate::helpers::fixtures;
-use crate::pg::PgServer;
+use crate::crash::unique_image;
+use crate::support::{admin_json, eventually, eventually_every, fixtures, search, upload, PgServer, Server, TOKEN};
 
 /// Replicas, each on a data folder of its own, over `pg`.
 async fn replicas(pg: &PgServer, n: usize) -> (Vec<Server>, Vec<TempDir>) {
@@ -25,17 +23,6 @@ async fn replicas(pg: &PgServer, n: usize) -> (Vec<Server>, Vec<TempDir>) {
     let env = [("LOOKALIKE_DATABASE_URL", url.as_str())];
     let started = dirs.iter().map(|d| Server::start_with_env(d.path(), "replica.log", &env));
     (futures::future::join_all(started).await, dirs)
-}
-
-async fn upload(client: &Client, server: &Server, image: &[u8], label: &str) -> Response {
-    let form =
-        Form::new().part("image", Part::bytes(image.to_vec()).file_name("x.png")).text("label", label.to_string());
-    client.post(format!("{}/gallery", server.url)).multipart(form).send().await.unwrap()
-}
-
-async fn search(client: &Client, server: &Server, image: &[u8], query: &str) -> Response {
-    let url = format!("{}/search?{query}", server.url);
-    client.post(url).header("content-type", "image/png").body(image.to_vec()).send().await.unwrap()
 }
 
 async fn json(response: Response) -> Value {
@@ -54,32 +41,32 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     // Each image is written on one replica and searched on the next: a 201 means every replica sees it.
     let mut ids = Vec::new();
     for (i, (class, bytes)) in images.iter().enumerate() {
-        let response = upload(&client, &replicas[i % 3], bytes, class).await;
+        let response = upload(&client, &replicas[i % 3].url, bytes, class).await;
         assert_eq!(response.status(), 201);
         let added: Value = response.json().await.unwrap();
         let id = added["items"][0]["id"].as_i64().unwrap();
         ids.push(id);
-        let found = json(search(&client, &replicas[(i + 1) % 3], bytes, "k=3").await).await;
+        let found = json(search(&client, &replicas[(i + 1) % 3].url, bytes, "k=3").await).await;
         assert_eq!(found["results"][0]["id"], id, "{found}");
         assert!(found["results"][0]["score"].as_f64().unwrap() > 0.99, "{found}");
     }
 
     // A label filter runs in SQL: only that label, the image itself first; an unknown label finds nothing.
     let (class, bytes) = &images[0];
-    let filtered = json(search(&client, &replicas[2], bytes, &format!("k=50&label={class}")).await).await;
+    let filtered = json(search(&client, &replicas[2].url, bytes, &format!("k=50&label={class}")).await).await;
     let results = filtered["results"].as_array().unwrap();
     let expected = images.iter().filter(|(c, _)| c == class).count();
     assert_eq!(results.len(), expected, "{filtered}");
     assert!(results.iter().all(|r| r["label"] == class.as_str()));
     assert_eq!(results[0]["id"], ids[0]);
-    let unknown = json(search(&client, &replicas[1], bytes, "label=no-such-label").await).await;
+    let unknown = json(search(&client, &replicas[1].url, bytes, "label=no-such-label").await).await;
     assert_eq!(unknown["results"].as_array().unwrap().len(), 0);
 
     // A delete on one replica leaves every replica's results at once.
     let deleted = client.delete(format!("{}/gallery/{}", replicas[1].url, ids[0])).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
     for replica in &replicas {
-        let found = json(search(&client, replica, bytes, "k=5").await).await;
+        let found = json(search(&client, &replica.url, bytes, "k=5").await).await;
         assert!(found["results"].as_array().unwrap().iter().all(|r| r["id"] != ids[0]), "{found}");
     }
     let listed = json(client.get(format!("{}/gallery?limit=500", replicas[0].url)).send().await.unwrap()).await;
@@ -108,25 +95,9 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
     pg.psql("UPDATE lookalike_schema SET version = 99");
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("refused.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lookalike"))
-        .args(["serve", "--port", "0", "--data-dir"])
-        .arg(dir.path())
-        .env("LOOKALIKE_DATABASE_URL", pg.url())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("a replica started on a database migrated by a newer build");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = pg.url();
+    let mut refused = Server::spawn(dir.path(), "refused.log", &[("LOOKALIKE_DATABASE_URL", url.as_str())]);
+    let status = refused.exited(Duration::from_secs(120)).await;
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success());
     assert!(stderr.contains("schema version 99, newer than this build's 2; upgrade lookalike"), "{stderr}");
@@ -186,21 +157,29 @@ async fn a_database_restart_under_traffic_loses_no_acknowledged_upload() {
 
     pg.stop();
     let ready = || async { client.get(format!("{}/ready", replica.url)).send().await.unwrap().status().as_u16() };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ready().await != 503 {
-        assert!(Instant::now() < deadline, "/ready did not turn 503 while the database was down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let down = search(&client, &replica, &base, "k=3").await;
+    eventually(Duration::from_secs(30), "/ready to answer 503 while the database is down", || async {
+        let status = ready().await;
+        if status == 503 {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+    let down = search(&client, &replica.url, &base, "k=3").await;
     assert_eq!(down.status(), 503);
     assert!(down.headers().contains_key("retry-after"));
 
     pg.pg_ctl_start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ready().await != 200 {
-        assert!(Instant::now() < deadline, "/ready did not come back after the database did");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(60), "/ready to come back after the database", || async {
+        let status = ready().await;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
     let after_restart = acknowledged();
     wait_until("10 more uploads after the restart", || acknowledged() >= after_restart + 10).await;
     stop.store(true, Ordering::Relaxed);
@@ -212,7 +191,7 @@ async fn a_database_restart_under_traffic_loses_no_acknowledged_upload() {
     for (id, image) in &seen.acknowledged {
         let stored = client.get(format!("{}/gallery/{id}/image", replica.url)).send().await.unwrap();
         assert_eq!(stored.bytes().await.unwrap().as_ref(), image.as_slice(), "item {id} serves its own bytes");
-        let body = json(search(&client, &replica, image, "k=100").await).await;
+        let body = json(search(&client, &replica.url, image, "k=100").await).await;
         let found =
             body["results"].as_array().unwrap().iter().any(|r| r["id"] == *id && r["score"].as_f64().unwrap() > 0.999);
         assert!(found, "acknowledged item {id} is not found by its own image: {body}");
@@ -227,11 +206,14 @@ async fn a_database_restart_under_traffic_loses_no_acknowledged_upload() {
 }
 
 async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(120), what, || async {
+        if done() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await
 }
 
 /// The bundled encoder saved again as version 2 in the data folder `dir`:
@@ -257,7 +239,7 @@ async fn after_a_flip_uploads_are_embedded_with_the_old_version_too_while_a_repl
     let client = Client::new();
     let images = fixtures();
     for (class, bytes) in &images[..4] {
-        assert_eq!(upload(&client, &replica, bytes, class).await.status(), 201);
+        assert_eq!(upload(&client, &replica.url, bytes, class).await.status(), 201);
     }
     let bundled = serving(&client, &replica.url).await;
 
@@ -284,13 +266,16 @@ async fn after_a_flip_uploads_are_embedded_with_the_old_version_too_while_a_repl
     // A rollback meanwhile (the model switched from is still loaded, and taken again). Then every
     // live replica serves the active version, and uploads are embedded with that one only.
     activate(&pg, &client, &replica.url, &bundled).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut n = 3;
-    while models_of(upload_new(n).await) != "1" {
-        assert!(Instant::now() < deadline, "uploads are still embedded with two versions");
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let next = std::sync::atomic::AtomicUsize::new(3);
+    eventually(Duration::from_secs(60), "uploads embedded with one version only", || async {
+        let models = models_of(upload_new(next.fetch_add(1, Ordering::Relaxed)).await);
+        if models == "1" {
+            Ok(())
+        } else {
+            Err(format!("{models} versions"))
+        }
+    })
+    .await;
     replica.terminate(Duration::from_secs(30)).await;
 }
 
@@ -300,21 +285,15 @@ async fn activate(pg: &PgServer, client: &Client, url: &str, version: &str) {
     let (status, activation) = admin_json(client.post(format!("{url}/admin/models/{version}/activate"))).await;
     assert_eq!(status, 202, "{activation}");
     let seen_at = format!("{url}/admin/activations/{}", activation["id"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually(Duration::from_secs(120), "the activation to finish", || async {
         pg.psql(
             "UPDATE replicas SET ready_for = s.switch_id FROM cluster_state s
              WHERE id = 'lagging' AND s.switch_id IS NOT NULL",
         );
         let (_, seen) = admin_json(client.get(&seen_at)).await;
-        match seen["state"].as_str().unwrap() {
-            "done" => break,
-            "failed" => panic!("the activation failed: {seen}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the activation did not finish: {seen}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ended(&seen, "done", "the activation failed")
+    })
+    .await;
     wait_for_version(client, url, version).await;
 }
 
@@ -330,7 +309,7 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     let images = fixtures();
     let mut ids = Vec::new();
     for (class, bytes) in &images {
-        let response = upload(&client, &embedded, bytes, class).await;
+        let response = upload(&client, &embedded.url, bytes, class).await;
         assert_eq!(response.status(), 201);
         ids.push(response.json::<Value>().await.unwrap()["items"][0]["id"].as_i64().unwrap());
     }
@@ -370,13 +349,13 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     assert_eq!(pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings"), "1");
     assert_eq!(health["indexed_items"].as_u64(), Some(images.len() as u64 - 1), "{health}");
     for (i, (class, bytes)) in images.iter().enumerate().filter(|(i, _)| *i != 1) {
-        let found = json(search(&client, &replica, bytes, "k=3").await).await;
+        let found = json(search(&client, &replica.url, bytes, "k=3").await).await;
         assert_eq!(found["results"][0]["id"], ids[i], "{found}");
         assert_eq!(found["results"][0]["label"], class.as_str());
     }
     // New ids continue past the moved ones.
     let extra = unique_image(&images[0].1, 7);
-    let added: Value = upload(&client, &replica, &extra, "extra").await.json().await.unwrap();
+    let added: Value = upload(&client, &replica.url, &extra, "extra").await.json().await.unwrap();
     assert!(added["items"][0]["id"].as_i64().unwrap() > *ids.iter().max().unwrap(), "{added}");
     replica.terminate(Duration::from_secs(30)).await;
 }
@@ -453,11 +432,6 @@ fn background_traffic(
     })
 }
 
-async fn admin_json(request: reqwest::RequestBuilder) -> (u16, Value) {
-    let response = request.bearer_auth(TOKEN).send().await.unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
-
 /// Which version a replica serves, from `/health`.
 async fn serving(client: &Client, url: &str) -> String {
     let health = json(client.get(format!("{url}/health")).send().await.unwrap()).await;
@@ -465,10 +439,24 @@ async fn serving(client: &Client, url: &str) -> String {
 }
 
 async fn wait_for_version(client: &Client, url: &str, version: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while serving(client, url).await != version {
-        assert!(Instant::now() < deadline, "{url} did not switch to version {version}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(Duration::from_secs(60), &format!("{url} to serve version {version}"), || async {
+        let serving = serving(client, url).await;
+        if serving == version {
+            Ok(())
+        } else {
+            Err(serving)
+        }
+    })
+    .await
+}
+
+/// `Ok` once a job's or an activation's status is in one of `done` (`|`-separated);
+/// a test failure if it ended otherwise.
+fn ended(seen: &Value, done: &str, failed: &str) -> Result<Value, String> {
+    match seen["state"].as_str().unwrap() {
+        state if done.split('|').any(|d| d == state) => Ok(seen.clone()),
+        "failed" | "cancelled" => panic!("{failed}: {seen}"),
+        _ => Err(seen.to_string()),
     }
 }
 
@@ -487,7 +475,7 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
     let images = fixtures();
     let mut expected: HashMap<i64, Vec<u8>> = HashMap::new();
     for (i, (class, bytes)) in images.iter().enumerate() {
-        let response = upload(&client, replicas[i % 3].as_ref().unwrap(), bytes, class).await;
+        let response = upload(&client, &replicas[i % 3].as_ref().unwrap().url, bytes, class).await;
         let added: Value = response.json().await.unwrap();
         expected.insert(added["items"][0]["id"].as_i64().unwrap(), bytes.clone());
     }
@@ -524,42 +512,35 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
     assert_eq!((status, busy["error"]["code"].as_str()), (409, Some("job_running")), "{busy}");
 
     // Its progress reads the same from another replica; replica 2 is killed while the cluster re-embeds.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let (status, seen) = admin_json(client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
+    let job_status = format!("{}/admin/finetune/{id}", urls[1]);
+    eventually_every(Duration::from_millis(20), Duration::from_secs(300), "the job to re-embed", || async {
+        let (status, seen) = admin_json(client.get(&job_status)).await;
         assert_eq!(status, 200, "{seen}");
-        match seen["state"].as_str().unwrap() {
-            "re_embedding" | "swapping" | "done" => break,
-            "failed" | "cancelled" => panic!("the job ended early: {seen}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the job did not reach re-embedding: {seen}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ended(&seen, "re_embedding|swapping|done", "the job ended early")
+    })
+    .await;
     // Killed once the new model's embeddings start to arrive (or the work is done already).
-    let models = || pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings");
-    while models() == "1" && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_every(Duration::from_millis(20), Duration::from_secs(300), "the new model's embeddings", || async {
+        let models = pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings");
+        if models != "1" {
+            Ok(())
+        } else {
+            Err(format!("{models} models"))
+        }
+    })
+    .await;
     live.lock().unwrap().retain(|u| *u != urls[2]);
     replicas[2].take().unwrap().kill();
     let embedded = pg.psql("SELECT model, COUNT(*) FROM embeddings GROUP BY model");
     eprintln!("killed replica 2 with these embeddings stored:\n{embedded}");
 
     // The others finish the work and the switch: the job reads done from replica 1.
-    let version = loop {
-        let (_, seen) = admin_json(client.get(format!("{}/admin/finetune/{id}", urls[1]))).await;
-        match seen["state"].as_str().unwrap() {
-            "done" => {
-                assert_eq!(seen["result"]["committed"], true, "{seen}");
-                break seen["result"]["version"].as_str().unwrap().to_string();
-            }
-            "failed" | "cancelled" => panic!("the job did not commit: {seen}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the job did not finish: {seen}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let seen = eventually(Duration::from_secs(300), "the job to finish", || async {
+        ended(&admin_json(client.get(&job_status)).await.1, "done", "the job did not commit")
+    })
+    .await;
+    assert_eq!(seen["result"]["committed"], true, "{seen}");
+    let version = seen["result"]["version"].as_str().unwrap().to_string();
     assert_ne!(version, bundled);
     for url in &urls[..2] {
         wait_for_version(&client, url, &version).await;
@@ -579,18 +560,13 @@ async fn a_finetune_through_one_replica_switches_all_three_and_survives_a_replic
     // Rollback through another replica switches every replica back.
     let (status, activation) = admin_json(client.post(format!("{}/admin/models/{bundled}/activate", urls[1]))).await;
     assert_eq!(status, 202, "{activation}");
-    let activation_id = activation["id"].as_str().unwrap().to_string();
-    loop {
-        let (status, seen) = admin_json(client.get(format!("{}/admin/activations/{activation_id}", urls[0]))).await;
+    let activation_status = format!("{}/admin/activations/{}", urls[0], activation["id"].as_str().unwrap());
+    eventually(Duration::from_secs(300), "the rollback to finish", || async {
+        let (status, seen) = admin_json(client.get(&activation_status)).await;
         assert_eq!(status, 200, "{seen}");
-        match seen["state"].as_str().unwrap() {
-            "done" => break,
-            "failed" => panic!("the rollback failed: {seen}"),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "the rollback did not finish: {seen}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ended(&seen, "done", "the rollback failed")
+    })
+    .await;
     for url in [&urls[0], &urls[1], &late.url] {
         wait_for_version(&client, url, &bundled).await;
     }

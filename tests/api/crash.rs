@@ -5,9 +5,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,70 +13,7 @@ use reqwest::Client;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::helpers::fixtures;
-
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) url: String,
-}
-
-impl Server {
-    /// Starts the release binary on a free port; periodic index dumps every
-    /// second, so kills also land during and between dumps.
-    async fn start(data_dir: &Path, log_name: &str) -> Self {
-        Self::start_with_env(data_dir, log_name, &[]).await
-    }
-
-    pub(crate) async fn start_with_env(data_dir: &Path, log_name: &str, env: &[(&str, &str)]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log = std::fs::File::create(data_dir.join(log_name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lookalike"))
-            .args(["serve", "--port", &port.to_string(), "--index-dump-interval-secs", "1", "--max-batch", "8"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("the lookalike binary starts");
-        let server = Self { child, url: format!("http://127.0.0.1:{port}") };
-        let client = Client::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(r) = client.get(format!("{}/health", server.url)).send().await {
-                if r.status() == 200 {
-                    return server;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the server did not become healthy; see {}", data_dir.join(log_name).display());
-    }
-
-    /// Sends SIGTERM and waits for the process to exit; its exit status.
-    pub(crate) async fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-        assert!(sent.success());
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit within {within:?} of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub(crate) fn address(&self) -> std::net::SocketAddr {
-        self.url.trim_start_matches("http://").parse().unwrap()
-    }
-
-    pub(crate) fn kill(mut self) {
-        self.child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
-        self.child.wait().unwrap();
-    }
-}
+use crate::support::{eventually_every, fixtures, Server};
 
 /// A distinct image for upload `n`: a fixture with a stripe drawn from `n`.
 pub(crate) fn unique_image(base: &[u8], n: usize) -> Vec<u8> {
@@ -188,11 +122,19 @@ async fn acknowledged_uploads_survive_sigkill() {
     for (round, (kill_after, min_ms)) in [(4, 0), (25, 1600), (60, 3300)].into_iter().enumerate() {
         let started = Instant::now();
         let uploads = tokio::spawn(stream_uploads(server.url.clone(), ledger.clone(), round * 10_000));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while ledger.lock().unwrap().acked.len() < kill_after || started.elapsed() < Duration::from_millis(min_ms) {
-            assert!(Instant::now() < deadline, "uploads stalled before {kill_after} acknowledgements");
-            tokio::time::sleep(Duration::from_millis(if round == 1 { 3 } else { 17 })).await;
-        }
+        // Looking at different rates, so the kills land at different points.
+        let every = Duration::from_millis(if round == 1 { 3 } else { 17 });
+        let what = format!("{kill_after} acknowledged uploads and {min_ms} ms");
+        eventually_every(every, Duration::from_secs(120), &what, || async {
+            let acked = ledger.lock().unwrap().acked.len();
+            let done = acked >= kill_after && started.elapsed() >= Duration::from_millis(min_ms);
+            if done {
+                Ok(())
+            } else {
+                Err(format!("{acked} acknowledged"))
+            }
+        })
+        .await;
         server.kill();
         uploads.await.unwrap();
         server = Server::start(dir.path(), &format!("round-{}.log", round + 1)).await;

@@ -10,8 +10,7 @@ use reqwest::multipart::{Form, Part};
 use reqwest::RequestBuilder;
 use serde_json::Value;
 
-use crate::finetune::TOKEN;
-use crate::helpers::{fixtures, spawn_app, spawn_app_with, TestApp};
+use crate::support::{fixtures, spawn_app, spawn_app_with, TestApp, TOKEN};
 
 fn png() -> Vec<u8> {
     fixtures().remove(0).1

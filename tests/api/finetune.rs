@@ -5,25 +5,21 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
-use reqwest::{Client, RequestBuilder};
+use reqwest::Client;
 use serde_json::{json, Value};
 
-use crate::crash::Server;
 use lookalike::config::ServeConfig;
 
-use crate::helpers::{assert_error, config, fixtures, spawn_app, spawn_app_with, spawn_with, TestApp};
-
-pub(crate) const TOKEN: &str = "test-admin-token-0123456789";
+use crate::support::{
+    activate, admin, assert_error, config, eventually, fixtures, job_status, spawn_app, spawn_app_with, spawn_with,
+    wait_for_job, Server, TestApp, TOKEN,
+};
 
 async fn admin_app() -> TestApp {
     spawn_app_with(|c| c.admin_token = Some(TOKEN.into())).await
-}
-
-fn admin(request: RequestBuilder) -> RequestBuilder {
-    request.bearer_auth(TOKEN)
 }
 
 /// The committed fixtures, each stored with its class as label.
@@ -40,49 +36,6 @@ async fn add_labelled_fixtures(client: &Client, url: &str) -> usize {
 
 async fn start_job(app: &TestApp, params: Value) -> reqwest::Response {
     admin(app.client.post(app.url("/admin/finetune"))).json(&params).send().await.unwrap()
-}
-
-pub(crate) async fn job_status(client: &Client, url: &str, id: &str) -> Value {
-    let response = client.get(format!("{url}/admin/finetune/{id}")).bearer_auth(TOKEN).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
-/// Polls until the job finishes; returns its last status and every state seen.
-pub(crate) async fn wait_for_job(client: &Client, url: &str, id: &str) -> (Value, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut states: Vec<String> = Vec::new();
-    loop {
-        let status = job_status(client, url, id).await;
-        let state = status["state"].as_str().unwrap().to_string();
-        if states.last() != Some(&state) {
-            states.push(state.clone());
-        }
-        if ["done", "failed", "cancelled"].contains(&state.as_str()) {
-            return (status, states);
-        }
-        assert!(Instant::now() < deadline, "the job did not finish: {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Activates a model version (`202`, then the activation runs on its own)
-/// and polls the activation until it ends; returns its last status.
-pub(crate) async fn activate(app: &TestApp, version: &str) -> Value {
-    let response = admin(app.client.post(app.url(&format!("/admin/models/{version}/activate")))).send().await.unwrap();
-    assert_eq!(response.status(), 202);
-    let location = response.headers()["location"].to_str().unwrap().to_string();
-    let started: Value = response.json().await.unwrap();
-    assert_eq!(location, format!("/admin/activations/{}", started["id"].as_str().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let status = get_json(app, &location).await;
-        if status["state"] != "running" {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the activation did not finish: {status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn get_json(app: &TestApp, path: &str) -> Value {
@@ -245,7 +198,7 @@ async fn a_finetune_commits_and_swaps_while_search_and_uploads_keep_answering() 
     // Roll back: only items uploaded after the swap lack a version-1 embedding; only they are embedded.
     let stored_v1 = models["versions"][0]["embedded_items"].as_u64().unwrap();
     assert!(stored_v1 >= labelled as u64);
-    let activation = activate(&app, "1").await;
+    let activation = activate(&app.client, &app.address, "1").await;
     assert_eq!(activation["state"], "done", "{activation}");
     let switched = &activation["result"];
     assert_eq!(switched["version"], "1");
@@ -286,11 +239,15 @@ async fn a_running_finetune_can_be_cancelled() {
     let params = json!({"epochs": 1000, "steps_per_epoch": 100000, "p": 4, "k": 2, "validation_fraction": 0.34});
     let response = start_job(&app, params).await;
     let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while job_status(&app.client, &app.address, &id).await["step"].as_u64() < Some(1) {
-        assert!(Instant::now() < deadline, "the job never started training");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(120), "the job to take a training step", || async {
+        let status = job_status(&app.client, &app.address, &id).await;
+        if status["step"].as_u64() >= Some(1) {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
     let response = admin(app.client.delete(app.url(&format!("/admin/finetune/{id}")))).send().await.unwrap();
     assert_eq!(response.status(), 202);
     let (status, _) = wait_for_job(&app.client, &app.address, &id).await;
@@ -346,11 +303,15 @@ pub(crate) async fn start_a_long_job(client: &Client, url: &str) -> String {
         client.post(format!("{url}/admin/finetune")).bearer_auth(TOKEN).json(&long_job_params()).send().await.unwrap();
     assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while job_status(client, url, &id).await["state"] != "training" {
-        assert!(Instant::now() < deadline, "the job never started training");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(120), "the job to train", || async {
+        let status = job_status(client, url, &id).await;
+        if status["state"] == "training" {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
     id
 }
 

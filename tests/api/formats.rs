@@ -6,7 +6,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, ImageEncoder, ImageFormat};
 use serde_json::Value;
 
-use crate::helpers::{fixtures, spawn_app, TestApp};
+use crate::support::{fixtures, spawn_app, TestApp};
 
 /// Stores the PNG fixture and returns its id.
 async fn add(app: &TestApp, png: &[u8]) -> i64 {

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 
-use crate::helpers::{assert_error, fixtures, spawn_app, TestApp};
 use crate::search::add_fixtures as upload_fixtures;
+use crate::support::{assert_error, fixtures, spawn_app, TestApp};
 
 async fn json(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status().as_u16(), status);

@@ -15,8 +15,7 @@ use serde_json::Value;
 use lookalike::manifest::BUNDLED_MODEL_DIR;
 use lookalike::preprocess::to_rgb_on_white;
 
-use crate::finetune::{wait_for_job, TOKEN};
-use crate::helpers::{fixtures, spawn_app_with, TestApp};
+use crate::support::{fixtures, spawn_app_with, wait_for_job, TestApp, TOKEN};
 
 const TEACHER_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0");
 

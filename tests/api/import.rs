@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helpers::{fixtures, spawn_app};
+use crate::support::{fixtures, spawn_app};
 
 fn import(dir: &std::path::Path, url: &str) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_lookalike"))
@@ -67,7 +67,7 @@ fn marked(png: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn an_import_into_a_service_with_api_keys_sends_its_key() {
     const KEY: &str = "import-test-api-key-0123456789";
-    let app = crate::helpers::spawn_app_with(|c| c.api_key = Some(KEY.into())).await;
+    let app = crate::support::spawn_app_with(|c| c.api_key = Some(KEY.into())).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("bag")).unwrap();
     for (i, (_, png)) in fixtures().into_iter().take(2).enumerate() {

@@ -5,8 +5,7 @@ use reqwest::multipart::{Form, Part};
 use reqwest::RequestBuilder;
 use serde_json::Value;
 
-use crate::finetune::TOKEN;
-use crate::helpers::{fixtures, spawn_app, spawn_app_with, TestApp};
+use crate::support::{fixtures, spawn_app, spawn_app_with, TestApp, TOKEN};
 
 const READ_WRITE: &str = "read-write-key-for-the-tests-0123";
 const READ_ONLY: &str = "read-only-key-for-the-tests-4567";

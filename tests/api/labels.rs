@@ -5,7 +5,7 @@
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
-use crate::helpers::{assert_error, fixtures, spawn_app, spawn_app_with, TestApp};
+use crate::support::{assert_error, fixtures, spawn_app, spawn_app_with, TestApp};
 
 fn image(name: &str) -> Vec<u8> {
     let path =

@@ -2,9 +2,11 @@
 //! too long is answered 408, requests past the concurrency limit get 503
 //! while probes still answer, and both leave the service serving.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use crate::helpers::{fixtures, spawn_app_with, SlowRequest};
+use crate::support::{eventually, fixtures, spawn_app_with, SlowRequest};
 
 #[tokio::test]
 async fn a_request_slower_than_the_timeout_gets_408() {
@@ -53,16 +55,15 @@ async fn bodies_past_the_memory_budget_get_503_and_small_requests_still_pass() {
                               // 3 MiB of the 5 MiB budget, held by a client still sending its body.
     let holder = SlowRequest::start(app.direct, "/search?k=1", "image/png", &large, 10).await;
     // Another 3 MiB body does not fit beside it: 503 once the holder's head is read.
-    let mut refused = None;
-    for _ in 0..100 {
+    let refused = eventually(Duration::from_secs(5), "a body past the budget to be refused", || async {
         let response = app.search_raw(&large, "1", "image/png").await;
         if response.status() == 503 {
-            refused = Some(response);
-            break;
+            Ok(response)
+        } else {
+            Err(response.status().to_string())
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let refused = refused.expect("a body past the budget is refused");
+    })
+    .await;
     assert_eq!(refused.headers()["retry-after"], "1");
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_requests", "{body}");

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use image::{imageops::FilterType, ImageFormat};
 use serde_json::Value;
 
-use crate::helpers::{config, fixtures, spawn_app, spawn_with, TestApp};
+use crate::support::{config, fixtures, spawn_app, spawn_with, TestApp};
 
 /// Uploads every fixture with its class as label; returns `(id, class, bytes)`.
 pub async fn add_fixtures(app: &TestApp) -> Vec<(i64, String, Vec<u8>)> {

@@ -9,8 +9,7 @@ use lookalike::startup::Application;
 use serde_json::Value;
 
 use crate::backbones::python;
-use crate::finetune::{activate, TOKEN};
-use crate::helpers::{config, fixtures, spawn_with};
+use crate::support::{activate, config, fixtures, spawn_with, TOKEN};
 
 /// The Fashion-MNIST model copied to `dir`, its manifest without `encoder_sha256`.
 fn unpinned_copy(dir: &Path) {
@@ -22,7 +21,7 @@ fn unpinned_copy(dir: &Path) {
     std::fs::copy(source.join(ENCODER_FILE), dir.join(ENCODER_FILE)).unwrap();
 }
 
-async fn top_score(app: &crate::helpers::TestApp, png: &[u8]) -> f64 {
+async fn top_score(app: &crate::support::TestApp, png: &[u8]) -> f64 {
     let body: Value = app.search_raw(png, "1", "image/png").await.json().await.unwrap();
     body["results"][0]["score"].as_f64().unwrap()
 }
@@ -107,7 +106,7 @@ async fn an_image_that_no_longer_preprocesses_is_left_out_of_a_switch_and_counte
     // A second version of the model beside the data, then a lower side limit than the big image.
     saved_copy_as_version_2(data.path());
     let app = spawn_with(with_side(128)).await;
-    let activation = activate(&app, "2").await;
+    let activation = activate(&app.client, &app.address, "2").await;
     assert_eq!(activation["state"], "done", "{activation}");
     let switched = &activation["result"];
     assert_eq!((switched["items"].as_u64(), switched["unembeddable"].clone()), (Some(3), serde_json::json!([big])));

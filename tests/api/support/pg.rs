@@ -18,14 +18,14 @@ const SERVER_USER: &str = "lookalike-pg";
 /// The socket's port number: it only names the socket file in the folder.
 const PORT: &str = "5432";
 
-pub(crate) struct PgServer {
+pub struct PgServer {
     bin: PathBuf,
     dir: TempDir,
 }
 
 impl PgServer {
     /// initdb, start, and a `lookalike` database with the `vector` extension.
-    pub(crate) fn start() -> Self {
+    pub fn start() -> Self {
         let bin = binaries();
         let dir = tempfile::Builder::new().prefix("lookalike-pg-").tempdir().unwrap();
         if running_as_root() {
@@ -42,7 +42,7 @@ impl PgServer {
     }
 
     /// `postgres://…` for `--database-url`: the socket folder as the host.
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         let folder: String = self.dir.path().display().to_string().replace('/', "%2F");
         format!("postgres://postgres@{folder}:{PORT}/lookalike")
     }
@@ -53,12 +53,12 @@ impl PgServer {
     }
 
     /// Stops the server at once (as a crash would), keeping its data.
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         run(self.command("pg_ctl").args(["stop", "-m", "immediate", "-w", "-D"]).arg(self.data()));
     }
 
     /// Starts it (again, on the same data).
-    pub(crate) fn pg_ctl_start(&self) {
+    pub fn pg_ctl_start(&self) {
         let options = format!("-p {PORT} -c listen_addresses='' -k {} -c fsync=off", self.dir.path().display());
         run(self
             .command("pg_ctl")
@@ -69,7 +69,7 @@ impl PgServer {
     }
 
     /// Runs SQL with psql; its standard output.
-    pub(crate) fn psql(&self, sql: &str) -> String {
+    pub fn psql(&self, sql: &str) -> String {
         let out = run(self.command("psql").args(self.connection()).args([
             "-d",
             "lookalike",
