@@ -1,7 +1,7 @@
 //! `ActiveModel`: one model version ready to serve (its embedding workers,
 //! its preprocessing and the vector index of its embeddings), swapped as one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,8 +40,28 @@ pub(crate) struct ActiveModel {
     pub(crate) index: Arc<dyn VectorIndex>,
     /// Stored items this model's preprocessing refuses (for example after
     /// `--max-image-side` was lowered): left out of its index, not searchable.
-    /// A std `Mutex`: held for a set operation, never across an `.await`.
-    pub(crate) unembeddable: Mutex<BTreeSet<i64>>,
+    /// Shared by every start of the model (`Unembeddable`).
+    pub(crate) unembeddable: Arc<Mutex<BTreeSet<i64>>>,
+}
+
+/// The items each model (by key) found it cannot preprocess, kept while the
+/// process runs: a model started again (a rollback) knows them, though its
+/// claims no longer hand them out. A std `Mutex`: held for a map or set
+/// operation, never across an `.await`.
+#[derive(Default)]
+pub(crate) struct Unembeddable(Mutex<HashMap<String, Arc<Mutex<BTreeSet<i64>>>>>);
+
+impl Unembeddable {
+    pub(crate) fn of(&self, key: &str) -> Arc<Mutex<BTreeSet<i64>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(key.to_string()).or_default().clone()
+    }
+
+    /// A deleted item, forgotten by every model.
+    pub(crate) fn forget(&self, id: i64) {
+        for set in self.0.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            set.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }
+    }
 }
 
 impl ActiveModel {
@@ -50,12 +70,14 @@ impl ActiveModel {
         version: ModelVersion,
         settings: &CatalogSettings,
         index: Arc<dyn VectorIndex>,
+        unembeddable: &Unembeddable,
     ) -> Result<Self, CatalogError> {
         let start = settings.start_embedder.clone();
         let for_workers = version.clone();
         let embedder = tokio::task::spawn_blocking(move || start(&for_workers)).await??;
         let preprocess = settings.preprocess.for_input(version.manifest.input.clone());
-        Ok(Self { version, embedder, preprocess, index, unembeddable: Mutex::default() })
+        let unembeddable = unembeddable.of(&version.key);
+        Ok(Self { version, embedder, preprocess, index, unembeddable })
     }
 
     /// The key this model's embeddings and index are stored under (it names the encoder's content).

@@ -120,7 +120,8 @@ impl Catalog {
         let started = Instant::now();
         let (dim, capacity) = (version.manifest.embedding.dim, store.count().await? as usize);
         let (index, source, reason) = indexes.open(&version.key, dim, capacity).await;
-        let model = ActiveModel::start(version, &settings, index).await?;
+        let unembeddable = Arc::new(active::Unembeddable::default());
+        let model = ActiveModel::start(version, &settings, index, &unembeddable).await?;
         model.embed_missing(store.as_ref(), Pass::Final, &AtomicBool::new(false)).await?;
         let (added, removed) = reconcile::reconcile(store.as_ref(), &model).await?;
         let labels = Arc::new(labels::LabelMap::new(store.labelled().await?));
@@ -132,7 +133,7 @@ impl Catalog {
             removed,
             seconds: started.elapsed().as_secs_f64(),
         };
-        let models = Arc::new(ServingModels::new(model));
+        let models = Arc::new(ServingModels::new(model, unembeddable));
         Ok((Self { models, store, settings: Arc::new(settings), labels }, startup))
     }
 

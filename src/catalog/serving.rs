@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{watch, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use super::active::ActiveModel;
+use super::active::{ActiveModel, Unembeddable};
 use crate::metrics;
 
 /// The writers' lock held alone: no add or delete is under way.
@@ -28,10 +28,12 @@ pub struct ServingModels {
     writes: Arc<RwLock<()>>,
     /// The version serving now, for whoever waits for a swap.
     serving: watch::Sender<String>,
+    /// What each model found it cannot preprocess.
+    unembeddable: Arc<Unembeddable>,
 }
 
 impl ServingModels {
-    pub(crate) fn new(active: ActiveModel) -> Self {
+    pub(crate) fn new(active: ActiveModel, unembeddable: Arc<Unembeddable>) -> Self {
         let info = active.embedder.info();
         metrics::model_info(&info.model_key, &info.device, &info.precision.to_string(), true);
         let (serving, _) = watch::channel(active.version.version.clone());
@@ -41,7 +43,13 @@ impl ServingModels {
             previous: ArcSwapOption::empty(),
             writes: Arc::default(),
             serving,
+            unembeddable,
         }
+    }
+
+    /// For starting a model: what each model found it cannot preprocess.
+    pub(crate) fn unembeddable(&self) -> &Unembeddable {
+        &self.unembeddable
     }
 
     /// The model serving now. Take it once per request and use it throughout.

@@ -74,7 +74,11 @@ impl Catalog {
         let items: Vec<NewItem> = pending.iter().filter_map(|p| p.new_item(on_duplicate)).collect();
         let mut for_others = Vec::new();
         for other in self.models.also_writing(&active) {
-            for_others.push(embed_with_other(&other, &items, priority).await?);
+            // Best effort: an item the other model lacks is embedded by the switch's own passes.
+            match embed_with_other(&other, &items, priority).await {
+                Ok(vectors) => for_others.push(vectors),
+                Err(error) => tracing::warn!(%error, model = %other.name(), "could not embed uploads with the next model"),
+            }
         }
         let inserted = self.store_and_index(writing, &active, items, for_others).await?;
         Ok(reports(pending, inserted))
@@ -135,7 +139,10 @@ impl Catalog {
             for (other, vectors) in for_others {
                 let stored =
                     inserted.iter().zip(vectors).filter(|(i, _)| i.stored).filter_map(|(i, v)| Some((i.id, v?)));
-                store.put_embeddings(other, stored.collect()).await?;
+                // The items are stored and indexed: a failure here leaves them to the switch's passes.
+                if let Err(error) = store.put_embeddings(other.clone(), stored.collect()).await {
+                    tracing::warn!(%error, model = %other, "could not store uploads' embeddings of the next model");
+                }
             }
             Ok(inserted)
         })
@@ -179,7 +186,7 @@ impl Catalog {
             Ok(true)
         })
         .await?;
-        active.lock_unembeddable().remove(&id);
+        self.models.unembeddable().forget(id);
         Ok(deleted)
     }
 }

@@ -99,11 +99,17 @@ impl Jobs {
 
     /// Every replica's jobs, newest first.
     pub async fn list(&self) -> Result<Vec<JobStatus>, JobError> {
-        let mut all = self.book.list();
-        let recorded: Vec<JobStatus> = self.lifecycle.runs().list().await?;
-        let elsewhere: Vec<JobStatus> =
-            recorded.into_iter().filter(|r| all.iter().all(|s| s.record.id != r.record.id)).collect();
-        all.extend(elsewhere);
+        let mut all: Vec<JobStatus> = self.lifecycle.runs().list().await?;
+        for job in self.book.list() {
+            // This process's running job as it stands now; its finished ones
+            // as the log has them, and from disk those it no longer holds.
+            let recorded = all.iter().position(|r| r.record.id == job.record.id);
+            match recorded {
+                Some(at) if !job.record.state.is_finished() => all[at] = job,
+                Some(_) => {}
+                None => all.push(job),
+            }
+        }
         all.sort_by_key(|s| std::cmp::Reverse(s.record.created_at));
         Ok(all)
     }

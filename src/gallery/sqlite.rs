@@ -230,28 +230,28 @@ impl GalleryStore for SqliteGallery {
     }
 
     /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
-    /// Claims up to `limit` items that lack an embedding under `model`,
-    /// leaving out those another claim of this process holds (or that failed).
+    /// Claims up to `limit` items that lack an embedding under `model`, after
+    /// those earlier claims of this process took (`Held`).
     async fn claim_missing(
         &self,
         model: String,
         limit: usize,
         max_bytes: usize,
     ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
-        let held = self.held.of(&model);
-        let key = model.clone();
+        let (key, after) = (model.clone(), self.held.after(&model));
         let items = self
             .with_conn(move |conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1) ORDER BY id",
+                    "SELECT id, image FROM items
+                     WHERE id > ?2 AND id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
+                     ORDER BY id LIMIT ?3",
                 )?;
-                let ids: Vec<i64> = stmt.query_map([&key], |r| r.get(0))?.collect::<Result<_, _>>()?;
-                let mut image = conn.prepare("SELECT image FROM items WHERE id = ?1")?;
+                let mut rows = stmt.query(params![key, after, limit as i64])?;
                 let (mut out, mut bytes) = (Vec::new(), 0);
-                for id in ids.into_iter().filter(|id| !held.contains(id)).take(limit) {
-                    let bytes_of: Vec<u8> = image.query_row([id], |r| r.get(0))?;
-                    bytes += bytes_of.len();
-                    out.push((id, bytes_of));
+                while let Some(row) = rows.next()? {
+                    let image: Vec<u8> = row.get(1)?;
+                    bytes += image.len();
+                    out.push((row.get(0)?, image));
                     if bytes >= max_bytes {
                         break;
                     }

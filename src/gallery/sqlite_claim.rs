@@ -1,6 +1,7 @@
 //! The embedded store's claims on re-embedding work. One process owns the
 //! file, so a claim is a note in memory: the items it holds, and those found
-//! unembeddable by a model (not claimed again while the process runs).
+//! unembeddable by a model (not claimed again while the process runs; the
+//! catalog remembers them).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,32 +9,46 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::sqlite::SqliteGallery;
 use super::{GalleryError, GalleryStore, MissingClaim};
 
-/// Per model: items claimed and not yet completed, and items that failed.
+/// Per model: the items claimed and not completed or found unembeddable,
+/// and how far the claims have got. Ids are never reused (AUTOINCREMENT) and
+/// new items come after the cursor, so everything at or before it that lacks
+/// an embedding is held: claims read onwards from it, not the whole table.
 #[derive(Default)]
-pub(super) struct Held(Mutex<HashMap<String, BTreeSet<i64>>>);
+pub(super) struct Held(Mutex<HashMap<String, Progress>>);
+
+#[derive(Default)]
+pub(super) struct Progress {
+    held: BTreeSet<i64>,
+    after: i64,
+}
 
 impl Held {
-    /// The ids held for `model` now.
-    pub(super) fn of(&self, model: &str) -> BTreeSet<i64> {
-        self.lock().get(model).cloned().unwrap_or_default()
+    /// Where the next claim of `model` reads from.
+    pub(super) fn after(&self, model: &str) -> i64 {
+        self.lock().get(model).map_or(0, |p| p.after)
     }
 
-    /// Holds those of `ids` nobody holds; returns them.
+    /// Holds those of `ids` (read after `after`) nobody holds, and moves the
+    /// cursor past them; returns them.
     pub(super) fn hold(&self, model: &str, ids: Vec<i64>) -> Vec<i64> {
         let mut held = self.lock();
-        let set = held.entry(model.to_string()).or_default();
-        ids.into_iter().filter(|id| set.insert(*id)).collect()
+        let progress = held.entry(model.to_string()).or_default();
+        let ids: Vec<i64> = ids.into_iter().filter(|id| *id > progress.after && progress.held.insert(*id)).collect();
+        progress.after = ids.iter().copied().max().unwrap_or(progress.after).max(progress.after);
+        ids
     }
 
+    /// Frees ids of a claim dropped unfinished: the cursor goes back before them.
     fn release(&self, model: &str, ids: impl IntoIterator<Item = i64>) {
-        if let Some(set) = self.lock().get_mut(model) {
+        if let Some(progress) = self.lock().get_mut(model) {
             for id in ids {
-                set.remove(&id);
+                progress.held.remove(&id);
+                progress.after = progress.after.min(id - 1);
             }
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, BTreeSet<i64>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Progress>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -69,5 +84,57 @@ impl MissingClaim for SqliteClaim {
 impl Drop for SqliteClaim {
     fn drop(&mut self) {
         self.held.release(&self.model, self.ids.drain(..));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{content_hash, NewItem};
+    use super::*;
+
+    fn item(n: u8) -> NewItem {
+        let image = bytes::Bytes::from(vec![n; 8]);
+        NewItem {
+            content_hash: content_hash(&image),
+            image,
+            media_type: "image/png".into(),
+            width: 1,
+            height: 1,
+            label: None,
+            metadata: serde_json::json!({}),
+            embedding: vec![1.0, 0.0],
+            unless_stored: false,
+        }
+    }
+
+    async fn claim(store: &SqliteGallery, limit: usize) -> Option<Box<dyn MissingClaim>> {
+        store.claim_missing("other".into(), limit, usize::MAX).await.unwrap()
+    }
+
+    fn ids(claim: &mut Box<dyn MissingClaim>) -> Vec<i64> {
+        claim.take_items().into_iter().map(|(id, _)| id).collect()
+    }
+
+    #[tokio::test]
+    async fn claims_hand_each_item_out_once_and_take_back_what_a_dropped_claim_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteGallery::open(dir.path()).unwrap();
+        let added = store.insert((1..=5).map(item).collect(), "first".into()).await.unwrap();
+        let all: Vec<i64> = added.iter().map(|i| i.id).collect();
+
+        let mut first = claim(&store, 2).await.unwrap();
+        let mut second = claim(&store, 2).await.unwrap();
+        assert_eq!((ids(&mut first), ids(&mut second)), (all[..2].to_vec(), all[2..4].to_vec()));
+        drop(first); // its items go back
+        let mut again = claim(&store, 2).await.unwrap();
+        assert_eq!(ids(&mut again), all[..2].to_vec());
+        // One embedded, one found unembeddable: neither is handed out again.
+        again.complete(vec![(all[0], vec![0.0, 1.0])], vec![all[1]]).await.unwrap();
+        second.complete(vec![(all[2], vec![0.0, 1.0]), (all[3], vec![0.0, 1.0])], vec![]).await.unwrap();
+        let mut last = claim(&store, 10).await.unwrap();
+        assert_eq!(ids(&mut last), vec![all[4]]);
+        last.complete(vec![(all[4], vec![0.0, 1.0])], vec![]).await.unwrap();
+        assert!(claim(&store, 10).await.is_none(), "nothing is left to claim");
+        assert_eq!(store.count_embedded("other".into()).await.unwrap(), 4);
     }
 }

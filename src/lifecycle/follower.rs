@@ -23,7 +23,6 @@ use super::ports::{ClusterState, POLL};
 use super::{registry_call, Context, LifecycleError};
 use crate::catalog::active::{retire, ActiveModel, Pass};
 use crate::catalog::reconcile::reconcile;
-use crate::error_kind::ErrorKind;
 use crate::registry::{ModelVersion, Registry, RegistryError};
 
 /// Follows the replicas' model lifecycle; cheap to clone.
@@ -32,11 +31,19 @@ pub(super) struct Follower {
     ctx: Arc<Context>,
     /// One step at a time (the follower's loop and a switch's own).
     steps: Arc<tokio::sync::Mutex<()>>,
+    /// While this replica prepares a switch: its work is progress even
+    /// when no embedding is stored (an index built from stored ones).
+    preparing: Arc<AtomicBool>,
 }
 
 impl Follower {
     pub(super) fn new(ctx: Arc<Context>) -> Self {
-        Self { ctx, steps: Arc::default() }
+        Self { ctx, steps: Arc::default(), preparing: Arc::default() }
+    }
+
+    /// Whether this replica is preparing a switch now.
+    pub(super) fn is_preparing(&self) -> bool {
+        self.preparing.load(Ordering::Relaxed)
     }
 
     /// Before serving: says this replica is alive and takes one look, so
@@ -120,6 +127,7 @@ impl Follower {
     async fn prepare_next(&self, version: String, switch_id: &str) -> Result<(), LifecycleError> {
         let coordinator = &self.ctx.ports.coordinator;
         let given_up = watch_switch(self.ctx.clone(), switch_id.to_string());
+        self.preparing.store(true, Ordering::Relaxed);
         let prepared = async {
             let models = self.ctx.catalog.models();
             let model = match models.next() {
@@ -148,9 +156,10 @@ impl Follower {
             Ok::<_, LifecycleError>(())
         }
         .await;
+        self.preparing.store(false, Ordering::Relaxed);
         given_up.1.abort();
         if let Err(error) = &prepared {
-            if error.kind() != ErrorKind::Unavailable && !error.is_cancelled() {
+            if !error.worth_retrying() && !error.is_cancelled() {
                 tracing::error!(%error, %version, "cannot prepare the model switch");
                 coordinator.failed(switch_id, &error.to_string()).await?;
             }
@@ -220,7 +229,8 @@ impl Follower {
         let store = self.ctx.catalog.store();
         let capacity = store.count().await.map_err(crate::catalog::CatalogError::from)? as usize;
         let index = self.ctx.indexes.create(&version.key, version.manifest.embedding.dim, capacity);
-        Ok(Arc::new(ActiveModel::start(version, self.ctx.catalog.settings(), index).await?))
+        let (settings, unembeddable) = (self.ctx.catalog.settings(), self.ctx.catalog.models().unembeddable());
+        Ok(Arc::new(ActiveModel::start(version, settings, index, unembeddable).await?))
     }
 }
 

@@ -19,8 +19,9 @@ use crate::gallery::GalleryStore;
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry};
 
-/// Runs remembered per kind (a single node also keeps its jobs on disk).
-const RUNS_KEPT: usize = 64;
+/// Runs remembered per kind (a single node also keeps its jobs on disk), as
+/// many as `GET /admin/activations` lists.
+const RUNS_KEPT: usize = 32;
 
 /// The state replicas in one process share.
 pub struct MemoryCluster {
@@ -161,11 +162,12 @@ impl SwitchCoordinator for MemoryReplica {
         Ok(())
     }
 
+    // Readiness and failures are read by the switching replica's polling, not
+    // notified: a notification would wake the followers for nothing.
     async fn ready(&self, switch_id: &str) -> PortResult<()> {
         if let Some(row) = self.shared().replicas.get_mut(&self.id) {
             row.ready_for = Some(switch_id.to_string());
         }
-        self.notify();
         Ok(())
     }
 
@@ -173,7 +175,6 @@ impl SwitchCoordinator for MemoryReplica {
         if let Some(row) = self.shared().replicas.get_mut(&self.id) {
             row.failed = Some((switch_id.to_string(), why.to_string()));
         }
-        self.notify();
         Ok(())
     }
 

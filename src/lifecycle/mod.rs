@@ -52,7 +52,7 @@ pub enum LifecycleError {
     Models(#[from] RegistryError),
     #[error(transparent)]
     Port(#[from] PortError),
-    #[error("model switch across the cluster: {0}")]
+    #[error("model switch: {0}")]
     Switch(String),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -72,6 +72,12 @@ impl LifecycleError {
     /// A switch given up on request (or one replica's share of it).
     pub fn is_cancelled(&self) -> bool {
         matches!(self, Self::Catalog(CatalogError::Cancelled))
+    }
+
+    /// A database away for a moment: worth trying again, not a failed
+    /// preparation. (An embedding worker that stopped is not coming back.)
+    fn worth_retrying(&self) -> bool {
+        self.kind() == ErrorKind::Unavailable && !matches!(self, Self::Catalog(CatalogError::Embed(_)))
     }
 }
 
@@ -117,7 +123,8 @@ impl ModelLifecycle {
         let wanted = ports.coordinator.state().await?.active;
         let version = registry_call(registry, move |r| follower::version_or_bundled(r, wanted)).await?;
         let id = version.version.clone();
-        registry_call(registry, move |r| r.set_active(&id)).await?;
+        // Written only when it changes: an ACTIVE that names a missing version stays as it is.
+        registry_call(registry, move |r| if r.active()?.version == id { Ok(()) } else { r.set_active(&id) }).await?;
         Ok(version)
     }
 
@@ -279,11 +286,13 @@ impl ModelLifecycle {
 
     /// Every replica's activations, newest first.
     pub async fn activations(&self) -> Result<Vec<ActivationStatus>, LifecycleError> {
-        let mut all = self.activations.list();
-        let recorded: Vec<ActivationStatus> = self.runs.list().await?;
-        let elsewhere: Vec<ActivationStatus> =
-            recorded.into_iter().filter(|r| all.iter().all(|s| s.id != r.id)).collect();
-        all.extend(elsewhere);
+        let here = self.activations.list();
+        let mut all: Vec<ActivationStatus> = self.runs.list().await?;
+        for status in here {
+            // This process's own, as it stands now, over what the log last recorded.
+            all.retain(|r| r.id != status.id);
+            all.push(status);
+        }
         all.sort_by_key(|s| std::cmp::Reverse(s.started_at));
         Ok(all)
     }

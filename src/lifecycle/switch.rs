@@ -19,8 +19,7 @@ use crate::catalog::{CatalogError, Progress, Switched};
 use crate::registry::ModelVersion;
 
 /// How long the switching replica waits, after the flip, for its own swap
-/// when its first try failed (its follower goes on trying); it reports the
-/// switch done anyway, since every replica was told.
+/// when its first try failed (its follower goes on trying).
 const OWN_SWAP_WAIT: Duration = Duration::from_secs(120);
 /// A switch in which no item got embedded and no replica became ready for
 /// this long fails (a replica that keeps retrying, say), freeing the lifecycle.
@@ -46,7 +45,7 @@ pub(super) async fn switch_to(
     tracing::info!(version = %version.version, switch = %switch_id, "model switch started");
     coordinator.begin(&version.version, &switch_id).await?;
     coordinator.changed().notify_waiters(); // this replica's follower starts at once
-    let embedded = match await_ready(ctx, &version, &switch_id, stored_before, progress, cancel).await {
+    let embedded = match await_ready(ctx, follower, &version, &switch_id, stored_before, progress, cancel).await {
         Ok(embedded) => embedded,
         Err(error) => {
             if let Err(abandon) = coordinator.abandon(&switch_id).await {
@@ -66,7 +65,7 @@ pub(super) async fn switch_to(
             return Err(error.into());
         }
     }
-    swap_here(ctx, follower, &version).await;
+    swap_here(ctx, follower, &version).await?;
     let active = ctx.catalog.models().active();
     let unembeddable = active.lock_unembeddable().iter().copied().collect();
     let switched = Switched {
@@ -86,21 +85,25 @@ pub(super) async fn switch_to(
 }
 
 /// After the flip: this replica swaps now, or, when that fails, waits a
-/// while for its follower to.
-async fn swap_here(ctx: &Context, follower: &Follower, version: &ModelVersion) {
-    let Err(error) = follower.step().await else { return };
+/// while for its follower to (it tries again every `POLL`). Fails if it has
+/// not swapped by then: the flip stands, and the follower goes on trying.
+async fn swap_here(ctx: &Context, follower: &Follower, version: &ModelVersion) -> Result<(), LifecycleError> {
+    let Err(error) = follower.step().await else { return Ok(()) };
     tracing::warn!(%error, "could not swap to the flipped version at once; the follower tries again");
     let mut serving = ctx.catalog.models().watch_serving();
     let swapped = serving.wait_for(|serving| *serving == version.version);
-    if tokio::time::timeout(OWN_SWAP_WAIT, swapped).await.is_err() {
-        tracing::error!(version = %version.version, "this replica has not swapped yet; the switch is reported done");
+    if let Ok(Ok(_)) = tokio::time::timeout(OWN_SWAP_WAIT, swapped).await {
+        return Ok(());
     }
+    let why = format!("version {} is active, but this replica could not swap to it yet ({error})", version.version);
+    Err(LifecycleError::Switch(format!("{why}; it keeps trying")))
 }
 
 /// Waits until every live replica is ready and no item lacks the target's
 /// embedding; returns how many items were embedded for it.
 async fn await_ready(
     ctx: &Context,
+    follower: &Follower,
     version: &ModelVersion,
     switch_id: &str,
     stored_before: u64,
@@ -114,7 +117,7 @@ async fn await_ready(
         }
         let status = ctx.ports.coordinator.status(switch_id, &version.key).await?;
         let embedded = status.embedded.saturating_sub(stored_before) as usize;
-        if (embedded, status.ready) != last {
+        if (embedded, status.ready) != last || follower.is_preparing() {
             (last, moved) = ((embedded, status.ready), Instant::now());
         } else if moved.elapsed() > STALLED {
             let why =
