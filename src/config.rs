@@ -199,6 +199,12 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// Host names besides IP addresses and `localhost` that requests may name in `Host`,
+    /// comma-separated (`.example.com` allows every name under it, `*` any name). Others answer
+    /// 403, which stops DNS rebinding (README "Security").
+    #[arg(long = "allowed-host", env = "LOOKALIKE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Log format: `text` (human-readable) or `json` (one object per line, for collectors).
     #[arg(long, env = "LOOKALIKE_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

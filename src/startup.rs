@@ -132,6 +132,7 @@ impl Application {
             api_keys: Arc::new(api_keys),
             jobs,
             cors_origins: config.cors_origins.clone().into(),
+            allowed_hosts: config.allowed_hosts.clone().into(),
             draining: Arc::default(),
         };
         let grace = Duration::from_secs(config.shutdown_grace_secs);

@@ -144,6 +144,32 @@ fn compose_keeps_data_on_a_volume_and_checks_readiness() {
     assert_eq!(devices["capabilities"][0], "gpu");
 }
 
+/// Both compose files publish a port beyond the host, so each service reads an
+/// API key and the admin token from secret files the set-up writes, which
+/// neither git nor the image's build context may hold.
+#[test]
+fn compose_files_ship_keys_from_secret_files_that_stay_out_of_git_and_the_image() {
+    let docker = Path::new(ROOT).join("docker");
+    for (file, service) in [("compose.yaml", "lookalike"), ("compose.cluster.yaml", "replica-1")] {
+        let compose: Value = serde_saphyr::from_str(&std::fs::read_to_string(docker.join(file)).unwrap()).unwrap();
+        let service = &compose["services"][service];
+        for (variable, secret) in [("LOOKALIKE_API_KEY_FILE", "api_key"), ("LOOKALIKE_ADMIN_TOKEN_FILE", "admin_token")]
+        {
+            assert_eq!(service["environment"][variable], format!("/run/secrets/{secret}"), "{file}");
+            assert!(service["secrets"].as_array().unwrap().iter().any(|s| s == secret), "{file}: {secret}");
+            assert_eq!(compose["secrets"][secret]["file"], format!("./secrets/{secret}"), "{file}");
+        }
+    }
+    let makefile = std::fs::read_to_string(Path::new(ROOT).join("Makefile")).unwrap();
+    assert!(makefile.contains("setup: $(STAMP) $(DOCKER_SECRETS)"), "make setup writes the secret files");
+    let gitignore = std::fs::read_to_string(Path::new(ROOT).join(".gitignore")).unwrap();
+    assert!(gitignore.lines().any(|l| l == "/docker/secrets/"), "secrets are never committed");
+    let dockerignore = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore")).unwrap();
+    for path in ["docker/secrets", "docker/admin_token"] {
+        assert!(dockerignore.lines().any(|l| l == path), "{path} stays out of the build context");
+    }
+}
+
 #[test]
 fn the_cluster_compose_file_puts_replicas_over_pgvector_behind_a_proxy() {
     let docker = Path::new(ROOT).join("docker");

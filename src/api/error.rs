@@ -27,6 +27,10 @@ pub enum ApiError {
     /// 403: a read-only API key asked to add or delete.
     #[error("this API key is read-only: adding and deleting items needs the read-write key")]
     ReadOnlyKey,
+    /// 403: a request for a host name this service does not answer to, or a
+    /// state-changing request from a foreign browser origin.
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
     /// 403: admin routes are disabled (no admin token configured).
     #[error("admin routes are disabled: start the service with LOOKALIKE_ADMIN_TOKEN or --admin-token-file")]
     AdminDisabled,
@@ -91,6 +95,7 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::ReadOnlyKey => (StatusCode::FORBIDDEN, "read_only_key"),
             Self::AdminDisabled => (StatusCode::FORBIDDEN, "admin_disabled"),
+            Self::Forbidden { code, .. } => (StatusCode::FORBIDDEN, code),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),

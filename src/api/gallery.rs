@@ -100,7 +100,8 @@ pub async fn list(
     if params.cursor.is_some_and(|c| c < 0) {
         return Err(ApiError::invalid("invalid_cursor", "cursor is a `next_cursor` from a previous page, 0 or more"));
     }
-    let items = state.catalog.list(params.label, params.cursor.unwrap_or(0), limit).await?;
+    let label = params.label.as_deref().map(super::upload::parse_label).transpose()?;
+    let items = state.catalog.list(label, params.cursor.unwrap_or(0), limit).await?;
     let next_cursor = if items.len() == limit { items.last().map(|i| i.id) } else { None };
     Ok(Json(ListResponse { items, next_cursor }))
 }

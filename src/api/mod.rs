@@ -8,6 +8,7 @@ mod health;
 mod keys;
 mod limits;
 mod metrics;
+mod origin;
 mod search;
 pub mod upload;
 
@@ -68,6 +69,8 @@ pub struct AppState {
     pub jobs: Jobs,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Arc<[String]>,
+    /// Host names requests may use besides addresses and `localhost` (see `origin`).
+    pub allowed_hosts: Arc<[String]>,
     /// Set once shutdown begins: `/ready` then answers 503.
     pub draining: Arc<AtomicBool>,
 }
@@ -83,6 +86,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = state.limits.request_timeout;
     let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests));
     let budget = limits::BodyBudget::new(state.limits.max_buffered_body_bytes, body_limit);
+    let site = origin::SitePolicy::new(&state.allowed_hosts, state.cors_origins.clone());
     Router::new()
         .route("/", get(web_page))
         .route("/app.js", get(web_script))
@@ -109,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(budget, limits::body_budget))
         .layer(middleware::from_fn_with_state(slots, limits::concurrency))
         .layer(middleware::from_fn_with_state(state.api_keys.clone(), keys::require))
+        .layer(middleware::from_fn_with_state(site, origin::check))
         .layer(cors(&state.cors_origins))
         .layer(
             ServiceBuilder::new()

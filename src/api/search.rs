@@ -55,7 +55,8 @@ fn search_query(params: SearchParams, state: &AppState) -> Result<SearchQuery, A
     if params.min_score.is_some_and(|m| !(-1.0..=1.0).contains(&m)) {
         return Err(ApiError::invalid("invalid_min_score", "min_score must be between -1 and 1"));
     }
-    Ok(SearchQuery { k, label: params.label, min_score: params.min_score })
+    let label = params.label.as_deref().map(super::upload::parse_label).transpose()?;
+    Ok(SearchQuery { k, label, min_score: params.min_score })
 }
 
 /// `POST /verify`: two images, parts `a` and `b`.

@@ -183,23 +183,53 @@ fn text(name: &str, bytes: &[u8]) -> Result<String, ApiError> {
 }
 
 /// 1 to 200 characters as sent, not only whitespace (U+FEFF counts, as in the
-/// spec's regular expression), no control characters; stored trimmed.
-fn parse_label(text: &str) -> Result<String, ApiError> {
+/// spec's regular expression), nothing a reader cannot see; stored trimmed.
+/// Also the rule for `?label=` filters, so both modes answer them alike.
+pub(super) fn parse_label(text: &str) -> Result<String, ApiError> {
     let label = text.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
-    if label.is_empty() || text.chars().count() > MAX_LABEL_CHARS || text.chars().any(char::is_control) {
+    if label.is_empty() || text.chars().count() > MAX_LABEL_CHARS || text.chars().any(unseen) {
         return Err(ApiError::invalid(
             "invalid_label",
-            format!("a label is 1 to {MAX_LABEL_CHARS} printable characters"),
+            format!(
+                "a label is 1 to {MAX_LABEL_CHARS} printable characters, without control, invisible or \
+                 direction-changing characters"
+            ),
         ));
     }
     Ok(label.to_string())
 }
 
+/// Characters that change what a label looks like without being seen: control
+/// characters, zero-width characters and joiners, bidirectional overrides and
+/// isolates (which can make "gpj.exe" read "exe.jpg"), the soft hyphen, the
+/// word joiner and invisible operators, and the line and paragraph separators.
+/// The same set as the `Label` pattern of openapi.yaml.
+fn unseen(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// A JSON object with no NUL character in any key or string: PostgreSQL's
+/// `jsonb` cannot hold one, and embedded mode answers the same.
 fn parse_metadata(text: &str) -> Result<Value, ApiError> {
     match serde_json::from_str::<Value>(text) {
+        Ok(value) if holds_nul(&value) => {
+            Err(ApiError::invalid("invalid_metadata", "metadata may not hold a NUL character (\\u0000)"))
+        }
         Ok(value @ Value::Object(_)) => Ok(value),
         Ok(_) => Err(ApiError::invalid("invalid_metadata", "metadata must be a JSON object")),
         Err(e) => Err(ApiError::bad_request("invalid_metadata", format!("metadata is not valid JSON: {e}"))),
+    }
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(key, v)| key.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 

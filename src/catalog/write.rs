@@ -77,7 +77,9 @@ impl Catalog {
             // Best effort: an item the other model lacks is embedded by the switch's own passes.
             match embed_with_other(&other, &items, priority).await {
                 Ok(vectors) => for_others.push(vectors),
-                Err(error) => tracing::warn!(%error, model = %other.name(), "could not embed uploads with the next model"),
+                Err(error) => {
+                    tracing::warn!(%error, model = %other.name(), "could not embed uploads with the next model")
+                }
             }
         }
         let inserted = self.store_and_index(writing, &active, items, for_others).await?;

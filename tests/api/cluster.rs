@@ -317,11 +317,17 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     let deleted = client.delete(format!("{}/gallery/{}", embedded.url, ids[1])).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
     embedded.terminate(Duration::from_secs(30)).await;
+    // Metadata stored before the API refused NUL characters, which PostgreSQL cannot hold.
+    let store = rusqlite::Connection::open(dir.path().join("gallery.sqlite3")).unwrap();
+    store.execute("UPDATE items SET metadata = ?1 WHERE id = ?2", (r#"{"note":"a\u0000b"}"#, ids[0])).unwrap();
+    drop(store);
 
+    // The URL from the environment, as the service takes it.
     let migrate = || {
         Command::new(env!("CARGO_BIN_EXE_lookalike"))
-            .args(["migrate", "--to", &pg.url(), "--data-dir"])
+            .args(["migrate", "--data-dir"])
             .arg(dir.path())
+            .env("LOOKALIKE_DATABASE_URL", pg.url())
             .output()
             .unwrap()
     };
@@ -336,6 +342,7 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
         )),
         "{stdout}"
     );
+    assert!(stdout.contains(&format!("it is now U+FFFD in items [{}]", ids[0])), "{stdout}");
     let again = migrate();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"), "a second run refuses");
@@ -348,6 +355,8 @@ async fn lookalike_migrate_moves_an_embedded_gallery_with_its_ids() {
     assert_eq!(health["model_version"], "2", "{health}");
     assert_eq!(pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings"), "1");
     assert_eq!(health["indexed_items"].as_u64(), Some(images.len() as u64 - 1), "{health}");
+    let first = json(client.get(format!("{}/gallery/{}", replica.url, ids[0])).send().await.unwrap()).await;
+    assert_eq!(first["metadata"]["note"], "a\u{fffd}b", "{first}");
     for (i, (class, bytes)) in images.iter().enumerate().filter(|(i, _)| *i != 1) {
         let found = json(search(&client, &replica.url, bytes, "k=3").await).await;
         assert_eq!(found["results"][0]["id"], ids[i], "{found}");

@@ -10,7 +10,9 @@ use reqwest::multipart::{Form, Part};
 use reqwest::RequestBuilder;
 use serde_json::Value;
 
-use crate::support::{fixtures, spawn_app, spawn_app_with, TestApp, TOKEN};
+use lookalike::config::ServeConfig;
+
+use crate::support::{fixtures, spawn_app, spawn_app_with, PgServer, TestApp, TOKEN};
 
 fn png() -> Vec<u8> {
     fixtures().remove(0).1
@@ -51,74 +53,98 @@ fn image_part(bytes: &[u8]) -> Part {
     Part::bytes(bytes.to_vec()).file_name("x.png")
 }
 
+/// 17 parts: one more than the 16 images, so both image and part limits can be reached.
+fn matrix_config(config: &mut ServeConfig) {
+    (config.admin_token, config.max_form_parts) = (Some(TOKEN.into()), 17);
+}
+
+#[tokio::test]
+async fn bad_input_matrix() {
+    let app = spawn_app_with(matrix_config).await;
+    bad_input_matrix_on(&app).await;
+    app.stop().await;
+}
+
+/// The same answers in cluster mode, where PostgreSQL refuses what SQLite
+/// would store (a NUL character).
+#[tokio::test]
+async fn bad_input_matrix_in_cluster_mode() {
+    let pg = PgServer::start();
+    let url = pg.url();
+    let app = spawn_app_with(|c| {
+        matrix_config(c);
+        c.database_url = Some(url);
+    })
+    .await;
+    bad_input_matrix_on(&app).await;
+    app.stop().await;
+}
+
 /// Every kind of bad input the issue lists, against a gallery with items:
 /// each gets its status and JSON error, and afterwards the service is
 /// healthy and ready and the gallery holds exactly what it held before.
-#[tokio::test]
-async fn bad_input_matrix() {
-    // 17 parts: one more than the 16 images, so both image and part limits can be reached.
-    let app = spawn_app_with(|c| (c.admin_token, c.max_form_parts) = (Some(TOKEN.into()), 17)).await;
+async fn bad_input_matrix_on(app: &TestApp) {
     let image = png();
     let jpeg = reencode(&image, ImageFormat::Jpeg);
     let seeded: Vec<Vec<u8>> = fixtures().into_iter().take(3).map(|(_, png)| png).collect();
     let unseeded = fixtures().remove(5).1;
     assert_eq!(app.add_images(&seeded, Some("seed"), None).await.status(), 201);
-    let before = gallery_listing(&app).await;
+    let before = gallery_listing(app).await;
 
     let multipart = "multipart/form-data; boundary=XYZ";
     let cases = vec![
         // Bodies and content types.
-        case("empty search body", raw(&app, "/search", Some("image/png"), vec![]), 400, "empty_body"),
-        case("empty gallery body", raw(&app, "/gallery", Some(multipart), vec![]), 400, "invalid_multipart"),
-        case("empty verify body", raw(&app, "/verify", Some(multipart), vec![]), 400, "invalid_multipart"),
+        case("empty search body", raw(app, "/search", Some("image/png"), vec![]), 400, "empty_body"),
+        case("empty gallery body", raw(app, "/gallery", Some(multipart), vec![]), 400, "invalid_multipart"),
+        case("empty verify body", raw(app, "/verify", Some(multipart), vec![]), 400, "invalid_multipart"),
         case(
             "text/plain search",
-            raw(&app, "/search", Some("text/plain"), image.clone()),
+            raw(app, "/search", Some("text/plain"), image.clone()),
             415,
             "unsupported_media_type",
         ),
-        case("gallery without content type", raw(&app, "/gallery", None, image.clone()), 400, "invalid_multipart"),
+        case("gallery without content type", raw(app, "/gallery", None, image.clone()), 400, "invalid_multipart"),
         case(
             "gallery as JSON",
-            raw(&app, "/gallery", Some("application/json"), b"{}".to_vec()),
+            raw(app, "/gallery", Some("application/json"), b"{}".to_vec()),
             400,
             "invalid_multipart",
         ),
         // Images.
         case(
             "truncated PNG",
-            raw(&app, "/search", Some("image/png"), image[..image.len() / 2].to_vec()),
+            raw(app, "/search", Some("image/png"), image[..image.len() / 2].to_vec()),
             422,
             "invalid_image",
         ),
         case(
             "truncated JPEG",
-            raw(&app, "/search", Some("image/jpeg"), jpeg[..jpeg.len() / 2].to_vec()),
+            raw(app, "/search", Some("image/jpeg"), jpeg[..jpeg.len() / 2].to_vec()),
             422,
             "invalid_image",
         ),
         case(
             "text sent as an image",
-            raw(&app, "/search", Some("image/jpeg"), b"definitely not an image".to_vec()),
+            raw(app, "/search", Some("image/jpeg"), b"definitely not an image".to_vec()),
             415,
             "unsupported_image",
         ),
         case(
             "PNG header claiming 100000 x 100000",
-            raw(&app, "/search", Some("image/png"), png_claiming(100_000, 100_000)),
+            raw(app, "/search", Some("image/png"), png_claiming(100_000, 100_000)),
             413,
             "image_too_large",
         ),
         case(
             "decompression bomb",
-            raw(&app, "/search", Some("image/png"), decompression_bomb(20_000)),
+            raw(app, "/search", Some("image/png"), decompression_bomb(20_000)),
             413,
             "image_too_large",
         ),
         case(
             "truncated image among good ones",
             form(
-                &app,
+                app,
                 "/gallery",
                 Form::new().part("image", image_part(&image)).part("image", image_part(&image[..100])),
             ),
@@ -127,7 +153,7 @@ async fn bad_input_matrix() {
         ),
         case(
             "GIF header only",
-            form(&app, "/gallery", Form::new().part("image", image_part(b"GIF89a"))),
+            form(app, "/gallery", Form::new().part("image", image_part(b"GIF89a"))),
             422,
             "invalid_image",
         ),
@@ -135,7 +161,7 @@ async fn bad_input_matrix() {
         case(
             "unterminated multipart",
             raw(
-                &app,
+                app,
                 "/gallery",
                 Some(multipart),
                 b"--XYZ\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc".to_vec(),
@@ -145,74 +171,106 @@ async fn bad_input_matrix() {
         ),
         case(
             "multipart without boundary",
-            raw(&app, "/gallery", Some("multipart/form-data"), image.clone()),
+            raw(app, "/gallery", Some("multipart/form-data"), image.clone()),
             400,
             "invalid_multipart",
         ),
-        case(
-            "form without image",
-            raw(&app, "/search", Some(multipart), b"--XYZ--\r\n".to_vec()),
-            400,
-            "missing_image",
-        ),
-        case(
-            "gallery form without image",
-            form(&app, "/gallery", Form::new().text("label", "x")),
-            400,
-            "missing_image",
-        ),
-        case(
-            "verify without b",
-            form(&app, "/verify", Form::new().part("a", image_part(&image))),
-            400,
-            "missing_image",
-        ),
+        case("form without image", raw(app, "/search", Some(multipart), b"--XYZ--\r\n".to_vec()), 400, "missing_image"),
+        case("gallery form without image", form(app, "/gallery", Form::new().text("label", "x")), 400, "missing_image"),
+        case("verify without b", form(app, "/verify", Form::new().part("a", image_part(&image))), 400, "missing_image"),
         case(
             "two search images",
-            form(&app, "/search", Form::new().part("image", image_part(&image)).part("image", image_part(&image))),
+            form(app, "/search", Form::new().part("image", image_part(&image)).part("image", image_part(&image))),
             400,
             "duplicate_field",
         ),
         case(
             "two labels",
-            form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "a").text("label", "b")),
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "a").text("label", "b")),
             400,
             "duplicate_field",
         ),
         case(
             "two verify a parts",
-            form(&app, "/verify", Form::new().part("a", image_part(&image)).part("a", image_part(&image))),
+            form(app, "/verify", Form::new().part("a", image_part(&image)).part("a", image_part(&image))),
             400,
             "duplicate_field",
         ),
         case(
             "unknown part",
-            form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("colour", "red")),
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("colour", "red")),
             400,
             "unknown_field",
         ),
         case(
             "metadata not JSON",
-            form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", "{not json")),
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", "{not json")),
             400,
             "invalid_metadata",
         ),
         case(
             "metadata not an object",
-            form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", "[1, 2]")),
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", "[1, 2]")),
             422,
             "invalid_metadata",
         ),
         case(
             "blank label",
-            form(&app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "   ")),
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "   ")),
+            422,
+            "invalid_label",
+        ),
+        case(
+            "metadata holding a NUL",
+            form(
+                app,
+                "/gallery",
+                Form::new().part("image", image_part(&image)).text("metadata", r#"{"a": "x\u0000"}"#),
+            ),
+            422,
+            "invalid_metadata",
+        ),
+        case(
+            "metadata key holding a NUL",
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("metadata", r#"{"\u0000": 1}"#)),
+            422,
+            "invalid_metadata",
+        ),
+        case(
+            "label holding a NUL",
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "a\u{0}b")),
+            422,
+            "invalid_label",
+        ),
+        case(
+            "label with a zero-width space",
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "ca\u{200b}t")),
+            422,
+            "invalid_label",
+        ),
+        case(
+            "label with a right-to-left override",
+            form(app, "/gallery", Form::new().part("image", image_part(&image)).text("label", "\u{202e}gpj.exe")),
+            422,
+            "invalid_label",
+        ),
+        case("list filtered by a NUL label", app.client.get(app.url("/gallery?label=%00")), 422, "invalid_label"),
+        case(
+            "search filtered by a NUL label",
+            raw(app, "/search?label=%00", Some("image/png"), image.clone()),
+            422,
+            "invalid_label",
+        ),
+        case(
+            "similar filtered by an invisible label",
+            app.client.get(app.url("/gallery/1/similar?label=%E2%80%8B")),
             422,
             "invalid_label",
         ),
         case(
             "label not UTF-8",
             form(
-                &app,
+                app,
                 "/gallery",
                 Form::new().part("image", image_part(&image)).part("label", Part::bytes(vec![0xff, 0xfe])),
             ),
@@ -222,14 +280,14 @@ async fn bad_input_matrix() {
         // Limits (the test configuration: 16 images, 17 parts here, 2 MiB a part, 4 KiB a text part, 4 MiB a body).
         case(
             "17 images",
-            form(&app, "/gallery", (0..17).fold(Form::new(), |f, _| f.part("image", image_part(&image)))),
+            form(app, "/gallery", (0..17).fold(Form::new(), |f, _| f.part("image", image_part(&image)))),
             413,
             "too_many_images",
         ),
         case(
             "18 parts",
             form(
-                &app,
+                app,
                 "/gallery",
                 (0..16).fold(Form::new().text("label", "x").text("metadata", "{}"), |f, _| {
                     f.part("image", image_part(&image))
@@ -240,14 +298,14 @@ async fn bad_input_matrix() {
         ),
         case(
             "3 MiB image part",
-            form(&app, "/gallery", Form::new().part("image", image_part(&vec![0; 3 << 20]))),
+            form(app, "/gallery", Form::new().part("image", image_part(&vec![0; 3 << 20]))),
             413,
             "part_too_large",
         ),
         case(
             "5 KiB metadata",
             form(
-                &app,
+                app,
                 "/gallery",
                 Form::new()
                     .part("image", image_part(&image))
@@ -256,18 +314,18 @@ async fn bad_input_matrix() {
             413,
             "part_too_large",
         ),
-        case("5 MiB body", raw(&app, "/search", Some("image/png"), vec![0; 5 << 20]), 413, "body_too_large"),
+        case("5 MiB body", raw(app, "/search", Some("image/png"), vec![0; 5 << 20]), 413, "body_too_large"),
         // Query parameters.
-        case("k of 0", raw(&app, "/search?k=0", Some("image/png"), image.clone()), 422, "invalid_k"),
-        case("negative k", raw(&app, "/search?k=-1", Some("image/png"), image.clone()), 400, "invalid_query"),
+        case("k of 0", raw(app, "/search?k=0", Some("image/png"), image.clone()), 422, "invalid_k"),
+        case("negative k", raw(app, "/search?k=-1", Some("image/png"), image.clone()), 400, "invalid_query"),
         case(
             "enormous k",
-            raw(&app, "/search?k=99999999999999999999", Some("image/png"), image.clone()),
+            raw(app, "/search?k=99999999999999999999", Some("image/png"), image.clone()),
             400,
             "invalid_query",
         ),
-        case("k above the limit", raw(&app, "/search?k=100000", Some("image/png"), image.clone()), 422, "invalid_k"),
-        case("k not a number", raw(&app, "/search?k=abc", Some("image/png"), image.clone()), 400, "invalid_query"),
+        case("k above the limit", raw(app, "/search?k=100000", Some("image/png"), image.clone()), 422, "invalid_k"),
+        case("k not a number", raw(app, "/search?k=abc", Some("image/png"), image.clone()), 400, "invalid_query"),
         // Unknown ids and routes.
         case("unknown item", app.client.get(app.url("/gallery/999999")), 404, "not_found"),
         case("unknown item image", app.client.get(app.url("/gallery/999999/image")), 404, "not_found"),
@@ -342,14 +400,13 @@ async fn bad_input_matrix() {
 
     // A GIF of thousands of frames is not refused, but only its first frame is decoded.
     let gif = animated_gif(3000);
-    let response = raw(&app, "/search?k=1", Some("image/gif"), gif).send().await.unwrap();
+    let response = raw(app, "/search?k=1", Some("image/gif"), gif).send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 
-    assert_still_healthy(&app).await;
+    assert_still_healthy(app).await;
     let ready = app.client.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    assert_eq!(gallery_listing(&app).await, before, "the bad requests changed the gallery");
-    app.stop().await;
+    assert_eq!(gallery_listing(app).await, before, "the bad requests changed the gallery");
 }
 
 /// Every item of the gallery as listed (ids, hashes, labels).

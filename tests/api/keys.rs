@@ -120,3 +120,43 @@ async fn without_keys_the_gallery_and_search_are_open() {
     assert_eq!(image.headers()["x-frame-options"], "DENY");
     app.stop().await;
 }
+
+/// Straight to the service: the checking proxy sets `Host` to its own upstream.
+fn direct(app: &TestApp, method: reqwest::Method, path: &str) -> RequestBuilder {
+    app.client.request(method, format!("http://{}{path}", app.direct))
+}
+
+fn direct_upload(app: &TestApp, png: &[u8]) -> RequestBuilder {
+    let form = Form::new().part("image", Part::bytes(png.to_vec()).file_name("x.png"));
+    direct(app, reqwest::Method::POST, "/gallery").multipart(form)
+}
+
+#[tokio::test]
+async fn without_keys_a_foreign_host_or_origin_cannot_read_or_write() {
+    use reqwest::Method;
+    let app = spawn_app_with(|c| c.allowed_hosts = vec!["search.example".into()]).await;
+    let png = fixtures().remove(0).1;
+    let own_origin = format!("http://{}", app.direct);
+
+    // DNS rebinding: a page on evil.test whose name resolves to this machine.
+    let rebound = direct_upload(&app, &png).header("host", "evil.test").header("origin", "http://evil.test");
+    expect("upload, rebound host", rebound, 403, Some("host_not_allowed")).await;
+    let read = direct(&app, Method::GET, "/gallery").header("host", "evil.test:8080");
+    expect("list, rebound host", read, 403, Some("host_not_allowed")).await;
+    // A cross-site form post: the right host, another site's origin.
+    let cross_site = direct_upload(&app, &png).header("origin", "http://evil.test");
+    expect("upload, foreign origin", cross_site, 403, Some("foreign_origin")).await;
+    let opaque = direct_upload(&app, &png).header("origin", "null");
+    expect("upload, opaque origin", opaque, 403, Some("foreign_origin")).await;
+
+    // The service's own page, other tools (no Origin) and listed names go on.
+    expect("upload, own origin", direct_upload(&app, &png).header("origin", &own_origin), 201, None).await;
+    expect("upload, no origin", direct_upload(&app, &png), 201, None).await;
+    let named = direct(&app, Method::GET, "/gallery").header("host", "search.example:8080");
+    let listed = expect("list, allowed name", named, 200, None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2, "the refused uploads stored nothing: {listed}");
+    let cross_site_delete = direct(&app, Method::DELETE, "/gallery/1").header("origin", "http://evil.test");
+    expect("delete, foreign origin", cross_site_delete, 403, Some("foreign_origin")).await;
+    expect("get after the refused delete", direct(&app, Method::GET, "/gallery/1"), 200, None).await;
+    app.stop().await;
+}
