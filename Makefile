@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster fuzz fuzz-seeds soak
+.PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster bench-probe-flood fuzz fuzz-seeds soak
 
 setup: $(STAMP) $(DOCKER_SECRETS)
 
@@ -204,6 +204,10 @@ bench-embed: setup
 
 bench-http: build bench-setup dataset
 	$(VENV)/bin/python bench/search_load.py
+
+# p99 of an authenticated GET /gallery/1 alone and beside 1,000 connections on /ready.
+bench-probe-flood: build bench-setup dataset
+	$(VENV)/bin/python bench/probe_flood.py
 
 # The index at 100k vectors: hnsw_rs as the service calls it, variants, and
 # the same data through hnswlib; plus start-up on a 100k-item gallery.

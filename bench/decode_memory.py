@@ -44,7 +44,7 @@ def bomb(side: int) -> bytes:
 def abandoned_search(port: int, body: bytes) -> None:
     """POST /search with the image as its body, then close 30 ms later without reading."""
     with socket.create_connection(("127.0.0.1", port)) as conn:
-        head = f"POST /search?k=1 HTTP/1.1\r\nHost: bench\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = f"POST /search?k=1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
         conn.sendall(head.encode() + body)
         time.sleep(0.03)
 

@@ -151,10 +151,15 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
 
-    /// Request-body bytes all requests together may hold in memory; past it a request gets 503
-    /// with Retry-After. At least `--max-body-bytes`.
+    /// Request-body bytes all requests together may hold in memory, counted as they arrive; a body
+    /// that would pass it gets 503 with Retry-After. At least `--max-body-bytes`.
     #[arg(long, env = "LOOKALIKE_MAX_BUFFERED_BODY_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
+
+    /// Bytes a second a request body must average once it has taken 5 s; a slower one is cut off
+    /// with 408, so slow clients cannot hold connections and memory. 0: no minimum.
+    #[arg(long, env = "LOOKALIKE_MIN_BODY_RATE", default_value_t = 8 * 1024)]
+    pub min_body_rate: u64,
 
     /// Seconds a connection may take to send a request's head (line and headers), the idle time
     /// of a keep-alive connection before its next request included; past it the connection is

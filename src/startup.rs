@@ -120,6 +120,7 @@ impl Application {
             request_timeout: Duration::from_secs(config.request_timeout_secs),
             max_concurrent_requests: config.max_concurrent_requests,
             max_buffered_body_bytes: config.max_buffered_body_bytes,
+            min_body_rate: config.min_body_rate,
         };
         let dump_interval = Duration::from_secs(config.index_dump_interval_secs);
         let state = AppState {
@@ -134,6 +135,7 @@ impl Application {
             cors_origins: config.cors_origins.clone().into(),
             allowed_hosts: config.allowed_hosts.clone().into(),
             draining: Arc::default(),
+            store_check: Arc::default(),
         };
         let grace = Duration::from_secs(config.shutdown_grace_secs);
         let delay = Duration::from_secs(config.shutdown_delay_secs);

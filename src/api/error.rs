@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 408: the request took longer than the configured timeout.
     #[error("the request took longer than {}s; a slow upload or a busy service, retry", .0.as_secs_f64())]
     Timeout(std::time::Duration),
+    /// 408: the body arrived slower than `--min-body-rate` allows.
+    #[error("the request body arrived slower than {0} bytes a second (--min-body-rate); it was cut off")]
+    SlowBody(u64),
     /// 409: the request conflicts with what is stored (a refused duplicate).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -99,6 +102,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::SlowBody(_) => (StatusCode::REQUEST_TIMEOUT, "body_too_slow"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
             Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),

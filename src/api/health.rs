@@ -2,6 +2,7 @@
 //! should be sent traffic now (workers running, store answering, not draining).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::Json;
@@ -63,8 +64,32 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiErro
     if !serving.workers_running {
         return Err(ApiError::NotReady("the embedding workers have stopped".into()));
     }
-    if let Err(error) = state.catalog.ping().await {
+    if let Err(error) = state.store_check.answer(&state).await {
         return Err(ApiError::NotReady(format!("the gallery store does not answer: {error}")));
     }
     Ok(Json(Ready { status: "ready", model_version: serving.version, indexed_items: serving.indexed_items }))
+}
+
+/// How long a store check answers every `/ready` after it: a flood of probes
+/// costs one store round trip a second, not one each.
+const STORE_CHECK_TTL: Duration = Duration::from_secs(1);
+
+/// The last store check and when it was made; one check runs at a time, and
+/// probes that arrive meanwhile wait for it instead of starting their own.
+#[derive(Default)]
+pub struct StoreCheck {
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl StoreCheck {
+    async fn answer(&self, state: &AppState) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, result)) = last.as_ref().filter(|(at, _)| at.elapsed() < STORE_CHECK_TTL) {
+            tracing::trace!(age_ms = at.elapsed().as_millis(), "store check from cache");
+            return result.clone();
+        }
+        let result = state.catalog.ping().await.map_err(|error| error.to_string());
+        *last = Some((Instant::now(), result.clone()));
+        result
+    }
 }

@@ -23,7 +23,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -52,6 +51,8 @@ pub struct RequestLimits {
     pub max_concurrent_requests: usize,
     /// Request-body bytes all requests together may hold in memory.
     pub max_buffered_body_bytes: usize,
+    /// Bytes a second a request body must average after its first 5 s; zero: no minimum.
+    pub min_body_rate: u64,
 }
 
 /// What every handler can reach; cheap to clone.
@@ -73,6 +74,8 @@ pub struct AppState {
     pub allowed_hosts: Arc<[String]>,
     /// Set once shutdown begins: `/ready` then answers 503.
     pub draining: Arc<AtomicBool>,
+    /// `/ready`'s store check, cached for a second.
+    pub store_check: Arc<health::StoreCheck>,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,8 +87,8 @@ const DENY: HeaderValue = HeaderValue::from_static("DENY");
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let timeout = state.limits.request_timeout;
-    let slots = Arc::new(Semaphore::new(state.limits.max_concurrent_requests));
-    let budget = limits::BodyBudget::new(state.limits.max_buffered_body_bytes, body_limit);
+    let slots = limits::Slots::new(state.limits.max_concurrent_requests);
+    let budget = limits::BodyBudget::new(state.limits.max_buffered_body_bytes, body_limit, state.limits.min_body_rate);
     let site = origin::SitePolicy::new(&state.allowed_hosts, state.cors_origins.clone());
     Router::new()
         .route("/", get(web_page))

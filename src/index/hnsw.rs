@@ -47,7 +47,9 @@ const OVERFETCH_LIMIT: usize = 256;
 /// The HNSW graph and the ids deleted from it since it was built.
 pub(super) struct Graph {
     pub(super) hnsw: Hnsw<'static, f32, DistDot>,
-    tombstones: ArcSwap<HashSet<i64>>,
+    /// Persistent (structurally shared): a delete adds to it in O(log n)
+    /// while searches go on reading the set they loaded.
+    tombstones: ArcSwap<imbl::HashSet<i64>>,
 }
 
 impl Graph {
@@ -60,13 +62,14 @@ impl Graph {
         Self { hnsw, tombstones: ArcSwap::default() }
     }
 
-    fn tombstones(&self) -> Arc<HashSet<i64>> {
+    fn tombstones(&self) -> Arc<imbl::HashSet<i64>> {
         self.tombstones.load_full()
     }
 
-    /// Adds tombstones: a new set replaces the old (writers are serialised by the writer lock).
+    /// Adds tombstones: a new set replaces the old, sharing all but the
+    /// changed nodes with it (writers are serialised by the writer lock).
     fn bury(&self, ids: impl IntoIterator<Item = i64>) {
-        let mut dead = HashSet::clone(&self.tombstones.load());
+        let mut dead = imbl::HashSet::clone(&self.tombstones.load());
         dead.extend(ids);
         self.tombstones.store(Arc::new(dead));
     }

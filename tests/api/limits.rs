@@ -51,10 +51,10 @@ async fn bodies_past_the_memory_budget_get_503_and_small_requests_still_pass() {
     let app = spawn_app_with(|c| c.max_buffered_body_bytes = 5 * MIB).await;
     let image = fixtures().remove(0).1;
     let mut large = image.clone();
-    large.resize(3 * MIB, 0); // a PNG with trailing padding: 3 MiB declared
-                              // 3 MiB of the 5 MiB budget, held by a client still sending its body.
-    let holder = SlowRequest::start(app.direct, "/search?k=1", "image/png", &large, 10).await;
-    // Another 3 MiB body does not fit beside it: 503 once the holder's head is read.
+    large.resize(3 * MIB, 0); // a PNG with trailing padding: 3 MiB
+                              // 3 MiB of the 5 MiB budget, sent and held by a client that has not finished.
+    let holder = SlowRequest::start(app.direct, "/search?k=1", "image/png", &large, large.len() - 10).await;
+    // Another 3 MiB body does not fit beside it: 503 once the holder's bytes are read.
     let refused = eventually(Duration::from_secs(5), "a body past the budget to be refused", || async {
         let response = app.search_raw(&large, "1", "image/png").await;
         if response.status() == 503 {
@@ -73,5 +73,31 @@ async fn bodies_past_the_memory_budget_get_503_and_small_requests_still_pass() {
     let (status, body) = holder.finish().await;
     assert_ne!(status, 503, "{body}");
     assert_ne!(app.search_raw(&large, "1", "image/png").await.status(), 503, "the budget is free again");
+    app.stop().await;
+}
+
+/// Sockets that declare the largest body and send a byte a second: they hold
+/// only what they sent, so other requests go on, and they are cut off with
+/// 408 once they fall behind `--min-body-rate`.
+#[tokio::test]
+async fn clients_sending_a_byte_a_second_neither_starve_the_budget_nor_stay() {
+    const MIB: usize = 1024 * 1024;
+    // 16 declared bodies of 4 MiB (the tests' --max-body-bytes) are twice this budget.
+    let app = spawn_app_with(|c| (c.max_buffered_body_bytes, c.min_body_rate) = (32 * MIB, 1024)).await;
+    let image = fixtures().remove(0).1;
+    let declared = vec![0u8; 4 * MIB];
+    let mut trickles = Vec::new();
+    for _ in 0..16 {
+        let request = SlowRequest::start(app.direct, "/search?k=1", "image/png", &declared, 1).await;
+        trickles.push(tokio::spawn(request.trickle(Duration::from_secs(1))));
+    }
+    let search = app.search_raw(&image, "1", "image/png").await;
+    assert_eq!(search.status(), 200, "{}", search.text().await.unwrap());
+    let upload = app.add_images(std::slice::from_ref(&image), None, None).await;
+    assert_eq!(upload.status(), 201, "{}", upload.text().await.unwrap());
+    for trickle in trickles {
+        let (status, body) = trickle.await.unwrap();
+        assert_eq!((status, body["error"]["code"].as_str()), (408, Some("body_too_slow")), "{body}");
+    }
     app.stop().await;
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Parser;
 use lookalike::config::{Cli, Command, ServeConfig};
@@ -221,7 +222,7 @@ impl SlowRequest {
         use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).await.expect("write the head");
@@ -233,6 +234,25 @@ impl SlowRequest {
     pub async fn answer(mut self) -> (u16, serde_json::Value) {
         use tokio::io::AsyncReadExt;
         let mut raw = Vec::new();
+        let _ = self.stream.read_to_end(&mut raw).await;
+        parse_answer(&raw)
+    }
+
+    /// Sends the rest of the body a byte every `every`, reading the answer
+    /// as soon as the service gives one (or closes).
+    pub async fn trickle(mut self, every: Duration) -> (u16, serde_json::Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = Vec::new();
+        for byte in std::mem::take(&mut self.rest) {
+            tokio::select! {
+                read = self.stream.read_to_end(&mut raw) => { let _ = read; break; }
+                () = tokio::time::sleep(every) => {
+                    if self.stream.write_all(&[byte]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         let _ = self.stream.read_to_end(&mut raw).await;
         parse_answer(&raw)
     }
