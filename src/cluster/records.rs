@@ -139,23 +139,53 @@ pub async fn import_versions(pool: &Pool, versions: &[ModelVersion], active: Opt
 }
 
 /// Writes run updates in order, the latest of each run when several wait.
+/// An update the database does not take stays waiting and is written again
+/// (unless a newer one of its run replaces it) until it is: a final state
+/// must reach every replica, however long the database was away.
 pub(super) async fn write_runs(pool: Pool, replica: String, mut updates: mpsc::UnboundedReceiver<RunUpdate>) {
-    while let Some(first) = updates.recv().await {
-        let mut batch = vec![first];
-        while let Ok(more) = updates.try_recv() {
-            batch.retain(|u| u.id != more.id);
-            batch.push(more);
+    let mut waiting: Vec<RunUpdate> = Vec::new();
+    let mut backoff = RETRY_FIRST;
+    loop {
+        if waiting.is_empty() {
+            let Some(first) = updates.recv().await else { return };
+            waiting.push(first);
         }
-        let Ok(client) = pool.get().await else {
-            tracing::warn!("cannot reach the database to record a job's or activation's progress");
+        while let Ok(more) = updates.try_recv() {
+            waiting.retain(|u| u.id != more.id);
+            waiting.push(more);
+        }
+        waiting = write_waiting(&pool, &replica, waiting).await;
+        if waiting.is_empty() {
+            backoff = RETRY_FIRST;
             continue;
-        };
-        for update in batch {
-            if let Err(error) = upsert_run(&client, &replica, update.kind, &update.id, &update.status).await {
-                tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database");
-            }
+        }
+        // Newer updates may come meanwhile; a closed channel still flushes what waits.
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MOST);
+    }
+}
+
+/// The first and the longest wait before writing refused run updates again.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+const RETRY_MOST: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes the updates in order; returns those the database did not take.
+async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> Vec<RunUpdate> {
+    let client = match pool.get().await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, waiting = waiting.len(), "cannot reach the database to record runs' progress; retrying");
+            return waiting;
+        }
+    };
+    let mut refused = Vec::new();
+    for update in waiting {
+        if let Err(error) = upsert_run(&client, replica, update.kind, &update.id, &update.status).await {
+            tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database; retrying");
+            refused.push(update);
         }
     }
+    refused
 }
 
 /// A run's status, inserted or replaced.

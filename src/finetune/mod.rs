@@ -125,7 +125,14 @@ impl Jobs {
     }
 
     /// Checks the parameters and the data, then starts a job in the background.
+    /// Runs on a task of its own: a client that goes away while the job is
+    /// being recorded leaves it started, not queued forever.
     pub async fn start(&self, params: FinetuneParams) -> Result<JobStatus, JobError> {
+        let jobs = self.clone();
+        tokio::spawn(async move { jobs.start_here(params).await }).await.map_err(LifecycleError::from)?
+    }
+
+    async fn start_here(&self, params: FinetuneParams) -> Result<JobStatus, JobError> {
         params.validate()?;
         let id = uuid::Uuid::new_v4().to_string();
         let slot = self.lifecycle.claim(SlotHolder::Job(id.clone())).await?;

@@ -49,6 +49,22 @@ pub enum TrainError {
     TooFewImages,
     #[error("cancelled")]
     Cancelled,
+    /// The loss or the validation figures stopped being numbers: the weights
+    /// diverged. Nothing of the run is saved.
+    #[error(
+        "training diverged: the {what} became {value} at epoch {epoch}, step {step}; nothing was saved \
+         (try a lower learning_rate)"
+    )]
+    Diverged { what: &'static str, value: f64, epoch: usize, step: usize },
+}
+
+/// `value` if it is a finite number, else the `Diverged` error that stops the run.
+fn finite(what: &'static str, value: f64, epoch: usize, step: usize) -> Result<f64, TrainError> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(TrainError::Diverged { what, value, epoch, step })
+    }
 }
 
 /// Where and how wide training runs.
@@ -204,13 +220,17 @@ pub fn train(
             let embeddings = l2_normalized(&model.forward_t(&x, false));
             let y = Tensor::from_slice(&batch_labels).to_device(device);
             let (loss, active) = triplet_loss(&embeddings, &y, params.margin, params.mining);
+            // Checked before the step: a NaN gradient would make every weight NaN.
+            let value = finite("loss", loss.double_value(&[]), epoch, step)?;
             optimizer.backward_step(&loss);
-            let loss = loss.double_value(&[]);
+            let loss = value;
             (loss_sum, active_sum) = (loss_sum + loss, active_sum + active);
             let seconds_per_step = started.elapsed().as_secs_f64() / step as f64;
             report(Event::Step { epoch, step, loss, seconds_per_step });
         }
         let validation = validate(&model, &images, &labels, data, &augmenter, params)?;
+        finite("validation MAP@R", validation.map_at_r, epoch, steps_per_epoch)?;
+        finite("validation threshold", f64::from(validation.threshold), epoch, steps_per_epoch)?;
         let record = EpochRecord {
             epoch,
             loss: loss_sum / steps_per_epoch as f64,
@@ -384,4 +404,18 @@ fn jitter(image: &Tensor, rng: &mut StdRng) -> Tensor {
     let x = (x - &mean) * contrast + &mean;
     let luma = grey(&x);
     (x - &luma) * saturation + luma
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_or_figure_that_is_not_a_number_stops_the_run() {
+        assert_eq!(finite("loss", 0.25, 1, 1).unwrap(), 0.25);
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = finite("loss", value, 2, 7).unwrap_err().to_string();
+            assert!(error.contains("diverged") && error.contains("epoch 2, step 7"), "{error}");
+        }
+    }
 }

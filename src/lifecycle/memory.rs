@@ -43,6 +43,8 @@ struct Shared {
     runs: Vec<Run>,
     /// Published versions and the folder each was saved in.
     versions: BTreeMap<u64, PathBuf>,
+    /// Tests: while set, a run's first record waits for a permit of it.
+    record_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 struct Replica {
@@ -94,6 +96,11 @@ pub struct MemoryReplica {
 }
 
 impl MemoryReplica {
+    /// Tests: runs' first records wait for permits of `gate` (a slow database).
+    pub fn gate_records(&self, gate: Arc<tokio::sync::Semaphore>) {
+        self.shared().record_gate = Some(gate);
+    }
+
     /// Tests: the replica dies where it stands, holding whatever it held.
     pub fn kill(&self) {
         self.gone.store(true, Ordering::Relaxed);
@@ -253,6 +260,10 @@ impl LifecycleLock for MemoryReplica {
 #[async_trait::async_trait]
 impl RunLog for MemoryReplica {
     async fn record(&self, kind: RunKind, id: &str, status: Value) -> PortResult<()> {
+        let gate = self.shared().record_gate.clone();
+        if let Some(gate) = gate {
+            let _permit = gate.acquire().await;
+        }
         RunLog::publish(self, kind, id, status);
         Ok(())
     }

@@ -217,7 +217,14 @@ impl ModelLifecycle {
     /// first where its embeddings are not stored), holding the one-at-a-time
     /// slot until the switch ends. Returns at once: an unknown version or a
     /// busy slot is an error now, anything later is in the activation's status.
+    /// Runs on a task of its own: a client that goes away while the activation
+    /// is being recorded leaves it started, not queued forever.
     pub async fn activate(&self, version: &str) -> Result<ActivationStatus, LifecycleError> {
+        let (lifecycle, version) = (self.clone(), version.to_string());
+        tokio::spawn(async move { lifecycle.activate_here(&version).await }).await?
+    }
+
+    async fn activate_here(&self, version: &str) -> Result<ActivationStatus, LifecycleError> {
         self.ctx.ports.versions.install(&self.ctx.registry).await?;
         let wanted = version.to_string();
         let target = registry_call(&self.ctx.registry, move |r| r.get(&wanted)).await.map_err(|e| match e {

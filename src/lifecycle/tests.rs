@@ -283,3 +283,27 @@ async fn a_rollback_right_after_a_flip_serves_the_old_version_everywhere() {
     }
     assert_eq!(store.count_embedded(old.key.clone()).await.unwrap(), 3);
 }
+
+/// A client that goes away while its activation is being recorded (the
+/// handler's future dropped) leaves the activation running to its end.
+#[tokio::test]
+async fn an_activation_whose_client_leaves_while_it_is_recorded_still_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _) = single(dir.path(), settings()).await;
+    node.catalog.add(uploads(&[1, 2, 3]), OnDuplicate::Allow, Priority::Interactive).await.unwrap();
+    let saved = new_version(&node).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    node.handle.gate_records(gate.clone());
+
+    let request = node.lifecycle.activate(&saved.version);
+    assert!(tokio::time::timeout(Duration::from_millis(100), request).await.is_err(), "the record waits");
+    gate.add_permits(1);
+    let lifecycle = &node.lifecycle;
+    eventually("the activation to finish", || async {
+        let listed = lifecycle.activations().await.unwrap();
+        listed.first().is_some_and(|a| a.state == ActivationState::Done)
+    })
+    .await;
+    assert_eq!(lifecycle.active_version().version, saved.version);
+    assert_eq!(lifecycle.slot_holder(), None);
+}

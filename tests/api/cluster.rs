@@ -623,3 +623,56 @@ async fn json_status(response: Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
     response.json().await.unwrap()
 }
+
+/// A job's final state reaches the database even when the database is away at
+/// the moment the job ends: the replica writes it again until it is taken.
+#[tokio::test]
+async fn a_final_state_written_while_the_database_is_away_is_published_once_it_is_back() {
+    let pg = PgServer::start();
+    let (url, dir) = (pg.url(), tempfile::tempdir().unwrap());
+    let env = [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let server = Server::start_with_env(dir.path(), "replica.log", &env).await;
+    let client = Client::new();
+    for (class, bytes) in fixtures() {
+        assert_eq!(upload(&client, &server.url, &bytes, &class).await.status(), 201);
+    }
+    let params = json!({"epochs": 1000, "p": 4, "k": 2, "validation_fraction": 0.34, "seed": 1});
+    let (status, job) = admin_json(client.post(format!("{}/admin/finetune", server.url)).json(&params)).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let state_in_database = || pg.psql(&format!("SELECT status->>'state' FROM lifecycle_runs WHERE id = '{id}'"));
+    eventually(Duration::from_secs(120), "the job to train", || async {
+        let state = state_in_database();
+        if state == "training" {
+            Ok(())
+        } else {
+            Err(state)
+        }
+    })
+    .await;
+
+    pg.stop();
+    let job_url = format!("{}/admin/finetune/{id}", server.url);
+    let (status, cancelling) = admin_json(client.delete(&job_url)).await;
+    assert_eq!(status, 202, "{cancelling}");
+    eventually(Duration::from_secs(60), "the job to end here", || async {
+        let (_, seen) = admin_json(client.get(&job_url)).await;
+        if seen["state"] == "cancelled" {
+            Ok(())
+        } else {
+            Err(seen["state"].to_string())
+        }
+    })
+    .await;
+    pg.pg_ctl_start();
+    eventually(Duration::from_secs(60), "the final state in the database", || async {
+        let state = state_in_database();
+        if state == "cancelled" {
+            Ok(())
+        } else {
+            Err(state)
+        }
+    })
+    .await;
+    server.terminate(Duration::from_secs(30)).await;
+}
