@@ -49,7 +49,8 @@ pub struct ServeConfig {
 
     /// Cluster mode: a PostgreSQL database with pgvector (`postgres://user@host:port/db`) holds the
     /// gallery, its embeddings and their HNSW indexes, shared by every replica; without it the
-    /// gallery is SQLite and `hnsw_rs` in `--data-dir` (embedded mode).
+    /// gallery is SQLite and `hnsw_rs` in `--data-dir` (embedded mode). `sslmode` (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`) and `sslrootcert` mean what they mean to libpq.
     #[arg(long, env = "LOOKALIKE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 

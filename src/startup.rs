@@ -262,7 +262,7 @@ async fn open_gallery(config: &ServeConfig, registry: &Registry) -> anyhow::Resu
     if let Some(url) = &config.database_url {
         let store = PgGallery::connect(url).await.context("opening the gallery in PostgreSQL (--database-url)")?;
         let indexes = PgIndexes { pool: store.pool().clone() };
-        let cluster = PgCluster::join(store.pool().clone(), store.config().clone());
+        let cluster = PgCluster::join(store.pool().clone(), store.target().clone());
         let ports = Ports::of(cluster);
         tracing::info!(replica = %ports.membership.replica(), "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
         return Ok((Arc::new(store), Arc::new(indexes), ports));

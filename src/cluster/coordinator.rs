@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio_postgres::NoTls;
 
 use super::{PgCluster, CHANNEL, CONNECT_WAIT, LIFECYCLE_LOCK, LIVE_WITHIN_SECS};
 use crate::gallery::GalleryError;
@@ -178,7 +177,7 @@ impl LifecycleLock for PgCluster {
     /// Takes the lifecycle lock for `holder` (`job:<id>`, `activation:<id>`),
     /// or says who has it.
     async fn acquire(&self, holder: &str) -> PortResult<Result<HeldLock, String>> {
-        let connecting = tokio::time::timeout(CONNECT_WAIT, self.config.connect(NoTls)).await;
+        let connecting = tokio::time::timeout(CONNECT_WAIT, self.target.config.connect(self.target.tls.clone())).await;
         let (client, connection) =
             connecting.map_err(|_| GalleryError::Unavailable("PostgreSQL: connecting timed out".into()))??;
         tokio::spawn(async move {

@@ -20,10 +20,11 @@ use deadpool_postgres::{Object, Pool};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 pub use records::import_versions;
 
+use crate::gallery::pg_connect::{with_causes, PgTarget};
 use crate::gallery::GalleryError;
 use crate::lifecycle::ports::{PortError, RunKind, POLL};
 
@@ -50,7 +51,7 @@ impl From<tokio_postgres::Error> for PortError {
 /// One replica's handle on the shared lifecycle.
 pub struct PgCluster {
     pool: Pool,
-    config: tokio_postgres::Config,
+    target: PgTarget,
     /// This process's id in `replicas`.
     replica: String,
     /// Woken by every notification on `CHANNEL`.
@@ -72,33 +73,33 @@ struct RunUpdate {
 impl PgCluster {
     /// Joins the cluster over `pool` (a migrated database): starts listening
     /// for notifications and the writer of run records.
-    pub fn join(pool: Pool, config: tokio_postgres::Config) -> Arc<Self> {
+    pub fn join(pool: Pool, target: PgTarget) -> Arc<Self> {
         let (runs, updates) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
             pool,
-            config,
+            target,
             replica: uuid::Uuid::new_v4().to_string(),
             changed: Arc::default(),
             runs,
             left: AtomicBool::new(false),
             installing: tokio::sync::Mutex::new(()),
         });
-        tokio::spawn(listen(link.config.clone(), link.changed.clone()));
+        tokio::spawn(listen(link.target.clone(), link.changed.clone()));
         tokio::spawn(records::write_runs(link.pool.clone(), link.replica.clone(), updates));
         link
     }
 
     async fn client(&self) -> Result<Object, PortError> {
         let client = self.pool.get().await;
-        Ok(client.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))?)
+        Ok(client.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))?)
     }
 }
 
 /// Keeps a connection that listens on `CHANNEL` and wakes `changed` at every
 /// notification; reconnects after a failure (polling covers the gap).
-async fn listen(config: tokio_postgres::Config, changed: Arc<Notify>) {
+async fn listen(target: PgTarget, changed: Arc<Notify>) {
     loop {
-        match config.connect(NoTls).await {
+        match target.config.connect(target.tls.clone()).await {
             Ok((client, mut connection)) => {
                 let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let listening = async {

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
 use crate::clock::now_millis;
+use crate::gallery::pg_connect::with_causes;
 use crate::gallery::GalleryError;
 use crate::lifecycle::ports::{PortResult, RunKind, RunLog, StoredRun, VersionStore};
 use crate::manifest::Manifest;
@@ -119,7 +120,8 @@ impl RunLog for PgCluster {
 /// (not the bundled one, which every replica has) and makes `active` the
 /// cluster's active version (`None`: the bundled one). Returns how many were stored.
 pub async fn import_versions(pool: &Pool, versions: &[ModelVersion], active: Option<&str>) -> PortResult<usize> {
-    let mut client = pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))?;
+    let mut client =
+        pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))?;
     let tx = client.transaction().await?;
     let mut stored = 0;
     for version in versions.iter().filter(|v| !v.bundled) {

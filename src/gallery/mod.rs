@@ -4,6 +4,7 @@
 //! store; `SqliteGallery` is embedded mode's, `PgGallery` cluster mode's
 //! (PostgreSQL with pgvector, shared by every replica).
 
+pub mod pg_connect;
 mod pg_schema;
 mod postgres;
 mod schema;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use pgvector::Vector;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+
+use super::pg_connect::{with_causes, PgTarget};
 
 use super::{
     pg_schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
@@ -25,16 +27,15 @@ const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, c
 #[derive(Clone)]
 pub struct PgGallery {
     pool: Pool,
-    config: tokio_postgres::Config,
+    target: PgTarget,
 }
 
 impl PgGallery {
     /// Connects to `url` and migrates the database (under an advisory lock).
     pub async fn connect(url: &str) -> Result<Self, GalleryError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(|e| GalleryError::Unavailable(format!("--database-url: {e}")))?;
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let target = PgTarget::parse(url)?;
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = Manager::from_config(target.config.clone(), target.tls.clone(), recycling);
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CONNECT_WAIT))
@@ -42,7 +43,7 @@ impl PgGallery {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| GalleryError::Unavailable(e.to_string()))?;
-        let store = Self { pool, config };
+        let store = Self { pool, target };
         let mut client = store.client().await?;
         pg_schema::migrate(&mut client).await?;
         drop(client);
@@ -74,9 +75,9 @@ impl PgGallery {
         Ok(())
     }
 
-    /// The connection settings, for connections of their own (notifications, the lifecycle lock).
-    pub fn config(&self) -> &tokio_postgres::Config {
-        &self.config
+    /// The connection settings and TLS, for connections of their own (notifications, the lifecycle lock).
+    pub fn target(&self) -> &PgTarget {
+        &self.target
     }
 
     /// The pool, for the vector index that reads the same tables.
@@ -85,7 +86,7 @@ impl PgGallery {
     }
 
     async fn client(&self) -> Result<Object, GalleryError> {
-        self.pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {e}")))
+        self.pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))
     }
 }
 

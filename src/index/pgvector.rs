@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{DumpReport, Hit, IndexError, IndexProvider, IndexSource, VectorIndex};
+use crate::gallery::pg_connect::with_causes;
 use crate::gallery::postgres_unavailable;
 use crate::vector::normalized;
 
@@ -221,13 +222,13 @@ impl IndexBuild {
 
 /// A connection from the pool; none within the pool's wait is worth a retry.
 async fn connection(pool: &Pool) -> Result<Object, IndexError> {
-    pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {e}")))
+    pool.get().await.map_err(|e| IndexError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))
 }
 
 /// A PostgreSQL error as the index reports it: worth a retry, or our bug.
 fn db(e: tokio_postgres::Error) -> IndexError {
     if postgres_unavailable(&e) {
-        IndexError::Unavailable(format!("PostgreSQL: {e}"))
+        IndexError::Unavailable(format!("PostgreSQL: {}", with_causes(&e)))
     } else {
         IndexError::Database(e.to_string())
     }

@@ -17,4 +17,5 @@ mod search;
 mod shutdown;
 mod spec;
 mod support;
+mod tls;
 mod versions;

@@ -7,6 +7,7 @@
 mod app;
 mod client;
 mod pg;
+mod pg_tls;
 mod process;
 
 use std::future::Future;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 pub use app::*;
 pub use client::*;
 pub use pg::PgServer;
+pub use pg_tls::TlsFront;
 pub use process::Server;
 
 /// How often `eventually` looks again.

@@ -47,6 +47,11 @@ impl PgServer {
         format!("postgres://postgres@{folder}:{PORT}/lookalike")
     }
 
+    /// The server's Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join(format!(".s.PGSQL.{PORT}"))
+    }
+
     fn connection(&self) -> Vec<String> {
         let folder = self.dir.path().display().to_string();
         ["-h", &folder, "-p", PORT, "-U", "postgres"].map(String::from).to_vec()
