@@ -216,7 +216,7 @@ fn startup(manifest: &Manifest) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            gallery.insert(items, manifest.model_key()).await?;
+            gallery.insert(items, manifest.model_key(), None).await?;
         }
         anyhow::Ok(())
     })?;

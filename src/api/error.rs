@@ -181,6 +181,9 @@ impl From<CatalogError> for ApiError {
         if let CatalogError::Image { position, source } = e {
             return image_error(Some(format!("image {position}")), source);
         }
+        if let CatalogError::KeyReused(_) = e {
+            return Self::invalid("idempotency_key_reused", e.to_string());
+        }
         let conflict = if matches!(e, CatalogError::Cancelled) { "cancelled" } else { "duplicate" };
         Self::of_kind(e.kind(), conflict, e.to_string())
     }

@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::upload::read_gallery_form;
 use super::AppState;
-use crate::catalog::{AddStatus, Added, ItemSummary, OnDuplicate, Priority, Upload};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{AddStatus, Added, IdempotencyKey, ItemSummary, OnDuplicate, Priority, Upload};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -46,13 +48,21 @@ pub struct AddResponse {
     items: Vec<AddedItem>,
 }
 
+/// Names a write so that a retry of it stores nothing twice (see `catalog/once.rs`).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on an answer given again to a retry.
+const REPLAYED: &str = "idempotent-replayed";
+
 /// `POST /gallery`: stores every image of the form, or none (201 when stored).
+/// With an `Idempotency-Key`, a retry of the same request gets the first answer.
 pub async fn add(
     State(state): State<AppState>,
     params: Result<Query<AddParams>, QueryRejection>,
+    headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
-) -> Result<(StatusCode, Json<AddResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params?;
+    let key = idempotency_key(&headers)?;
     let form = read_gallery_form(form?, state.limits.form).await?;
     let metadata = form.metadata.unwrap_or_else(|| serde_json::json!({}));
     let uploads = form
@@ -64,12 +74,51 @@ pub async fn add(
         AddPriority::Interactive => Priority::Interactive,
         AddPriority::Bulk => Priority::Bulk,
     };
-    let added = state.catalog.add(uploads, params.on_duplicate, priority).await?;
+    let (added, replayed) = match key {
+        None => (state.catalog.add(uploads, params.on_duplicate, priority).await?, false),
+        Some(key) => {
+            let fingerprint = fingerprint(params.on_duplicate, form.label.as_deref(), &metadata, &uploads);
+            let key = IdempotencyKey { key, fingerprint };
+            let once = state.catalog.add_once(uploads, params.on_duplicate, priority, key).await?;
+            (once.added, once.replayed)
+        }
+    };
     let any_stored = added.iter().any(|a| a.status == AddStatus::Added);
     let items = added.into_iter().map(|added| AddedItem { added, label: form.label.clone() }).collect();
     // 201 when something was stored; 200 when every image was a skipped duplicate.
     let status = if any_stored { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(AddResponse { items })))
+    let mut response = (status, Json(AddResponse { items })).into_response();
+    if replayed {
+        response.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let key = value.to_str().unwrap_or_default();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        let message = "Idempotency-Key is 1 to 255 visible ASCII characters (a UUID, say)";
+        return Err(ApiError::invalid("invalid_idempotency_key", message));
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// What makes two uploads the same request: the options, label and metadata
+/// that apply to every image, and each image's bytes, in order.
+fn fingerprint(
+    on_duplicate: OnDuplicate,
+    label: Option<&str>,
+    metadata: &serde_json::Value,
+    uploads: &[Upload],
+) -> String {
+    let mut digest = Sha256::new();
+    digest.update(format!("{on_duplicate:?}\n{label:?}\n{metadata}\n"));
+    for upload in uploads {
+        digest.update(Sha256::digest(&upload.bytes));
+    }
+    hex::encode(digest.finalize())
 }
 
 #[derive(Debug, Deserialize)]

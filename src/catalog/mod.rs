@@ -10,6 +10,7 @@
 
 pub(crate) mod active;
 mod labels;
+mod once;
 pub(crate) mod reconcile;
 mod search;
 pub(crate) mod serving;
@@ -22,8 +23,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use crate::gallery::{ItemSummary, StoredImage};
+pub use crate::gallery::{IdempotencyKey, ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
+pub use once::AddedOnce;
 pub use types::*;
 
 pub use crate::embed::Priority;
@@ -61,12 +63,15 @@ pub enum CatalogError {
     Task(#[from] tokio::task::JoinError),
     #[error("cancelled")]
     Cancelled,
+    /// An idempotency key already used for a different request.
+    #[error("idempotency key `{0}` was used with a different request; a retry must send the same request")]
+    KeyReused(String),
 }
 
 impl CatalogError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Image { .. } => ErrorKind::Invalid,
+            Self::Image { .. } | Self::KeyReused(_) => ErrorKind::Invalid,
             Self::Duplicate { .. } | Self::DuplicateInRequest { .. } | Self::Cancelled => ErrorKind::Conflict,
             Self::Embed(e) => e.kind(),
             Self::Store(e) => e.kind(),

@@ -150,7 +150,7 @@ async fn a_start_reconciles_the_saved_index_with_the_store() {
         embedding,
         unless_stored: false,
     };
-    let extra = store.insert(vec![item], model).await.unwrap().remove(0).id;
+    let extra = store.insert(vec![item], model, None).await.unwrap().remove(0).id;
     drop(catalog);
 
     let (catalog, startup, _) = open(dir.path()).await;

@@ -1,7 +1,7 @@
 //! What the catalog takes and answers: plain data, serialisable for the API.
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::index::IndexSource;
 use crate::vote::Prediction;
@@ -31,14 +31,14 @@ pub enum OnDuplicate {
 }
 
 /// A stored item close to an upload.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct NearDuplicate {
     pub id: i64,
     pub score: f32,
 }
 
 /// Whether an upload was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AddStatus {
     Added,
@@ -47,7 +47,7 @@ pub enum AddStatus {
 }
 
 /// What `add` reports for each upload, in order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Added {
     /// The new item, or for a skipped upload the item that already holds it.
     pub id: i64,

@@ -9,7 +9,7 @@ use futures::future::join_all;
 use super::active::ActiveModel;
 use super::{AddStatus, Added, Catalog, CatalogError, NearDuplicate, OnDuplicate, Upload};
 use crate::embed::Priority;
-use crate::gallery::{content_hash, Inserted, NewItem};
+use crate::gallery::{content_hash, IdempotencyKey, Inserted, NewItem};
 use crate::vector::cosine;
 
 /// One upload on its way to the store.
@@ -57,6 +57,17 @@ impl Catalog {
         on_duplicate: OnDuplicate,
         priority: Priority,
     ) -> Result<Vec<Added>, CatalogError> {
+        self.add_keyed(uploads, on_duplicate, priority, None).await
+    }
+
+    /// `add`, the write remembered under `key` in its transaction (see `add_once`).
+    pub(super) async fn add_keyed(
+        &self,
+        uploads: Vec<Upload>,
+        on_duplicate: OnDuplicate,
+        priority: Priority,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<Added>, CatalogError> {
         let writing = self.models.write_shared().await;
         let active = self.active();
         let hashes: Vec<String> = uploads.iter().map(|u| content_hash(&u.bytes)).collect();
@@ -82,7 +93,7 @@ impl Catalog {
                 }
             }
         }
-        let inserted = self.store_and_index(writing, &active, items, for_others).await?;
+        let inserted = self.store_and_index(writing, &active, items, for_others, key).await?;
         Ok(reports(pending, inserted))
     }
 
@@ -123,13 +134,14 @@ impl Catalog {
         active: &ActiveModel,
         items: Vec<NewItem>,
         for_others: Vec<(String, Vec<Option<Vec<f32>>>)>,
+        key: Option<IdempotencyKey>,
     ) -> Result<Vec<Inserted>, CatalogError> {
         let (store, index, model, labels) =
             (self.store.clone(), active.index.clone(), active.key(), self.labels.clone());
         detached_write(writing, async move {
             let described: Vec<(Vec<f32>, Option<String>)> =
                 items.iter().map(|i| (i.embedding.clone(), i.label.clone())).collect();
-            let inserted = store.insert(items, model).await?;
+            let inserted = store.insert(items, model, key).await?;
             let mut stored = Vec::new();
             for (item, (vector, label)) in inserted.iter().zip(described).filter(|(i, _)| i.stored) {
                 if let Some(label) = label {
@@ -137,7 +149,11 @@ impl Catalog {
                 }
                 stored.push((item.id, vector));
             }
-            index.insert(stored).await?;
+            // Committed: from here the upload succeeds, and what fails is finished later.
+            if let Err(error) = index.insert(stored.clone()).await {
+                tracing::error!(%error, items = stored.len(), "stored uploads could not be indexed; retrying");
+                tokio::spawn(index_later(index.clone(), stored));
+            }
             for (other, vectors) in for_others {
                 let stored =
                     inserted.iter().zip(vectors).filter(|(i, _)| i.stored).filter_map(|(i, v)| Some((i.id, v?)));
@@ -269,6 +285,19 @@ fn reports(pending: Vec<Pending>, inserted: Vec<Inserted>) -> Vec<Added> {
             }
         })
         .collect()
+}
+
+/// Indexes stored items an insert could not, retrying for a minute; past it
+/// the next start's reconciliation adds them.
+async fn index_later(index: Arc<dyn crate::index::VectorIndex>, items: Vec<(i64, Vec<f32>)>) {
+    for attempt in 1..=6 {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        match index.insert(items.clone()).await {
+            Ok(()) => return tracing::info!(attempt, "stored uploads indexed on a later try"),
+            Err(error) => tracing::warn!(%error, attempt, "stored uploads still not indexed"),
+        }
+    }
+    tracing::error!(items = items.len(), "stored uploads not indexed; the next start adds them to the index");
 }
 
 /// Runs a write's store-then-index steps on a task of their own, holding the

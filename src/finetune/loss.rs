@@ -1,8 +1,10 @@
-//! The triplet loss with online mining, on a batch of unit embeddings.
+//! The triplet loss with online mining, on a batch of unit embeddings, and
+//! the check that stops a run whose loss is no longer a number.
 
 use tch::{Kind, Tensor};
 
 use super::params::Mining;
+use super::train::TrainError;
 
 /// Euclidean distances between rows of unit vectors.
 fn pairwise_distance(e: &Tensor) -> Tensor {
@@ -122,5 +124,29 @@ mod tests {
         l.backward();
         assert!(active > 0.0);
         assert!(e.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+}
+
+/// `value` if it is a finite number, else the `Diverged` error that stops a
+/// run before a NaN reaches the weights.
+pub fn finite(what: &'static str, value: f64, epoch: usize, step: usize) -> Result<f64, TrainError> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(TrainError::Diverged { what, value, epoch, step })
+    }
+}
+
+#[cfg(test)]
+mod finite_tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_or_figure_that_is_not_a_number_stops_the_run() {
+        assert_eq!(finite("loss", 0.25, 1, 1).unwrap(), 0.25);
+        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let error = finite("loss", value, 2, 7).unwrap_err().to_string();
+            assert!(error.contains("diverged") && error.contains("epoch 2, step 7"), "{error}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor, TrainableCModule};
 
 use super::data::{PkSampler, PreparedImages};
-use super::loss::triplet_loss;
+use super::loss::{finite, triplet_loss};
 use super::params::{Commit, FinetuneParams, SelectBy};
 use crate::embed::{resolve_devices, CudaInfo, DeviceChoice, EmbedError};
 use crate::eval::metrics::{pair_verification, retrieval};
@@ -56,15 +56,6 @@ pub enum TrainError {
          (try a lower learning_rate)"
     )]
     Diverged { what: &'static str, value: f64, epoch: usize, step: usize },
-}
-
-/// `value` if it is a finite number, else the `Diverged` error that stops the run.
-fn finite(what: &'static str, value: f64, epoch: usize, step: usize) -> Result<f64, TrainError> {
-    if value.is_finite() {
-        Ok(value)
-    } else {
-        Err(TrainError::Diverged { what, value, epoch, step })
-    }
 }
 
 /// Where and how wide training runs.
@@ -404,18 +395,4 @@ fn jitter(image: &Tensor, rng: &mut StdRng) -> Tensor {
     let x = (x - &mean) * contrast + &mean;
     let luma = grey(&x);
     (x - &luma) * saturation + luma
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_loss_or_figure_that_is_not_a_number_stops_the_run() {
-        assert_eq!(finite("loss", 0.25, 1, 1).unwrap(), 0.25);
-        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-            let error = finite("loss", value, 2, 7).unwrap_err().to_string();
-            assert!(error.contains("diverged") && error.contains("epoch 2, step 7"), "{error}");
-        }
-    }
 }

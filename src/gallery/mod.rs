@@ -4,7 +4,9 @@
 //! store; `SqliteGallery` is embedded mode's, `PgGallery` cluster mode's
 //! (PostgreSQL with pgvector, shared by every replica).
 
+mod idempotency;
 pub mod pg_connect;
+mod pg_insert;
 mod pg_schema;
 mod postgres;
 mod schema;
@@ -17,6 +19,7 @@ use crate::error_kind::ErrorKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;
 
@@ -36,12 +39,16 @@ pub enum GalleryError {
     /// connection): worth a retry.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// Another write under the same idempotency key committed first.
+    #[error("idempotency key `{0}` was taken by another write")]
+    KeyTaken(String),
 }
 
 impl GalleryError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Unavailable(_) => ErrorKind::Unavailable,
+            Self::KeyTaken(_) => ErrorKind::Conflict,
             Self::Sqlite(_) | Self::Schema(_) | Self::Io(_) | Self::Corrupt(_) | Self::Postgres(_) => {
                 ErrorKind::Internal
             }
@@ -152,8 +159,21 @@ pub trait MissingClaim: Send {
 /// it is durable. Ids are assigned by the store, ascending.
 #[async_trait::async_trait]
 pub trait GalleryStore: Send + Sync + 'static {
-    /// Adds items with their embeddings under `model`, all or none.
-    async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError>;
+    /// Adds items with their embeddings under `model`, all or none; with
+    /// `key`, remembers the write under it in the same transaction (`KeyTaken`
+    /// when another write has the key, and then nothing is stored).
+    async fn insert(
+        &self,
+        items: Vec<NewItem>,
+        model: String,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<Inserted>, GalleryError>;
+
+    /// The write remembered under an idempotency key, within its day.
+    async fn remembered(&self, key: String) -> Result<Option<Remembered>, GalleryError>;
+
+    /// Keeps the answer a write under `key` got, for its retries.
+    async fn keep_answer(&self, key: String, answer: serde_json::Value) -> Result<(), GalleryError>;
 
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError>;

@@ -24,6 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::GalleryError;
@@ -43,8 +44,26 @@ pub fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The connector every connection to the database goes through.
-pub type Tls = MakeRustlsConnect;
+/// The connector every connection to the database goes through: rustls's,
+/// except that tokio-postgres asks for one with an empty name for a Unix
+/// socket too, where it never uses it (TLS is off there), and an empty name
+/// is no server name to rustls.
+#[derive(Clone)]
+pub struct Tls(MakeRustlsConnect);
+
+impl<S> MakeTlsConnect<S> for Tls
+where
+    MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let domain = if domain.is_empty() { "unix-socket.invalid" } else { domain };
+        self.0.make_tls_connect(domain)
+    }
+}
 
 /// A parsed database URL and the TLS connector its `sslmode` asks for.
 #[derive(Clone)]
@@ -80,7 +99,9 @@ impl PgTarget {
             "verify-full" => (SslMode::Require, Check::Full),
             other => return Err(invalid(format!("unknown sslmode `{other}`"))),
         };
-        config.ssl_mode(mode);
+        // As libpq: no TLS over a Unix socket (the connector has no name to check there).
+        let unix_only = config.get_hosts().iter().all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        config.ssl_mode(if unix_only && !config.get_hosts().is_empty() { SslMode::Disable } else { mode });
         let tls = connector(check, rootcert.as_deref()).map_err(invalid)?;
         Ok(Self { config, tls })
     }
@@ -134,7 +155,7 @@ fn connector(check: Check, rootcert: Option<&Path>) -> Result<Tls, String> {
         }
     };
     let config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
+    Ok(Tls(MakeRustlsConnect::new(config)))
 }
 
 /// The CAs in `rootcert` (PEM), else the system's.
@@ -269,5 +290,7 @@ mod tests {
         let parsed = PgTarget::parse("postgres://u@h/db?sslmode=require").unwrap();
         assert_eq!(parsed.config.get_ssl_mode(), SslMode::Require);
         assert_eq!(PgTarget::parse("postgres://u@h/db").unwrap().config.get_ssl_mode(), SslMode::Prefer);
+        let socket = PgTarget::parse("postgres://u@%2Ftmp%2Fpg:5432/db?sslmode=require").unwrap();
+        assert_eq!(socket.config.get_ssl_mode(), SslMode::Disable, "no TLS over a Unix socket");
     }
 }

@@ -76,6 +76,15 @@ const MIGRATIONS: &[&str] = &[
         cancel BOOLEAN NOT NULL DEFAULT FALSE,
         created_at BIGINT NOT NULL
     );",
+    // Writes made under a client's Idempotency-Key (gallery/idempotency.rs), kept a day.
+    "CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        inserted TEXT NOT NULL,
+        answer TEXT,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
 ];
 
 /// Brings the database to this build's schema; refuses one migrated by a newer build.

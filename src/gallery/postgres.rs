@@ -9,11 +9,11 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use pgvector::Vector;
 use tokio_postgres::Row;
 
+use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::pg_connect::{with_causes, PgTarget};
+use super::pg_insert::{insert_row, ItemRow};
 
-use super::{
-    pg_schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
-};
+use super::{pg_schema, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage};
 use crate::clock::now_millis;
 
 /// Connections per replica.
@@ -50,31 +50,6 @@ impl PgGallery {
         Ok(store)
     }
 
-    /// Writes whole items with their ids, in one transaction, and moves the
-    /// id sequence past them (`lookalike migrate`).
-    pub async fn import(&self, items: Vec<ExportedItem>) -> Result<(), GalleryError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        for item in items {
-            let s = &item.summary;
-            let row = ItemRow {
-                content_hash: &s.content_hash,
-                media_type: &s.media_type,
-                label: s.label.as_deref(),
-                metadata: &s.metadata,
-                width: s.width,
-                height: s.height,
-                created_at: s.created_at,
-                image: &item.image,
-            };
-            insert_row(&tx, Some(s.id), row, item.embeddings).await?;
-        }
-        tx.execute("SELECT setval(pg_get_serial_sequence('items', 'id'), GREATEST(MAX(id), 1)) FROM items", &[])
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// The connection settings and TLS, for connections of their own (notifications, the lifecycle lock).
     pub fn target(&self) -> &PgTarget {
         &self.target
@@ -85,14 +60,19 @@ impl PgGallery {
         &self.pool
     }
 
-    async fn client(&self) -> Result<Object, GalleryError> {
+    pub(super) async fn client(&self) -> Result<Object, GalleryError> {
         self.pool.get().await.map_err(|e| GalleryError::Unavailable(format!("PostgreSQL: {}", with_causes(&e))))
     }
 }
 
 #[async_trait::async_trait]
 impl GalleryStore for PgGallery {
-    async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
+    async fn insert(
+        &self,
+        items: Vec<NewItem>,
+        model: String,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<Inserted>, GalleryError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // Uploads of the same bytes wait for each other here, so `unless_stored` holds across
@@ -124,8 +104,21 @@ impl GalleryStore for PgGallery {
             let id = insert_row(&tx, None, row, vec![(model.clone(), item.embedding)]).await?;
             out.push(Inserted { id, content_hash, duplicate_of, stored: true });
         }
+        if let Some(key) = key {
+            if !idempotency::pg_remember(&tx, &key, &out).await? {
+                return Err(GalleryError::KeyTaken(key.key)); // dropped: rolled back
+            }
+        }
         tx.commit().await?;
         Ok(out)
+    }
+
+    async fn remembered(&self, key: String) -> Result<Option<Remembered>, GalleryError> {
+        idempotency::pg_remembered(&self.client().await?, &key).await
+    }
+
+    async fn keep_answer(&self, key: String, answer: serde_json::Value) -> Result<(), GalleryError> {
+        idempotency::pg_keep_answer(&self.client().await?, &key, &answer).await
     }
 
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
@@ -330,55 +323,6 @@ impl MissingClaim for PgClaim {
         self.release();
         Ok(())
     }
-}
-
-/// An item's columns, as both insert paths write them.
-struct ItemRow<'a> {
-    content_hash: &'a str,
-    media_type: &'a str,
-    label: Option<&'a str>,
-    metadata: &'a serde_json::Value,
-    width: u32,
-    height: u32,
-    created_at: i64,
-    image: &'a [u8],
-}
-
-/// Inserts an item with its embeddings (`(model, vector)`); `id: None`
-/// takes the next id of the sequence. Returns the item's id.
-async fn insert_row(
-    tx: &impl GenericClient,
-    id: Option<i64>,
-    row: ItemRow<'_>,
-    embeddings: Vec<(String, Vec<f32>)>,
-) -> Result<i64, GalleryError> {
-    let id: i64 = tx
-        .query_one(
-            "INSERT INTO items (id, content_hash, media_type, label, metadata, width, height, created_at, image)
-             VALUES (COALESCE($1, nextval(pg_get_serial_sequence('items', 'id'))), $2, $3, $4, $5, $6, $7, $8, $9)
-             RETURNING id",
-            &[
-                &id,
-                &row.content_hash,
-                &row.media_type,
-                &row.label,
-                row.metadata,
-                &(row.width as i32),
-                &(row.height as i32),
-                &row.created_at,
-                &row.image,
-            ],
-        )
-        .await?
-        .get(0);
-    for (model, vector) in embeddings {
-        tx.execute(
-            "INSERT INTO embeddings (model, item_id, embedding) VALUES ($1, $2, $3)",
-            &[&model, &id, &Vector::from(vector)],
-        )
-        .await?;
-    }
-    Ok(id)
 }
 
 async fn oldest_with_hash(client: &impl GenericClient, hash: &str) -> Result<Option<i64>, GalleryError> {

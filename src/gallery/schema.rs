@@ -27,6 +27,15 @@ const MIGRATIONS: &[&str] = &[
         vector BLOB NOT NULL,                 -- little-endian f32
         PRIMARY KEY (item_id, model)
     );",
+    // Writes made under a client's Idempotency-Key (gallery/idempotency.rs), kept a day.
+    "CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,            -- a digest of the request
+        inserted TEXT NOT NULL,               -- the store's report, JSON
+        answer TEXT,                          -- the answer the client got, JSON
+        created_at INTEGER NOT NULL           -- unix milliseconds
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), GalleryError> {

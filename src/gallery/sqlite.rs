@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::sqlite_claim::{Held, SqliteClaim};
 use super::{
     schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
@@ -94,17 +95,35 @@ impl SqliteGallery {
 impl GalleryStore for SqliteGallery {
     /// Adds items with their embeddings under `model` in one transaction:
     /// when this returns, all of them are on disk, or none is.
-    async fn insert(&self, items: Vec<NewItem>, model: String) -> Result<Vec<Inserted>, GalleryError> {
+    async fn insert(
+        &self,
+        items: Vec<NewItem>,
+        model: String,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Vec<Inserted>, GalleryError> {
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(items.len());
             for item in items {
                 out.push(insert_one(&tx, item, &model)?);
             }
+            if let Some(key) = key {
+                if !idempotency::sqlite_remember(&tx, &key, &out)? {
+                    return Err(GalleryError::KeyTaken(key.key)); // dropped: rolled back
+                }
+            }
             tx.commit()?;
             Ok(out)
         })
         .await
+    }
+
+    async fn remembered(&self, key: String) -> Result<Option<Remembered>, GalleryError> {
+        self.with_conn(move |conn| idempotency::sqlite_remembered(conn, &key)).await
+    }
+
+    async fn keep_answer(&self, key: String, answer: serde_json::Value) -> Result<(), GalleryError> {
+        self.with_conn(move |conn| idempotency::sqlite_keep_answer(conn, &key, &answer)).await
     }
 
     /// Summaries of the given ids that exist.

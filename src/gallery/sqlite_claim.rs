@@ -119,7 +119,7 @@ mod tests {
     async fn claims_hand_each_item_out_once_and_take_back_what_a_dropped_claim_held() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteGallery::open(dir.path()).unwrap();
-        let added = store.insert((1..=5).map(item).collect(), "first".into()).await.unwrap();
+        let added = store.insert((1..=5).map(item).collect(), "first".into(), None).await.unwrap();
         let all: Vec<i64> = added.iter().map(|i| i.id).collect();
 
         let mut first = claim(&store, 2).await.unwrap();

@@ -34,7 +34,7 @@ async fn json(response: Response) -> Value {
 async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let pg = PgServer::start();
     let (replicas, _dirs) = replicas(&pg, 3).await;
-    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "2");
+    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "3");
     let client = Client::new();
     let images = fixtures();
 

@@ -9,6 +9,7 @@ mod finetune;
 mod formats;
 mod gallery;
 mod general;
+mod idempotency;
 mod import;
 mod keys;
 mod labels;

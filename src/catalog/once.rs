@@ -1,0 +1,68 @@
+//! Uploads under an idempotency key: the first request with a key stores its
+//! items and remembers the write with them (one transaction); a retry with
+//! the same key and the same request gets the first answer again, stored
+//! nothing more, on whichever replica it lands. The same key with another
+//! request is refused.
+
+use super::{AddStatus, Added, Catalog, CatalogError, OnDuplicate, Upload};
+use crate::embed::Priority;
+use crate::gallery::{GalleryError, IdempotencyKey, Remembered};
+
+/// The answer to an upload under a key, and whether it is a replay.
+pub struct AddedOnce {
+    pub added: Vec<Added>,
+    /// The first request's answer, given again.
+    pub replayed: bool,
+}
+
+impl Catalog {
+    /// `add` under an idempotency key (see the module comment).
+    pub async fn add_once(
+        &self,
+        uploads: Vec<Upload>,
+        on_duplicate: OnDuplicate,
+        priority: Priority,
+        key: IdempotencyKey,
+    ) -> Result<AddedOnce, CatalogError> {
+        if let Some(first) = self.store.remembered(key.key.clone()).await? {
+            return replay(&key, first);
+        }
+        match self.add_keyed(uploads, on_duplicate, priority, Some(key.clone())).await {
+            Ok(added) => {
+                let answer = serde_json::to_value(&added).expect("reports serialise");
+                // Best effort: without it a retry's answer is rebuilt from the store's report.
+                if let Err(error) = self.store.keep_answer(key.key.clone(), answer).await {
+                    tracing::warn!(%error, "could not keep the answer of an upload under an idempotency key");
+                }
+                Ok(AddedOnce { added, replayed: false })
+            }
+            // A concurrent request with the key committed first: this one stored nothing.
+            Err(CatalogError::Store(GalleryError::KeyTaken(_))) => {
+                let first = self.store.remembered(key.key.clone()).await?;
+                let first = first.ok_or_else(|| GalleryError::Corrupt(format!("key {} taken, not kept", key.key)))?;
+                replay(&key, first)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// The first answer under `key`, if the request is the same.
+fn replay(key: &IdempotencyKey, first: Remembered) -> Result<AddedOnce, CatalogError> {
+    if first.fingerprint != key.fingerprint {
+        return Err(CatalogError::KeyReused(key.key.clone()));
+    }
+    let kept = first.answer.and_then(|answer| serde_json::from_value::<Vec<Added>>(answer).ok());
+    // Rebuilt from the store's report when the answer was not kept (near duplicates then unknown).
+    let added = kept.unwrap_or_else(|| {
+        let rebuilt = first.inserted.into_iter().map(|item| Added {
+            id: item.id,
+            status: if item.stored { AddStatus::Added } else { AddStatus::Skipped },
+            content_hash: item.content_hash,
+            duplicate_of: item.duplicate_of,
+            near_duplicate_of: None,
+        });
+        rebuilt.collect()
+    });
+    Ok(AddedOnce { added, replayed: true })
+}
