@@ -14,8 +14,6 @@ CARGO_FLAGS := --release --locked
 
 .PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-finetune-start bench-cluster bench-probe-flood fuzz fuzz-seeds soak
 
-setup: $(STAMP) $(DOCKER_SECRETS)
-
 # The keys docker/compose*.yaml hand the service as secrets: random, made once,
 # readable by the owner only, never committed (.gitignore) or built into the
 # image (.dockerignore).
@@ -24,6 +22,8 @@ DOCKER_SECRETS := docker/secrets/api_key docker/secrets/admin_token
 docker/secrets/%:
 	@mkdir -p $(@D)
 	@(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > $@)
+
+setup: $(STAMP) $(DOCKER_SECRETS)
 
 # scripts/setup.sh is also what docker/Dockerfile runs.
 $(STAMP): $(REQUIREMENTS) scripts/setup.sh

@@ -161,7 +161,9 @@ fn compose_files_ship_keys_from_secret_files_that_stay_out_of_git_and_the_image(
         }
     }
     let makefile = std::fs::read_to_string(Path::new(ROOT).join("Makefile")).unwrap();
-    assert!(makefile.contains("setup: $(STAMP) $(DOCKER_SECRETS)"), "make setup writes the secret files");
+    // Make expands a rule's prerequisites where it reads the rule: the list must come first.
+    let (defined, used) = (makefile.find("DOCKER_SECRETS :="), makefile.find("setup: $(STAMP) $(DOCKER_SECRETS)"));
+    assert!(matches!((defined, used), (Some(d), Some(u)) if d < u), "make setup writes the secret files");
     let gitignore = std::fs::read_to_string(Path::new(ROOT).join(".gitignore")).unwrap();
     assert!(gitignore.lines().any(|l| l == "/docker/secrets/"), "secrets are never committed");
     let dockerignore = std::fs::read_to_string(Path::new(ROOT).join(".dockerignore")).unwrap();

@@ -73,6 +73,8 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Ready>, ApiErro
 /// How long a store check answers every `/ready` after it: a flood of probes
 /// costs one store round trip a second, not one each.
 const STORE_CHECK_TTL: Duration = Duration::from_secs(1);
+/// How long a store check waits for the store.
+const STORE_CHECK_WAIT: Duration = Duration::from_secs(2);
 
 /// The last store check and when it was made; one check runs at a time, and
 /// probes that arrive meanwhile wait for it instead of starting their own.
@@ -88,7 +90,12 @@ impl StoreCheck {
             tracing::trace!(age_ms = at.elapsed().as_millis(), "store check from cache");
             return result.clone();
         }
-        let result = state.catalog.ping().await.map_err(|error| error.to_string());
+        // A store that hangs is a store that does not answer: probes must not wait on it.
+        let ping = tokio::time::timeout(STORE_CHECK_WAIT, state.catalog.ping()).await;
+        let result = match ping {
+            Ok(answered) => answered.map_err(|error| error.to_string()),
+            Err(_) => Err(format!("no answer within {} s", STORE_CHECK_WAIT.as_secs())),
+        };
         *last = Some((Instant::now(), result.clone()));
         result
     }

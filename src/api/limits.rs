@@ -21,8 +21,8 @@ pub(super) fn is_probe(path: &str) -> bool {
     matches!(path, "/health" | "/ready" | "/metrics")
 }
 
-/// Probes and scrapes answered at once: each is cheap (`/ready`'s store
-/// check is cached), so this only bounds a flood, apart from the requests' slots.
+/// Readiness probes answered at once: each is cheap (the store check is
+/// cached), so this only bounds a flood, apart from the requests' slots.
 const PROBE_SLOTS: usize = 32;
 
 /// Slots for requests (`--max-concurrent-requests`) and, apart, for probes.
@@ -39,12 +39,17 @@ impl Slots {
 }
 
 /// Refuses a request with 503 when its slots are all taken, instead of
-/// queueing it behind work it would only wait for. Probes have slots of
-/// their own and wait for one (each takes microseconds), so a flood of
-/// probes neither takes the requests' slots nor makes a probe fail.
+/// queueing it behind work it would only wait for. Probes are not counted:
+/// `/health` and `/metrics` read memory only, and `/ready` waits for one of
+/// slots of its own (its store check is cached and bounded), so a flood of
+/// probes neither takes the requests' slots nor holds up the liveness probe.
 pub async fn concurrency(State(slots): State<Slots>, request: Request, next: Next) -> Response {
-    if is_probe(request.uri().path()) {
+    let path = request.uri().path();
+    if path == "/ready" {
         let Ok(_permit) = slots.probes.acquire().await else { unreachable!("the probe slots are never closed") };
+        return next.run(request).await;
+    }
+    if is_probe(path) {
         return next.run(request).await;
     }
     match slots.requests.try_acquire() {

@@ -80,6 +80,8 @@ pub struct AppState {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 const NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
 const DENY: HeaderValue = HeaderValue::from_static("DENY");
 
@@ -159,8 +161,8 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, API_KEY])
-        .expose_headers([REQUEST_ID, header::LOCATION])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, API_KEY, IDEMPOTENCY_KEY])
+        .expose_headers([REQUEST_ID, header::LOCATION, IDEMPOTENT_REPLAYED])
         .max_age(std::time::Duration::from_secs(3600))
 }
 

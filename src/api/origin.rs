@@ -34,8 +34,13 @@ pub struct SitePolicy {
 
 impl SitePolicy {
     pub fn new(allowed_hosts: &[String], cors_origins: Arc<[String]>) -> Self {
-        let allowed_hosts = allowed_hosts.iter().map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase()).collect();
-        Self { allowed_hosts, cors_origins }
+        // A port given with a name is dropped: the check is on names.
+        let name = |h: &String| match h.trim() {
+            "*" => "*".to_string(),
+            h if h.starts_with('.') => h.trim_end_matches('.').to_ascii_lowercase(),
+            h => host_name(h).unwrap_or_else(|| h.to_ascii_lowercase()),
+        };
+        Self { allowed_hosts: allowed_hosts.iter().map(name).collect(), cors_origins }
     }
 
     /// Whether `host` (a `Host` header: a name or address, maybe a port) names this service.
@@ -52,13 +57,21 @@ impl SitePolicy {
     }
 
     /// Whether a state-changing request carrying `origin` may go on: the same
-    /// host and port as the request's `Host`, or an origin CORS allows.
-    fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
+    /// host name and port as the request's `Host` (a port left out is the
+    /// scheme's default: `forwarded_proto` for `Host` behind a proxy, else the
+    /// origin's), or an origin CORS allows.
+    fn origin_allowed(&self, origin: &str, host: Option<&str>, forwarded_proto: Option<&str>) -> bool {
         if self.cors_origins.iter().any(|o| o == "*" || o.trim().eq_ignore_ascii_case(origin)) {
             return true;
         }
-        let authority = origin.split_once("://").map(|(_, rest)| rest);
-        matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
+        let (Some((scheme, authority)), Some(host)) = (origin.split_once("://"), host) else { return false };
+        let site = |authority: &str, scheme: &str| -> Option<(String, u16)> {
+            let parsed: Authority = authority.parse().ok()?;
+            let default = if scheme.eq_ignore_ascii_case("https") { 443 } else { 80 };
+            Some((host_name(authority)?, parsed.port_u16().unwrap_or(default)))
+        };
+        let theirs = site(authority, scheme);
+        theirs.is_some() && theirs == site(host, forwarded_proto.unwrap_or(scheme))
     }
 }
 
@@ -85,7 +98,8 @@ pub async fn check(State(policy): State<SitePolicy>, request: Request, next: Nex
         return ApiError::Forbidden { code: "host_not_allowed", message }.into_response();
     }
     let safe = [Method::GET, Method::HEAD, Method::OPTIONS].contains(request.method());
-    if let Some(origin) = header(headers, &ORIGIN).filter(|o| !safe && !policy.origin_allowed(o, host)) {
+    let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok());
+    if let Some(origin) = header(headers, &ORIGIN).filter(|o| !safe && !policy.origin_allowed(o, host, proto)) {
         let message = format!(
             "a browser page on {origin} may not change this service; allow that origin with `--cors-origins` \
              if it is your own frontend"
@@ -106,7 +120,7 @@ mod tests {
 
     #[test]
     fn addresses_and_localhost_are_always_allowed_names_only_when_listed() {
-        let p = policy(&["Search.Example.com", ".corp.test"], &[]);
+        let p = policy(&["Search.Example.com:443", ".corp.test"], &[]);
         for host in ["127.0.0.1:8080", "[::1]:8080", "10.1.2.3", "localhost:8080", "app.localhost", "LOCALHOST."] {
             assert!(p.host_allowed(host), "{host}");
         }
@@ -122,12 +136,17 @@ mod tests {
     #[test]
     fn only_the_same_host_or_a_cors_origin_may_change_state() {
         let p = policy(&[], &["https://app.example.com"]);
-        assert!(p.origin_allowed("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
-        assert!(p.origin_allowed("https://app.example.com", Some("127.0.0.1:8080")));
-        assert!(!p.origin_allowed("http://evil.test", Some("127.0.0.1:8080")));
-        assert!(!p.origin_allowed("http://127.0.0.1:9999", Some("127.0.0.1:8080")));
-        assert!(!p.origin_allowed("null", Some("127.0.0.1:8080")));
-        assert!(!p.origin_allowed("http://127.0.0.1:8080", None));
-        assert!(policy(&[], &["*"]).origin_allowed("http://evil.test", Some("127.0.0.1:8080")));
+        let allowed = |origin: &str, host: Option<&str>, proto: Option<&str>| p.origin_allowed(origin, host, proto);
+        assert!(allowed("http://127.0.0.1:8080", Some("127.0.0.1:8080"), None));
+        assert!(allowed("https://app.example.com", Some("127.0.0.1:8080"), None));
+        assert!(allowed("https://Search.example.com", Some("search.example.com:443"), Some("https")));
+        assert!(allowed("https://search.example.com", Some("search.example.com"), None));
+        assert!(allowed("http://[::1]:8080", Some("[::1]:8080"), None));
+        assert!(!allowed("http://evil.test", Some("127.0.0.1:8080"), None));
+        assert!(!allowed("http://127.0.0.1:9999", Some("127.0.0.1:8080"), None));
+        assert!(!allowed("https://search.example.com", Some("search.example.com:80"), Some("http")));
+        assert!(!allowed("null", Some("127.0.0.1:8080"), None));
+        assert!(!allowed("http://127.0.0.1:8080", None, None));
+        assert!(policy(&[], &["*"]).origin_allowed("http://evil.test", Some("127.0.0.1:8080"), None));
     }
 }

@@ -36,13 +36,15 @@ impl Catalog {
                 }
                 Ok(AddedOnce { added, replayed: false })
             }
-            // A concurrent request with the key committed first: this one stored nothing.
-            Err(CatalogError::Store(GalleryError::KeyTaken(_))) => {
-                let first = self.store.remembered(key.key.clone()).await?;
-                let first = first.ok_or_else(|| GalleryError::Corrupt(format!("key {} taken, not kept", key.key)))?;
-                replay(&key, first)
-            }
-            Err(other) => Err(other),
+            // A concurrent request with the key (the first try, still running when its
+            // retry came) committed first: this one stored nothing; answer as that one did.
+            Err(error) => match self.store.remembered(key.key.clone()).await? {
+                Some(first) => replay(&key, first),
+                None if matches!(error, CatalogError::Store(GalleryError::KeyTaken(_))) => {
+                    Err(GalleryError::Corrupt(format!("idempotency key {} taken but not kept", key.key)).into())
+                }
+                None => Err(error),
+            },
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::{PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
 use crate::clock::now_millis;
 use crate::gallery::pg_connect::with_causes;
-use crate::gallery::GalleryError;
+use crate::gallery::{postgres_unavailable, GalleryError};
 use crate::lifecycle::ports::{PortResult, RunKind, RunLog, StoredRun, VersionStore};
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry};
@@ -182,9 +182,14 @@ async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> V
     };
     let mut refused = Vec::new();
     for update in waiting {
-        if let Err(error) = upsert_run(&client, replica, update.kind, &update.id, &update.status).await {
-            tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database; retrying");
-            refused.push(update);
+        match upsert_run(&client, replica, update.kind, &update.id, &update.status).await {
+            Ok(()) => {}
+            Err(error) if postgres_unavailable(&error) => {
+                tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database; retrying");
+                refused.push(update);
+            }
+            // Refused for good (a bug): writing it again would hold up every later update.
+            Err(error) => tracing::error!(%error, run = %update.id, "the database refused a run's progress"),
         }
     }
     refused
