@@ -100,7 +100,7 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
     let status = refused.exited(Duration::from_secs(120)).await;
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("schema version 99, newer than this build's 2; upgrade lookalike"), "{stderr}");
+    assert!(stderr.contains("schema version 99, newer than this build's 3; upgrade lookalike"), "{stderr}");
 }
 
 /// What the uploader saw: acknowledged images by id, and answers other than 201 or 503.
