@@ -6,6 +6,9 @@ resident memory (VmHWM) stays near one decode's worth above the idle process
 however many requests are abandoned.
 
     python bench/decode_memory.py [--requests 64] [--side 8192]   (make bench-decode-memory)
+
+`--rgba --orientation 6 --threads 2` decodes RGBA PNGs carrying an EXIF
+quarter turn, two at once; `--binary` (repeatable) compares builds in one run.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ def vm(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
-def bomb(side: int) -> bytes:
-    """A flat grey PNG of `side` x `side`: a few hundred kB that decode to side² x 3 bytes."""
+def bomb(side: int, rgba: bool = False, orientation: int = 1) -> bytes:
+    """A flat grey PNG of `side` x `side`: a few hundred kB that decode to side² x 3 (4) bytes,
+    with an EXIF orientation when it is not 1."""
     out = io.BytesIO()
-    Image.new("RGB", (side, side), (120, 120, 120)).save(out, format="PNG", optimize=True)
+    mode, colour = ("RGBA", (120, 120, 120, 200)) if rgba else ("RGB", (120, 120, 120))
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    Image.new(mode, (side, side), colour).save(out, format="PNG", optimize=True, exif=exif.tobytes())
     return out.getvalue()
 
 
@@ -67,12 +75,31 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--side", type=int, default=8192)
     parser.add_argument("--port", type=int, default=8095)
+    parser.add_argument("--rgba", action="store_true", help="RGBA PNGs (4 bytes a pixel decoded)")
+    parser.add_argument("--orientation", type=int, default=1, help="EXIF orientation of the PNGs (6: a quarter turn)")
+    parser.add_argument("--threads", type=int, default=1, help="--preprocess-threads: decodes at once")
+    parser.add_argument("--binary", type=Path, action="append", help="builds to compare (default: target/release)")
     args = parser.parse_args()
-    body = bomb(args.side)
-    decoded_mib = args.side * args.side * 3 / 2**20
+    body = bomb(args.side, args.rgba, args.orientation)
+    decoded_mib = args.side * args.side * (4 if args.rgba else 3) / 2**20
+    rows = [(binary, measure(binary, args, body)) for binary in args.binary or [ROOT / "target/release/lookalike"]]
+    kind = "RGBA" if args.rgba else "RGB"
+    print(f"{args.requests} abandoned searches of a {len(body) / 1024:.0f} kB {kind} PNG (EXIF orientation "
+          f"{args.orientation}) decoding to {args.side}x{args.side} ({decoded_mib:.0f} MiB), --preprocess-threads "
+          f"{args.threads}")
+    print("| binary | idle VmHWM MiB | peak VmHWM MiB | growth MiB | growth in decodes | seconds to idle |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for binary, (before, peak, seconds) in rows:
+        growth = peak - before
+        print(f"| {binary} | {before:.0f} | {peak:.0f} | {growth:.0f} | {growth / decoded_mib:.1f} | {seconds:.0f} |")
+    return 0
+
+
+def measure(binary: Path, args: argparse.Namespace, body: bytes) -> tuple[float, float, float]:
+    """(idle VmHWM, peak VmHWM, seconds) of one build under the abandoned searches."""
     data_dir = tempfile.mkdtemp(prefix="lookalike-decode-")
-    cmd = [str(ROOT / "target/release/lookalike"), "serve", "--port", str(args.port), "--data-dir", data_dir,
-           "--preprocess-threads", "1", "--request-timeout-secs", "600"]
+    cmd = [str(binary), "serve", "--port", str(args.port), "--data-dir", data_dir,
+           "--preprocess-threads", str(args.threads), "--request-timeout-secs", "600"]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         for _ in range(600):
@@ -91,13 +118,7 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    print(f"{args.requests} abandoned searches of a {len(body) / 1024:.0f} kB PNG decoding to "
-          f"{args.side}x{args.side} ({decoded_mib:.0f} MiB as RGB), --preprocess-threads 1, {seconds:.0f} s to idle")
-    print("| idle VmHWM MiB | peak VmHWM MiB | growth MiB | growth in decodes |")
-    print("| --- | --- | --- | --- |")
-    growth = peak - before
-    print(f"| {before:.0f} | {peak:.0f} | {growth:.0f} | {growth / decoded_mib:.1f} |")
-    return 0
+    return before, peak, seconds
 
 
 if __name__ == "__main__":

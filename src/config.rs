@@ -109,7 +109,8 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_MAX_IMAGE_SIDE", default_value_t = 8192)]
     pub max_image_side: u32,
 
-    /// Largest memory a decoded image may take, in bytes (checked before decoding).
+    /// Most bytes one decode may hold at its peak: the pixels, a conversion to RGB that cannot happen
+    /// in place, a progressive JPEG's coefficients (counted from the header, before decoding).
     #[arg(long, env = "LOOKALIKE_MAX_DECODED_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_decoded_bytes: u64,
 

@@ -1,5 +1,12 @@
-//! Image bytes to encoder input: decode under limits, apply EXIF orientation,
-//! convert to RGB, resize as the manifest says, normalise to CHW `f32`.
+//! Image bytes to encoder input: decode under limits, convert to RGB, resize
+//! as the manifest says, apply EXIF orientation, normalise to CHW `f32`.
+//!
+//! `--max-decoded-bytes` bounds a decode's peak, not only its output: the
+//! decoded pixels, a conversion to RGB that cannot happen in place, and a
+//! progressive JPEG's coefficients are counted from the header before any
+//! pixel is allocated. RGBA becomes RGB in place, and the orientation is
+//! applied to the resized image (a 90 degree turn of the full image would be
+//! a second full copy; turning and resizing to a square commute).
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -9,7 +16,8 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
+use image::metadata::Orientation;
+use image::{ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
 use crate::embed::Priority;
 use crate::manifest::{InputSpec, ResizeFilter, ResizePolicy};
@@ -133,17 +141,30 @@ impl Preprocessor {
     }
 
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared, PreprocessError> {
-        let (image, format) = decode(bytes, self.limits)?;
-        let (width, height) = (image.width(), image.height());
-        Ok(Prepared { pixels: self.prepare_decoded(image)?, format, width, height })
+        let (image, format, orientation) = decode_unoriented(bytes, self.limits)?;
+        let (mut width, mut height) = (image.width(), image.height());
+        if turns_sideways(orientation) {
+            (width, height) = (height, width);
+        }
+        Ok(Prepared { pixels: self.prepare_oriented(image, orientation)?, format, width, height })
     }
 
     /// The steps after decoding: RGB, resize, normalise. Evaluation calls this
     /// on images it decodes itself, so it measures what the service computes.
     pub fn prepare_decoded(&self, image: DynamicImage) -> Result<Vec<f32>, PreprocessError> {
+        self.prepare_oriented(image, Orientation::NoTransforms)
+    }
+
+    /// RGB, resize, then `orientation` on the small square, normalise.
+    fn prepare_oriented(&self, image: DynamicImage, orientation: Orientation) -> Result<Vec<f32>, PreprocessError> {
         let rgb = DynamicImage::ImageRgb8(to_rgb_on_white(image));
         let resized = self.resize(&rgb)?;
-        Ok(self.normalise(resized.buffer()))
+        drop(rgb);
+        let size = self.spec.size;
+        let square = image::RgbImage::from_raw(size, size, resized.into_vec()).expect("a size x size RGB buffer");
+        let mut square = DynamicImage::ImageRgb8(square);
+        square.apply_orientation(orientation);
+        Ok(self.normalise(square.as_bytes()))
     }
 
     fn resize(&self, rgb: &DynamicImage) -> Result<Image<'static>, PreprocessError> {
@@ -182,15 +203,17 @@ pub fn to_rgb_on_white(image: DynamicImage) -> image::RgbImage {
     }
     let rgba = image.into_rgba8();
     let (width, height) = rgba.dimensions();
-    let pixels = rgba
-        .pixels()
-        .flat_map(|p| {
-            let alpha = p[3] as u32;
+    // In place: pixel i's three bytes go to 3i.., never past what is still to be read (4i..).
+    let mut bytes = rgba.into_raw();
+    for i in 0..bytes.len() / 4 {
+        let alpha = bytes[4 * i + 3] as u32;
+        for c in 0..3 {
             // Integer blend with rounding: c * a + 255 * (255 - a), over 255.
-            [0, 1, 2].map(|c| ((p[c] as u32 * alpha + 255 * (255 - alpha) + 127) / 255) as u8)
-        })
-        .collect();
-    image::RgbImage::from_raw(width, height, pixels).expect("three bytes per pixel; this is a bug")
+            bytes[3 * i + c] = ((bytes[4 * i + c] as u32 * alpha + 255 * (255 - alpha) + 127) / 255) as u8;
+        }
+    }
+    bytes.truncate(bytes.len() / 4 * 3);
+    image::RgbImage::from_raw(width, height, bytes).expect("three bytes per pixel; this is a bug")
 }
 
 fn resize_alg(filter: ResizeFilter) -> ResizeAlg {
@@ -202,8 +225,55 @@ fn resize_alg(filter: ResizeFilter) -> ResizeAlg {
     }
 }
 
-/// Decodes the first frame of an image, refusing oversized ones from the header.
+/// Decodes the first frame of an image, refusing oversized ones from the
+/// header, and applies its EXIF orientation.
 pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<(DynamicImage, ImageFormat), PreprocessError> {
+    let (mut image, format, orientation) = decode_unoriented(bytes, limits)?;
+    image.apply_orientation(orientation);
+    Ok((image, format))
+}
+
+/// Whether an orientation turns the image by a quarter (width and height swap).
+fn turns_sideways(orientation: Orientation) -> bool {
+    use Orientation::*;
+    matches!(orientation, Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH)
+}
+
+/// Bytes a decode and its conversion to RGB hold at their peak, from the
+/// header: the decoded pixels, a copy when the conversion cannot happen in
+/// place, and a progressive JPEG's DCT coefficients (2 bytes a sample).
+fn peak_bytes(decoder: &impl ImageDecoder, progressive_jpeg: bool) -> u64 {
+    let (width, height) = decoder.dimensions();
+    let pixels = width as u64 * height as u64;
+    let color = decoder.color_type();
+    let conversion = match color {
+        ColorType::Rgb8 | ColorType::Rgba8 => 0,
+        other if other.has_alpha() => 4 * pixels,
+        _ => 3 * pixels,
+    };
+    let coefficients = if progressive_jpeg { 2 * pixels * color.channel_count() as u64 } else { 0 };
+    decoder.total_bytes() + conversion + coefficients
+}
+
+/// Whether JPEG bytes are progressive (an SOF2 frame before the first scan).
+fn progressive_jpeg(bytes: &[u8]) -> bool {
+    let mut at = 2; // after SOI
+    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
+        match bytes[at + 1] {
+            0xC2 => return true,
+            0xDA => return false,
+            0xFF => at += 1, // fill byte
+            _ => at += 2 + u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize,
+        }
+    }
+    false
+}
+
+/// `decode` without the orientation, which is returned.
+fn decode_unoriented(
+    bytes: &[u8],
+    limits: ImageLimits,
+) -> Result<(DynamicImage, ImageFormat, Orientation), PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
@@ -222,16 +292,17 @@ pub fn decode(bytes: &[u8], limits: ImageLimits) -> Result<(DynamicImage, ImageF
 
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (width, height) = decoder.dimensions();
-    if width > limits.max_side || height > limits.max_side || decoder.total_bytes() > limits.max_decoded_bytes {
+    let peak = peak_bytes(&decoder, format == ImageFormat::Jpeg && progressive_jpeg(bytes));
+    if width > limits.max_side || height > limits.max_side || peak > limits.max_decoded_bytes {
         return Err(PreprocessError::TooLarge(format!(
-            "{width}x{height} pixels; at most {} a side and {} decoded bytes are accepted",
+            "{width}x{height} pixels taking {peak} bytes to decode and convert; at most {} a side and {} bytes \
+             (--max-decoded-bytes) are accepted",
             limits.max_side, limits.max_decoded_bytes
         )));
     }
     let orientation = decoder.orientation().map_err(corrupt)?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    image.apply_orientation(orientation);
-    Ok((image, format))
+    let image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    Ok((image, format, orientation))
 }
 
 fn classify(error: ImageError, format: &str, limits: ImageLimits) -> PreprocessError {
@@ -278,6 +349,43 @@ mod tests {
         assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 0], "opaque pixels keep their colour");
         assert_eq!(rgb.get_pixel(1, 0).0, [127, 127, 127], "half-transparent black is grey");
         assert_eq!(rgb.get_pixel(3, 3).0, [255, 255, 255], "transparent pixels are white, not black");
+    }
+
+    #[test]
+    fn the_budget_covers_the_conversion_not_only_the_decoded_pixels() {
+        // 300 x 300 grey: 90,000 bytes decoded, 270,000 more as RGB; the budget sits between.
+        let limits = ImageLimits { max_side: 512, max_decoded_bytes: 200_000 };
+        let err = Preprocessor::new(spec(ResizePolicy::Stretch), limits).prepare(&png(300, 300, 9)).unwrap_err();
+        assert!(matches!(err, PreprocessError::TooLarge(ref m) if m.contains("360000 bytes")), "{err:?}");
+        // RGBA becomes RGB in place: 300 x 150 x 4 = 180,000 bytes is the whole peak.
+        let rgba = image::RgbaImage::from_pixel(300, 150, image::Rgba([1, 2, 3, 255]));
+        let mut bytes = Vec::new();
+        rgba.write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png).unwrap();
+        Preprocessor::new(spec(ResizePolicy::Stretch), limits).prepare(&bytes).unwrap();
+    }
+
+    #[test]
+    fn progressive_jpegs_are_told_from_baseline_ones() {
+        let baseline = [0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0, 0xFF, 0xC0, 0, 2, 0xFF, 0xDA];
+        let progressive = [0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0, 0xFF, 0xC2, 0, 2, 0xFF, 0xDA];
+        assert!(!progressive_jpeg(&baseline) && progressive_jpeg(&progressive));
+        assert!(!progressive_jpeg(&[0xFF, 0xD8, 0xFF]), "short input");
+    }
+
+    #[test]
+    fn a_quarter_turn_is_applied_to_the_small_image_and_swaps_the_reported_size() {
+        // The left half black, the right half white; a quarter turn puts white on one half of the rows.
+        let img =
+            image::RgbImage::from_fn(40, 20, |x, _| if x < 20 { image::Rgb([0; 3]) } else { image::Rgb([255; 3]) });
+        let pre = Preprocessor::new(spec(ResizePolicy::Stretch), LIMITS);
+        let upright = pre.prepare_oriented(DynamicImage::ImageRgb8(img.clone()), Orientation::NoTransforms).unwrap();
+        let turned = pre.prepare_oriented(DynamicImage::ImageRgb8(img.clone()), Orientation::Rotate90).unwrap();
+        let expected = pre.prepare_decoded(DynamicImage::ImageRgb8(image::imageops::rotate90(&img))).unwrap();
+        assert_ne!(upright, turned);
+        let largest_gap = turned.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        // Equal but for rounding between the resizer's two passes (one step is 1/255 / std = 0.0078).
+        assert!(largest_gap <= 0.016, "turning after resizing is resizing after turning ({largest_gap})");
+        assert!(turns_sideways(Orientation::Rotate90) && !turns_sideways(Orientation::FlipHorizontal));
     }
 
     #[test]

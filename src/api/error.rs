@@ -184,7 +184,11 @@ impl From<CatalogError> for ApiError {
         if let CatalogError::KeyReused(_) = e {
             return Self::invalid("idempotency_key_reused", e.to_string());
         }
-        let conflict = if matches!(e, CatalogError::Cancelled) { "cancelled" } else { "duplicate" };
+        let conflict = match e {
+            CatalogError::Cancelled => "cancelled",
+            CatalogError::KeyStale(_) => "idempotency_key_stale",
+            _ => "duplicate",
+        };
         Self::of_kind(e.kind(), conflict, e.to_string())
     }
 }

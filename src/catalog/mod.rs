@@ -66,13 +66,20 @@ pub enum CatalogError {
     /// An idempotency key already used for a different request.
     #[error("idempotency key `{0}` was used with a different request; a retry must send the same request")]
     KeyReused(String),
+    /// Items stored under an idempotency key were deleted since.
+    #[error(
+        "items stored under idempotency key `{0}` were deleted since; send the upload with a new key to store it again"
+    )]
+    KeyStale(String),
 }
 
 impl CatalogError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Image { .. } | Self::KeyReused(_) => ErrorKind::Invalid,
-            Self::Duplicate { .. } | Self::DuplicateInRequest { .. } | Self::Cancelled => ErrorKind::Conflict,
+            Self::Duplicate { .. } | Self::DuplicateInRequest { .. } | Self::Cancelled | Self::KeyStale(_) => {
+                ErrorKind::Conflict
+            }
             Self::Embed(e) => e.kind(),
             Self::Store(e) => e.kind(),
             Self::Index(e) => e.kind(),

@@ -25,7 +25,7 @@ impl Catalog {
         key: IdempotencyKey,
     ) -> Result<AddedOnce, CatalogError> {
         if let Some(first) = self.store.remembered(key.key.clone()).await? {
-            return replay(&key, first);
+            return self.replay(&key, first).await;
         }
         match self.add_keyed(uploads, on_duplicate, priority, Some(key.clone())).await {
             Ok(added) => {
@@ -39,7 +39,7 @@ impl Catalog {
             // A concurrent request with the key (the first try, still running when its
             // retry came) committed first: this one stored nothing; answer as that one did.
             Err(error) => match self.store.remembered(key.key.clone()).await? {
-                Some(first) => replay(&key, first),
+                Some(first) => self.replay(&key, first).await,
                 None if matches!(error, CatalogError::Store(GalleryError::KeyTaken(_))) => {
                     Err(GalleryError::Corrupt(format!("idempotency key {} taken but not kept", key.key)).into())
                 }
@@ -49,11 +49,23 @@ impl Catalog {
     }
 }
 
-/// The first answer under `key`, if the request is the same.
-fn replay(key: &IdempotencyKey, first: Remembered) -> Result<AddedOnce, CatalogError> {
-    if first.fingerprint != key.fingerprint {
-        return Err(CatalogError::KeyReused(key.key.clone()));
+impl Catalog {
+    /// The first answer under `key`, if the request is the same and what it
+    /// stored is still there (an answer naming deleted items would mislead).
+    async fn replay(&self, key: &IdempotencyKey, first: Remembered) -> Result<AddedOnce, CatalogError> {
+        if first.fingerprint != key.fingerprint {
+            return Err(CatalogError::KeyReused(key.key.clone()));
+        }
+        let stored: Vec<i64> = first.inserted.iter().filter(|i| i.stored).map(|i| i.id).collect();
+        if self.store.summaries(stored.clone()).await?.len() < stored.len() {
+            return Err(CatalogError::KeyStale(key.key.clone()));
+        }
+        Ok(first_answer(first))
     }
+}
+
+/// The answer kept with a key, or one rebuilt from the store's report.
+fn first_answer(first: Remembered) -> AddedOnce {
     let kept = first.answer.and_then(|answer| serde_json::from_value::<Vec<Added>>(answer).ok());
     // Rebuilt from the store's report when the answer was not kept (near duplicates then unknown).
     let added = kept.unwrap_or_else(|| {
@@ -66,5 +78,5 @@ fn replay(key: &IdempotencyKey, first: Remembered) -> Result<AddedOnce, CatalogE
         });
         rebuilt.collect()
     });
-    Ok(AddedOnce { added, replayed: true })
+    AddedOnce { added, replayed: true }
 }

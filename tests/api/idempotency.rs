@@ -47,6 +47,11 @@ async fn a_retry_gets_the_first_answer(app: &TestApp, other: &str) {
     assert!(answers.iter().all(|(status, _, body)| *status == 201 && *body == answers[0].2), "{answers:?}");
     assert_eq!(answers.iter().filter(|(_, replayed, _)| !replayed).count(), 1, "{answers:?}");
     assert_eq!(count(app).await, 3);
+    // Once what a key stored is deleted, its retry says so instead of naming a gone item.
+    let id = first["items"][0]["id"].as_i64().unwrap();
+    assert_eq!(app.client.delete(app.url(&format!("/gallery/{id}"))).send().await.unwrap().status(), 204);
+    let (status, _, stale) = send(upload(&app.client, &app.address, png, "upload-1")).await;
+    assert_eq!((status, stale["error"]["code"].as_str()), (409, Some("idempotency_key_stale")), "{stale}");
     // A key that is not one.
     let (status, _, bad) = send(upload(&app.client, &app.address, png, "")).await;
     assert_eq!((status, bad["error"]["code"].as_str()), (422, Some("invalid_idempotency_key")), "{bad}");
