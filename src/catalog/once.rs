@@ -50,17 +50,21 @@ impl Catalog {
 }
 
 impl Catalog {
-    /// The first answer under `key`, if the request is the same and what it
-    /// stored is still there (an answer naming deleted items would mislead).
+    /// The first answer under `key`, if the request is the same and every
+    /// item it names is still there (an answer naming deleted items would mislead).
     async fn replay(&self, key: &IdempotencyKey, first: Remembered) -> Result<AddedOnce, CatalogError> {
         if first.fingerprint != key.fingerprint {
             return Err(CatalogError::KeyReused(key.key.clone()));
         }
-        let stored: Vec<i64> = first.inserted.iter().filter(|i| i.stored).map(|i| i.id).collect();
-        if self.store.summaries(stored.clone()).await?.len() < stored.len() {
+        let answer = first_answer(first);
+        // Every item the answer names, stored by it or found stored (a skipped duplicate).
+        let mut named: Vec<i64> = answer.added.iter().map(|a| a.id).collect();
+        named.sort_unstable();
+        named.dedup();
+        if self.store.summaries(named.clone()).await?.len() < named.len() {
             return Err(CatalogError::KeyStale(key.key.clone()));
         }
-        Ok(first_answer(first))
+        Ok(answer)
     }
 }
 

@@ -52,6 +52,20 @@ async fn a_retry_gets_the_first_answer(app: &TestApp, other: &str) {
     assert_eq!(app.client.delete(app.url(&format!("/gallery/{id}"))).send().await.unwrap().status(), 204);
     let (status, _, stale) = send(upload(&app.client, &app.address, png, "upload-1")).await;
     assert_eq!((status, stale["error"]["code"].as_str()), (409, Some("idempotency_key_stale")), "{stale}");
+    // Also when the first answer named an item it found stored (a skipped duplicate).
+    let skip = |key: &str| {
+        let form = Form::new().part("image", Part::bytes(another.to_vec()).file_name("x.png")).text("label", "shirt");
+        app.client
+            .post(format!("{}/gallery?on_duplicate=skip", app.address))
+            .header("idempotency-key", key.to_string())
+            .multipart(form)
+    };
+    let (status, _, skipped) = send(skip("upload-4")).await;
+    assert_eq!((status, skipped["items"][0]["status"].as_str()), (200, Some("skipped")), "{skipped}");
+    let existing = skipped["items"][0]["id"].as_i64().unwrap();
+    assert_eq!(app.client.delete(app.url(&format!("/gallery/{existing}"))).send().await.unwrap().status(), 204);
+    let (status, _, stale) = send(skip("upload-4")).await;
+    assert_eq!((status, stale["error"]["code"].as_str()), (409, Some("idempotency_key_stale")), "{stale}");
     // A key that is not one.
     let (status, _, bad) = send(upload(&app.client, &app.address, png, "")).await;
     assert_eq!((status, bad["error"]["code"].as_str()), (422, Some("invalid_idempotency_key")), "{bad}");
