@@ -68,7 +68,7 @@ $(CONTRACT_STAMP): tests/contract/requirements.txt $(STAMP)
 	rm -f $(VENV)/.contract-*
 	touch $@
 
-contract-test: build $(CONTRACT_STAMP)
+contract-test: build $(CONTRACT_STAMP) cluster-setup
 	$(VENV)/bin/python tests/contract/run.py
 
 # The web page driven in headless Chromium (Debian's package) by playwright-core

@@ -34,12 +34,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server() -> Iterator[LiveServer]:
-    """Serves until the block ends, with an admin token; the data is removed after."""
+def live_server(database_url: str | None = None) -> Iterator[LiveServer]:
+    """Serves until the block ends, with an admin token; the data is removed
+    after. With `database_url`, in cluster mode over that database."""
     port, token = free_port(), secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     data = Path(tempfile.mkdtemp(prefix="lookalike-live-"))
     env = dict(os.environ, LOOKALIKE_ADMIN_TOKEN=token, RUST_LOG="warn")
+    if database_url:
+        env["LOOKALIKE_DATABASE_URL"] = database_url
     process = subprocess.Popen([str(ROOT / "target/release/lookalike"), "serve", "--port", str(port),
                                 "--data-dir", str(data)], env=env)
     try:
