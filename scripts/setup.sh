@@ -16,6 +16,8 @@ missing=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3 python3-venv)
 command -v c++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)
+# The TLS test makes its certificates with the openssl command (tests/api/support/pg_tls.rs).
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} from Debian"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
