@@ -213,6 +213,12 @@ impl JobBook {
         let mut jobs = BTreeMap::new();
         for entry in fs::read_dir(dir)? {
             let path = entry?.path();
+            // A job's scratch checkpoints, left by a stop in the middle of it: no job runs yet.
+            if path.is_dir() {
+                tracing::info!(scratch = %path.display(), "removing an interrupted job's checkpoints");
+                fs::remove_dir_all(&path)?;
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }

@@ -52,6 +52,18 @@ impl From<PortError> for JobError {
     }
 }
 
+/// Step losses per job in a list of jobs (up to 5,000 each in a job's own status).
+const LISTED_LOSSES: usize = 200;
+
+/// At most `most` values: the means of equal runs of consecutive ones.
+fn thinned(values: &[f64], most: usize) -> Vec<f64> {
+    if values.len() <= most {
+        return values.to_vec();
+    }
+    let run = values.len().div_ceil(most);
+    values.chunks(run).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect()
+}
+
 /// Starts, lists and stops fine-tune jobs over one catalog.
 #[derive(Clone)]
 pub struct Jobs {
@@ -111,6 +123,9 @@ impl Jobs {
             }
         }
         all.sort_by_key(|s| std::cmp::Reverse(s.record.created_at));
+        for status in &mut all {
+            status.record.step_losses = thinned(&status.record.step_losses, LISTED_LOSSES);
+        }
         Ok(all)
     }
 
@@ -204,5 +219,19 @@ impl Jobs {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thinned;
+
+    #[test]
+    fn losses_in_lists_are_thinned_to_means_of_runs() {
+        let losses: Vec<f64> = (0..5000).map(f64::from).collect();
+        let listed = thinned(&losses, 200);
+        assert_eq!(listed.len(), 200);
+        assert_eq!((listed[0], listed[199]), (12.0, 4987.0), "means of 25 consecutive steps");
+        assert_eq!(thinned(&[1.0, 2.0], 200), vec![1.0, 2.0]);
     }
 }

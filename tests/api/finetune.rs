@@ -270,8 +270,13 @@ async fn a_restart_in_the_middle_of_a_job_marks_it_failed_and_keeps_the_active_m
     let client = Client::new();
     let id = start_a_long_job(&client, &server.url).await;
     server.kill();
+    // The checkpoints it had written (an epoch of it beat the start): removed at the next start.
+    let scratch = dir.path().join("finetune").join(&id);
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("best.pt"), b"weights").unwrap();
 
     let server = Server::start_with_env(dir.path(), "second.log", &env).await;
+    assert!(!scratch.exists(), "an interrupted job's checkpoints outlive it");
     let status = job_status(&client, &server.url, &id).await;
     assert_eq!(status["state"], "failed", "{status}");
     assert!(status["error"].as_str().unwrap().contains("interrupted by a restart"), "{status}");
