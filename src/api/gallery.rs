@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::upload::read_gallery_form;
 use super::AppState;
-use sha2::{Digest, Sha256};
-
-use crate::catalog::{AddStatus, Added, IdempotencyKey, ItemSummary, OnDuplicate, Priority, Upload};
+use crate::catalog::{
+    request_fingerprint, AddStatus, Added, IdempotencyKey, ItemSummary, OnDuplicate, Priority, Upload,
+};
 
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
@@ -77,7 +77,7 @@ pub async fn add(
     let (added, replayed) = match key {
         None => (state.catalog.add(uploads, params.on_duplicate, priority).await?, false),
         Some(key) => {
-            let fingerprint = fingerprint(params.on_duplicate, form.label.as_deref(), &metadata, &uploads);
+            let fingerprint = request_fingerprint(params.on_duplicate, &uploads);
             let key = IdempotencyKey { key, fingerprint };
             let once = state.catalog.add_once(uploads, params.on_duplicate, priority, key).await?;
             (once.added, once.replayed)
@@ -103,22 +103,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         return Err(ApiError::invalid("invalid_idempotency_key", message));
     }
     Ok(Some(key.to_string()))
-}
-
-/// What makes two uploads the same request: the options, label and metadata
-/// that apply to every image, and each image's bytes, in order.
-fn fingerprint(
-    on_duplicate: OnDuplicate,
-    label: Option<&str>,
-    metadata: &serde_json::Value,
-    uploads: &[Upload],
-) -> String {
-    let mut digest = Sha256::new();
-    digest.update(format!("{on_duplicate:?}\n{label:?}\n{metadata}\n"));
-    for upload in uploads {
-        digest.update(Sha256::digest(&upload.bytes));
-    }
-    hex::encode(digest.finalize())
 }
 
 #[derive(Debug, Deserialize)]

@@ -134,11 +134,7 @@ fn metered(body: Body, budget: BodyBudget, held: Arc<Held>) -> impl Stream<Item 
             if done {
                 return None;
             }
-            let next = match pace_deadline(started, received, budget.min_rate) {
-                Some(deadline) => tokio::time::timeout_at(deadline, chunks.next()).await.map_err(|_| Cut::TooSlow),
-                None => Ok(chunks.next().await),
-            };
-            let chunk = match next {
+            let chunk = match next_in_pace(&mut chunks, started, received, budget.min_rate).await {
                 Ok(None) => return None,
                 Ok(Some(Err(error))) => return Some((Err(std::io::Error::other(error)), (chunks, received, true))),
                 Ok(Some(Ok(chunk))) => chunk,
@@ -162,23 +158,25 @@ fn metered(body: Body, budget: BodyBudget, held: Arc<Held>) -> impl Stream<Item 
 /// and up to `--max-body-bytes`.
 async fn drain(chunks: &mut BodyDataStream, started: Instant, mut received: u64, budget: &BodyBudget) {
     while received <= budget.max_body_bytes as u64 {
-        let next = match pace_deadline(started, received, budget.min_rate) {
-            Some(deadline) => tokio::time::timeout_at(deadline, chunks.next()).await.ok().flatten(),
-            None => chunks.next().await,
-        };
-        let Some(Ok(chunk)) = next else { return };
+        let Ok(Some(Ok(chunk))) = next_in_pace(chunks, started, received, budget.min_rate).await else { return };
         received += chunk.len() as u64;
     }
 }
 
-/// When the next chunk must have arrived for the body to keep `min_rate`
-/// bytes a second, counted from the end of the grace.
-fn pace_deadline(started: Instant, received: u64, min_rate: u64) -> Option<tokio::time::Instant> {
+/// The next chunk, if it arrives in time for the body to keep `min_rate`
+/// bytes a second (counted from the end of the grace; 0: no minimum).
+async fn next_in_pace(
+    chunks: &mut BodyDataStream,
+    started: Instant,
+    received: u64,
+    min_rate: u64,
+) -> Result<Option<Result<Bytes, axum::Error>>, Cut> {
     if min_rate == 0 {
-        return None;
+        return Ok(chunks.next().await);
     }
     let due = BODY_GRACE + Duration::from_secs_f64(received as f64 / min_rate as f64);
-    Some(tokio::time::Instant::from_std(started + due))
+    let deadline = tokio::time::Instant::from_std(started + due);
+    tokio::time::timeout_at(deadline, chunks.next()).await.map_err(|_| Cut::TooSlow)
 }
 
 /// Takes the KiB between `before` and `after` bytes from the budget.

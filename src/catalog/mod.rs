@@ -25,7 +25,7 @@ use std::time::Instant;
 
 pub use crate::gallery::{IdempotencyKey, ItemSummary, StoredImage};
 pub use crate::index::IndexSource;
-pub use once::AddedOnce;
+pub use once::{request_fingerprint, AddedOnce};
 pub use types::*;
 
 pub use crate::embed::Priority;

@@ -6,7 +6,15 @@
 
 use super::{AddStatus, Added, Catalog, CatalogError, OnDuplicate, Upload};
 use crate::embed::Priority;
-use crate::gallery::{GalleryError, IdempotencyKey, Remembered};
+use crate::gallery::{content_hash, GalleryError, IdempotencyKey, Remembered};
+
+/// What makes two uploads the same request, for the idempotency key: the
+/// duplicate handling, and each upload's label, metadata and bytes, in order.
+pub fn request_fingerprint(on_duplicate: OnDuplicate, uploads: &[Upload]) -> String {
+    let parts: Vec<String> =
+        uploads.iter().map(|u| format!("{:?}\n{}\n{}", u.label, u.metadata, content_hash(&u.bytes))).collect();
+    content_hash(format!("{on_duplicate:?}\n{}", parts.join("\n")).as_bytes())
+}
 
 /// The answer to an upload under a key, and whether it is a replay.
 pub struct AddedOnce {
