@@ -398,6 +398,8 @@ def main() -> None:
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--distill-temperature", type=float, default=0.1)
     ap.add_argument("--init", type=Path, help="a model folder whose encoder.pt starts the run (fine-tune, not from scratch)")
+    ap.add_argument("--init-checkpoint", type=Path,
+                    help="a train_general checkpoint (last.pt) whose model and loss heads start a new schedule")
     ap.add_argument("--no-fashion", action="store_true")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
@@ -455,6 +457,12 @@ def main() -> None:
     if "teacher" in corpus:  # the student's embedding mapped to the teacher's space, for the loss only
         distill_head = nn.Linear(arch["embedding_dim"], corpus["teacher"].shape[1])
         params += list(distill_head.parameters())
+    if args.init_checkpoint:  # a second stage: the weights and loss heads of a run, a fresh optimizer and schedule
+        ckpt = torch.load(args.init_checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        projector.load_state_dict(ckpt["projector"])
+        if distill_head is not None:
+            distill_head.load_state_dict(ckpt["distill_head"])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     state = {"step": 0, "seconds": 0.0, "history": []}
@@ -475,7 +483,7 @@ def main() -> None:
                                             "sprites_share", "emoji_share", "photo_share", "fashion_share", "lr",
                                             "weight_decay", "temperature", "supcon_temperature", "supcon_weight",
                                             "distill_weight", "distill_temperature", "val_fraction", "seed")}
-    recipe.update(optimizer="AdamW", schedule="one-cycle", init=str(args.init) if args.init else None,
+    recipe.update(optimizer="AdamW", schedule="one-cycle", init=str(args.init or args.init_checkpoint or "") or None,
                   teacher=str(args.teacher) if args.teacher else None,
                   losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding"
                          + (" + InfoNCE and cosine of each view against the teacher's embedding of the clean image"

@@ -1,24 +1,21 @@
 //! The switch's rows: who is live and what each serves (`replicas`), the
 //! active and target versions (`cluster_state`), and the lifecycle lock (an
-//! advisory lock on a connection of its own).
+//! advisory lock on a connection of its own, watched, with a fencing token
+//! in `cluster_state.fence` that the switch's writes are conditional on).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::{PgCluster, CHANNEL, CONNECT_WAIT, LIFECYCLE_LOCK, LIVE_WITHIN_SECS};
+use crate::gallery::pg_connect::with_causes;
 use crate::gallery::GalleryError;
 use crate::lifecycle::ports::{
-    ClusterState, HeldLock, LifecycleLock, Membership, PortResult, SwitchCoordinator, SwitchStatus, POLL,
+    ClusterState, Fence, HeldLock, LifecycleLock, Membership, PortError, PortResult, SwitchCoordinator, SwitchStatus,
+    POLL,
 };
-
-/// The lifecycle lock, held on a connection of its own: dropping it (or the
-/// process dying) closes the connection, and PostgreSQL releases the lock.
-struct PgLock {
-    _client: tokio_postgres::Client,
-}
 
 #[async_trait::async_trait]
 impl Membership for PgCluster {
@@ -88,10 +85,12 @@ impl SwitchCoordinator for PgCluster {
         Ok(ClusterState { active: row.get(0), target })
     }
 
-    /// Phase one: asks every replica to prepare `version`.
-    async fn begin(&self, version: &str, switch_id: &str) -> PortResult<()> {
+    /// Phase one: asks every replica to prepare `version`, if `fence` still
+    /// holds the lifecycle lock.
+    async fn begin(&self, version: &str, switch_id: &str, fence: i64) -> PortResult<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        check_fence(&tx, fence).await?;
         let sql = "UPDATE cluster_state SET target_version = $1, switch_id = $2";
         tx.execute(sql, &[&version, &switch_id]).await?;
         // Rows of replicas killed long ago (a clean stop removes its own).
@@ -144,10 +143,12 @@ impl SwitchCoordinator for PgCluster {
     }
 
     /// Phase two: makes `version` active for every replica, in one
-    /// transaction, if `switch_id` is still the switch under way.
-    async fn flip(&self, switch_id: &str, version: &str) -> PortResult<bool> {
+    /// transaction, if `switch_id` is still the switch under way and `fence`
+    /// still holds the lifecycle lock.
+    async fn flip(&self, switch_id: &str, version: &str, fence: i64) -> PortResult<bool> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        check_fence(&tx, fence).await?;
         let flipped = tx
             .execute(
                 "UPDATE cluster_state SET active_version = $2, target_version = NULL, switch_id = NULL,
@@ -172,34 +173,129 @@ impl SwitchCoordinator for PgCluster {
     }
 }
 
+/// Refuses, within `tx`, a write made under a fence older than the
+/// lifecycle lock's latest (its holder lost the lock; another has taken it).
+/// Locks the row, so no new holder can take over before `tx` ends.
+pub(super) async fn check_fence(tx: &tokio_postgres::Transaction<'_>, fence: i64) -> PortResult<()> {
+    let latest: i64 = tx.query_one("SELECT fence FROM cluster_state FOR UPDATE", &[]).await?.get(0);
+    match latest == fence {
+        true => Ok(()),
+        false => Err(PortError::LockLost("another replica has taken it".into())),
+    }
+}
+
 #[async_trait::async_trait]
 impl LifecycleLock for PgCluster {
     /// Takes the lifecycle lock for `holder` (`job:<id>`, `activation:<id>`),
-    /// or says who has it.
+    /// or says who has it: the holder in PostgreSQL, or the previous holder
+    /// when it lost the lock but its run has not ended yet.
     async fn acquire(&self, holder: &str) -> PortResult<Result<HeldLock, String>> {
-        let connecting = tokio::time::timeout(CONNECT_WAIT, self.target.config.connect(self.target.tls.clone())).await;
-        let (client, connection) =
-            connecting.map_err(|_| GalleryError::Unavailable("PostgreSQL: connecting timed out".into()))??;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let (mut client, closed) = self.lock_connection().await?;
         let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LIFECYCLE_LOCK]).await?.get(0);
         if !locked {
             let row = client.query_one("SELECT COALESCE(holder, '') FROM cluster_state", &[]).await?;
             return Ok(Err(row.get(0)));
         }
-        // A switch still published here lost its switching replica (it died holding the lock): give it up.
-        let gave_up = client
-            .execute(
-                "UPDATE cluster_state SET holder = $1, target_version = NULL, switch_id = NULL
-                 WHERE switch_id IS NOT NULL",
-                &[&holder],
-            )
-            .await?;
-        if gave_up > 0 {
-            client.batch_execute(&format!("NOTIFY {CHANNEL}, 'abandon'")).await?;
+        // Dropping `client` from here on closes the connection, which releases the lock.
+        if let Some(previous) = client.query_opt(PREVIOUS_STILL_RUNNING, &[&LIVE_WITHIN_SECS]).await? {
+            return Ok(Err(previous.get(0)));
         }
-        client.execute("UPDATE cluster_state SET holder = $1", &[&holder]).await?;
-        Ok(Ok(Box::new(PgLock { _client: client })))
+        let tx = client.transaction().await?;
+        let published: bool =
+            tx.query_one("SELECT switch_id IS NOT NULL FROM cluster_state FOR UPDATE", &[]).await?.get(0);
+        // A switch still published lost its switching replica (it died, or lost the lock): give it up.
+        let sql = "UPDATE cluster_state SET holder = $1, fence = fence + 1, target_version = NULL, switch_id = NULL
+                   RETURNING fence";
+        let fence: i64 = tx.query_one(sql, &[&holder]).await?.get(0);
+        if published {
+            tx.batch_execute(&format!("NOTIFY {CHANNEL}, 'abandon'")).await?;
+        }
+        tx.commit().await?;
+        let (lost, watch_lost) = watch::channel(None);
+        let (release, released) = oneshot::channel::<()>();
+        tokio::spawn(keep_lock(client, released, closed, lost));
+        Ok(Ok(HeldLock { fence: Fence::new(fence, watch_lost), guard: Box::new(release) }))
     }
+}
+
+/// The previous holder of the lifecycle lock, when its run is still going on
+/// a live replica: it lost the lock (its connection closed) and has not
+/// stopped yet. The next holder waits for it, so two never run at once.
+const PREVIOUS_STILL_RUNNING: &str = "SELECT s.holder FROM cluster_state s
+    JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id
+    WHERE r.status->>'state' NOT IN ('done', 'failed', 'cancelled')
+      AND EXISTS (SELECT 1 FROM replicas p WHERE p.id = r.replica
+                  AND p.seen_at > now() - make_interval(secs => $1))";
+
+impl PgCluster {
+    /// A connection of its own for the lifecycle lock, named for operators
+    /// (`pg_stat_activity`), with what bounds how long a silent holder keeps
+    /// the lock: TCP keepalives and a user timeout on both ends, and the
+    /// server ending the session once it has been idle for `LOCK_IDLE_LIMIT`
+    /// (the holder asks every `LOCK_BEAT`). Also returns a receiver told why
+    /// the connection closed.
+    async fn lock_connection(&self) -> PortResult<(tokio_postgres::Client, oneshot::Receiver<String>)> {
+        let mut config = self.target.config.clone();
+        config
+            .application_name("lookalike lifecycle lock")
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .tcp_user_timeout(LOCK_IDLE_LIMIT);
+        let connecting = tokio::time::timeout(CONNECT_WAIT, config.connect(self.target.tls.clone())).await;
+        let (client, connection) =
+            connecting.map_err(|_| GalleryError::Unavailable("PostgreSQL: connecting timed out".into()))??;
+        let (closed, watch_closed) = oneshot::channel();
+        tokio::spawn(async move {
+            let why = match connection.await {
+                Ok(()) => "its connection to PostgreSQL closed".to_string(),
+                Err(error) => format!("its connection to PostgreSQL failed: {}", with_causes(&error)),
+            };
+            let _ = closed.send(why);
+        });
+        let limits = format!(
+            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
+             SET tcp_user_timeout = {ms}; SET idle_session_timeout = {ms}",
+            ms = LOCK_IDLE_LIMIT.as_millis()
+        );
+        if let Err(error) = client.batch_execute(&limits).await {
+            // PostgreSQL before 14 has no idle_session_timeout: keepalives still bound a partition.
+            tracing::warn!(%error, "could not bound the lifecycle lock's session on the server");
+        }
+        Ok((client, watch_closed))
+    }
+}
+
+/// How often the holder of the lifecycle lock checks its connection.
+const LOCK_BEAT: Duration = Duration::from_secs(2);
+/// How long a check may take before the holder takes the lock as lost.
+const LOCK_ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long the server keeps the lock of a holder it does not hear from.
+/// Above `LOCK_BEAT + LOCK_ANSWER_WITHIN`: a holder cut off stops its work
+/// before the server lets another replica take the lock.
+const LOCK_IDLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Holds the lifecycle lock's connection until `released`, checking it
+/// every `LOCK_BEAT`; tells `lost` why when it closes or stops answering.
+async fn keep_lock(
+    client: tokio_postgres::Client,
+    mut released: oneshot::Receiver<()>,
+    mut closed: oneshot::Receiver<String>,
+    lost: watch::Sender<Option<String>>,
+) {
+    let why = loop {
+        tokio::select! {
+            _ = &mut released => return, // dropping `client` closes the connection: PostgreSQL releases the lock
+            why = &mut closed => break why.unwrap_or_else(|_| "its connection to PostgreSQL closed".into()),
+            _ = tokio::time::sleep(LOCK_BEAT) => {}
+        }
+        match tokio::time::timeout(LOCK_ANSWER_WITHIN, client.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => break format!("its connection to PostgreSQL failed: {}", with_causes(&error)),
+            Err(_) => break format!("PostgreSQL did not answer within {} s", LOCK_ANSWER_WITHIN.as_secs()),
+        }
+    };
+    tracing::error!(why, "lost the lifecycle lock; stopping the work under it");
+    lost.send_replace(Some(why));
 }

@@ -7,6 +7,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::coordinator::check_fence;
 use super::{PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
 use crate::clock::now_millis;
 use crate::gallery::pg_connect::with_causes;
@@ -18,11 +19,19 @@ use crate::registry::{ModelVersion, Registry};
 #[async_trait::async_trait]
 impl VersionStore for PgCluster {
     /// Saves trained weights as the next version number across the cluster,
-    /// in the database and in this replica's model folder.
-    async fn publish(&self, registry: &Registry, weights: &Path, mut manifest: Manifest) -> PortResult<ModelVersion> {
+    /// in the database and in this replica's model folder, if `fence` still
+    /// holds the lifecycle lock.
+    async fn publish(
+        &self,
+        registry: &Registry,
+        weights: &Path,
+        mut manifest: Manifest,
+        fence: i64,
+    ) -> PortResult<ModelVersion> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&VERSIONS_LOCK]).await?;
+        check_fence(&tx, fence).await?;
         let rows = tx.query("SELECT version FROM model_versions", &[]).await?;
         let stored = rows.iter().filter_map(|r| r.get::<_, String>(0).parse::<u64>().ok()).max().unwrap_or(0);
         let (registry, weights_path) = (registry.clone(), weights.to_path_buf());
@@ -195,7 +204,8 @@ async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> V
     refused
 }
 
-/// A run's status, inserted or replaced.
+/// A run's status, inserted or replaced; a run that has ended keeps its
+/// final status (an update still queued behind it never brings it back).
 async fn upsert_run(
     client: &tokio_postgres::Client,
     replica: &str,
@@ -207,7 +217,8 @@ async fn upsert_run(
     client
         .execute(
             "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status",
+             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status
+             WHERE lifecycle_runs.status->>'state' NOT IN ('done', 'failed', 'cancelled')",
             &[&id, &kind, &replica, status, &(now_millis() as i64)],
         )
         .await?;

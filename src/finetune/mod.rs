@@ -188,12 +188,14 @@ impl Jobs {
             lifecycle: self.lifecycle.clone(),
             trainer: self.trainer.clone(),
             job: job.clone(),
+            fence: slot.fence(),
         };
-        let scratch = self.book.scratch(&id);
+        let (scratch, runs, ended) = (self.book.scratch(&id), self.lifecycle.runs().clone(), job.clone());
         tokio::spawn(async move {
-            let _slot = slot;
             runner.run(base, split, &scratch).await;
             let _ = std::fs::remove_dir_all(&scratch);
+            runs.record_final(&ended.status()).await;
+            drop(slot);
         });
         Ok(job.status())
     }

@@ -16,6 +16,7 @@ use super::params::Commit;
 use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
 use crate::catalog::{Catalog, CatalogError, Progress, Switched};
 use crate::clock::now_millis;
+use crate::lifecycle::ports::{Fence, PortError};
 use crate::lifecycle::{LifecycleError, ModelLifecycle};
 use crate::manifest::Manifest;
 use crate::registry::ModelVersion;
@@ -64,14 +65,30 @@ pub(super) struct Runner {
     pub lifecycle: ModelLifecycle,
     pub trainer: Trainer,
     pub job: Arc<Job>,
+    /// The lifecycle lock the job runs under: losing it cancels the job,
+    /// which then ends failed, saying why.
+    pub fence: Fence,
 }
 
 impl Runner {
     /// Runs the job to its end, recording how it ended.
     pub async fn run(&self, base: ModelVersion, split: Split, scratch: &Path) {
         let job = &self.job;
-        match self.steps(base, split, scratch).await {
+        let (fence, watched) = (self.fence.clone(), job.clone());
+        let watch = tokio::spawn(async move {
+            if fence.wait_lost().await.is_some() {
+                watched.cancel();
+            }
+        });
+        let outcome = self.steps(base, split, scratch).await;
+        watch.abort();
+        match outcome {
             Ok(result) => job.finish(JobState::Done, Some(result), None),
+            Err(Stop::Cancelled(version)) if self.fence.lost().is_some() => {
+                let lost = PortError::LockLost(self.fence.lost().unwrap_or_default());
+                let saved = version.map(|v| format!("; version {v} is saved and can be activated")).unwrap_or_default();
+                job.finish(JobState::Failed, None, Some(format!("{lost}{saved}")))
+            }
             Err(Stop::Cancelled(version)) => {
                 let why = if job.shutdown.load(Ordering::Relaxed) { "stopped by a shutdown" } else { "cancelled" };
                 let reason = match &version {

@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
+    // 4: the lifecycle lock's fencing token, bumped at every taking of the
+    // lock: a holder's switch and version writes are conditional on it.
+    "ALTER TABLE cluster_state ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// Brings the database to this build's schema; refuses one migrated by a newer build.

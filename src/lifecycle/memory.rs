@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::ports::{
-    ClusterState, HeldLock, LifecycleLock, Membership, PortResult, RunKind, RunLog, StoredRun, SwitchCoordinator,
-    SwitchStatus, VersionStore,
+    ClusterState, Fence, HeldLock, LifecycleLock, Membership, PortError, PortResult, RunKind, RunLog, StoredRun,
+    SwitchCoordinator, SwitchStatus, VersionStore,
 };
 use crate::gallery::GalleryStore;
 use crate::manifest::Manifest;
@@ -39,6 +39,10 @@ struct Shared {
     target: Option<(String, String)>,
     replicas: BTreeMap<String, Replica>,
     holder: Option<String>,
+    /// The lifecycle lock's fencing token: bumped at every taking.
+    fence: i64,
+    /// Tells the holder when the lock is taken from it (`MemoryReplica::revoke_lock`).
+    lost: Option<watch::Sender<Option<String>>>,
     /// Newest last.
     runs: Vec<Run>,
     /// Published versions and the folder each was saved in.
@@ -108,8 +112,27 @@ impl MemoryReplica {
         self.cluster.changed.notify_waiters();
     }
 
+    /// Tests: the lifecycle lock is taken from its holder (as when the
+    /// connection holding it in PostgreSQL closes), which is told why.
+    pub fn revoke_lock(&self, why: &str) {
+        let mut shared = self.shared();
+        shared.holder = None;
+        shared.fence += 1;
+        if let Some(lost) = shared.lost.take() {
+            lost.send_replace(Some(why.to_string()));
+        }
+    }
+
     fn shared(&self) -> MutexGuard<'_, Shared> {
         self.cluster.lock()
+    }
+
+    /// Refuses a write made under a fence older than the lock's latest.
+    fn check_fence(shared: &Shared, fence: i64) -> PortResult<()> {
+        match shared.fence == fence {
+            true => Ok(()),
+            false => Err(PortError::LockLost("another holder has taken it".into())),
+        }
     }
 
     fn notify(&self) {
@@ -163,8 +186,12 @@ impl SwitchCoordinator for MemoryReplica {
         Ok(ClusterState { active: shared.active.clone(), target: shared.target.clone() })
     }
 
-    async fn begin(&self, version: &str, switch_id: &str) -> PortResult<()> {
-        self.shared().target = Some((version.to_string(), switch_id.to_string()));
+    async fn begin(&self, version: &str, switch_id: &str, fence: i64) -> PortResult<()> {
+        {
+            let mut shared = self.shared();
+            Self::check_fence(&shared, fence)?;
+            shared.target = Some((version.to_string(), switch_id.to_string()));
+        }
         self.notify();
         Ok(())
     }
@@ -202,9 +229,10 @@ impl SwitchCoordinator for MemoryReplica {
         Ok(SwitchStatus { live, ready, failures, embedded, missing })
     }
 
-    async fn flip(&self, switch_id: &str, version: &str) -> PortResult<bool> {
+    async fn flip(&self, switch_id: &str, version: &str, fence: i64) -> PortResult<bool> {
         let flipped = {
             let mut shared = self.shared();
+            Self::check_fence(&shared, fence)?;
             let current = shared.target.as_ref().is_some_and(|(_, id)| id == switch_id);
             if current {
                 (shared.active, shared.target) = (Some(version.to_string()), None);
@@ -227,33 +255,43 @@ impl SwitchCoordinator for MemoryReplica {
     }
 }
 
-/// The lifecycle lock, held: frees it when dropped.
+/// The lifecycle lock, held: frees it when dropped, unless it was taken
+/// from this holder meanwhile.
 struct MemoryLock {
     cluster: Arc<MemoryCluster>,
+    fence: i64,
 }
 
 impl Drop for MemoryLock {
     fn drop(&mut self) {
-        self.cluster.lock().holder = None;
+        let mut shared = self.cluster.lock();
+        if shared.fence == self.fence {
+            shared.holder = None;
+            shared.lost = None;
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl LifecycleLock for MemoryReplica {
     async fn acquire(&self, holder: &str) -> PortResult<Result<HeldLock, String>> {
-        let gave_up = {
+        let (lost, watch_lost) = watch::channel(None);
+        let (fence, gave_up) = {
             let mut shared = self.shared();
             if let Some(other) = &shared.holder {
                 return Ok(Err(other.clone()));
             }
             shared.holder = Some(holder.to_string());
+            shared.fence += 1;
+            shared.lost = Some(lost);
             // A switch still published lost its switching replica: give it up.
-            shared.target.take().is_some()
+            (shared.fence, shared.target.take().is_some())
         };
         if gave_up {
             self.notify();
         }
-        Ok(Ok(Box::new(MemoryLock { cluster: self.cluster.clone() })))
+        let guard = Box::new(MemoryLock { cluster: self.cluster.clone(), fence });
+        Ok(Ok(HeldLock { fence: Fence::new(fence, watch_lost), guard }))
     }
 }
 
@@ -303,9 +341,19 @@ impl RunLog for MemoryReplica {
 
 #[async_trait::async_trait]
 impl VersionStore for MemoryReplica {
-    async fn publish(&self, registry: &Registry, weights: &Path, mut manifest: Manifest) -> PortResult<ModelVersion> {
+    async fn publish(
+        &self,
+        registry: &Registry,
+        weights: &Path,
+        mut manifest: Manifest,
+        fence: i64,
+    ) -> PortResult<ModelVersion> {
         let _numbering = self.cluster.numbering.lock().await;
-        let published = self.shared().versions.keys().next_back().copied().unwrap_or(0);
+        let published = {
+            let shared = self.shared();
+            Self::check_fence(&shared, fence)?;
+            shared.versions.keys().next_back().copied().unwrap_or(0)
+        };
         let (registry, weights) = (registry.clone(), weights.to_path_buf());
         let saved = tokio::task::spawn_blocking(move || {
             let local: u64 = registry.next_version()?.parse().unwrap_or(1);

@@ -197,8 +197,10 @@ impl ModelLifecycle {
 
     /// Saves trained weights as the next version number, with `manifest`
     /// (whose version it sets), for every replica. Does not activate it.
+    /// The caller holds the slot.
     pub async fn save_version(&self, weights: PathBuf, manifest: Manifest) -> Result<ModelVersion, LifecycleError> {
-        Ok(self.ctx.ports.versions.publish(&self.ctx.registry, &weights, manifest).await?)
+        let fence = self.slots.fence()?.token;
+        Ok(self.ctx.ports.versions.publish(&self.ctx.registry, &weights, manifest, fence).await?)
     }
 
     /// Makes `version` the active model on every replica without stopping
@@ -210,7 +212,8 @@ impl ModelLifecycle {
         swapping: &(dyn Fn() + Sync),
         cancel: &AtomicBool,
     ) -> Result<Switched, LifecycleError> {
-        switch::switch_to(&self.ctx, &self.follower, version, progress, swapping, cancel).await
+        let fence = self.slots.fence()?;
+        switch::switch_to(&self.ctx, &self.follower, version, &fence, progress, swapping, cancel).await
     }
 
     /// Starts switching to a saved version (embedding the gallery with it
@@ -260,10 +263,13 @@ impl ModelLifecycle {
             lifecycle.switch_to(target, &progress, &|| {}, &AtomicBool::new(false)).await
         });
         // Awaited by a second task, so that even a switch that panics ends its activation as failed.
+        let runs = self.runs.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let outcome = switch.await.map_err(LifecycleError::from).and_then(|outcome| outcome);
             activation::finish(&sender, outcome);
+            let last = sender.borrow().clone();
+            runs.record_final(&last).await;
+            drop(slot);
         });
         Ok(self.activations.find(&id).expect("just begun").borrow().clone())
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::error_kind::ErrorKind;
 use crate::gallery::GalleryError;
@@ -27,6 +27,10 @@ pub enum PortError {
     Models(#[from] RegistryError),
     #[error("model versions: {0}")]
     Io(#[from] std::io::Error),
+    /// The lifecycle lock is gone (its connection closed, or another holder
+    /// took it): the work under it stops, and its writes are refused.
+    #[error("lost the lifecycle lock ({0}); stopped, so that no two fine-tunes or activations run at once")]
+    LockLost(String),
 }
 
 impl PortError {
@@ -34,6 +38,7 @@ impl PortError {
         match self {
             Self::Database(e) => e.kind(),
             Self::Models(_) | Self::Io(_) => ErrorKind::Internal,
+            Self::LockLost(_) => ErrorKind::Conflict,
         }
     }
 }
@@ -85,8 +90,9 @@ pub trait SwitchCoordinator: Send + Sync {
     /// Woken at every step of a switch.
     fn changed(&self) -> Arc<Notify>;
     async fn state(&self) -> PortResult<ClusterState>;
-    /// Phase one: asks every replica to prepare `version`.
-    async fn begin(&self, version: &str, switch_id: &str) -> PortResult<()>;
+    /// Phase one: asks every replica to prepare `version`; refused
+    /// (`LockLost`) unless `fence` is the lifecycle lock's latest.
+    async fn begin(&self, version: &str, switch_id: &str, fence: i64) -> PortResult<()>;
     /// This replica has the target loaded, embeds uploads with it too, and
     /// found nothing left to embed.
     async fn ready(&self, switch_id: &str) -> PortResult<()>;
@@ -95,14 +101,45 @@ pub trait SwitchCoordinator: Send + Sync {
     /// How far the replicas are with the switch to the model stored under `key`.
     async fn status(&self, switch_id: &str, key: &str) -> PortResult<SwitchStatus>;
     /// Phase two: makes `version` active for every replica if `switch_id` is
-    /// still the switch under way; false when another replaced it.
-    async fn flip(&self, switch_id: &str, version: &str) -> PortResult<bool>;
+    /// still the switch under way; false when another replaced it. Refused
+    /// (`LockLost`) unless `fence` is the lifecycle lock's latest.
+    async fn flip(&self, switch_id: &str, version: &str, fence: i64) -> PortResult<bool>;
     /// Gives a switch up: replicas drop what they prepared.
     async fn abandon(&self, switch_id: &str) -> PortResult<()>;
 }
 
-/// A held lock: dropping it releases it.
-pub type HeldLock = Box<dyn Send + Sync>;
+/// What a holder of the lifecycle lock works under. `token` grows at every
+/// taking of the lock across the replicas, and the shared state refuses a
+/// write made under an older one (a fencing token): a holder that lost the
+/// lock without knowing it yet cannot overwrite its successor's switch.
+/// `lost` says, once the lock is gone, why.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    pub token: i64,
+    lost: watch::Receiver<Option<String>>,
+}
+
+impl Fence {
+    pub fn new(token: i64, lost: watch::Receiver<Option<String>>) -> Self {
+        Self { token, lost }
+    }
+
+    /// Why the lock was lost, once it is.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.borrow().clone()
+    }
+
+    /// Waits until the lock is lost (with why) or released (`None`).
+    pub async fn wait_lost(mut self) -> Option<String> {
+        self.lost.wait_for(Option::is_some).await.ok().and_then(|why| why.clone())
+    }
+}
+
+/// A held lock: dropping `guard` releases it.
+pub struct HeldLock {
+    pub fence: Fence,
+    pub guard: Box<dyn Send + Sync>,
+}
 
 /// One fine-tune or activation at a time across the replicas.
 #[async_trait::async_trait]
@@ -154,8 +191,15 @@ pub trait RunLog: Send + Sync {
 #[async_trait::async_trait]
 pub trait VersionStore: Send + Sync {
     /// Saves trained weights as the next version number (setting the
-    /// manifest's version), in `registry` and for every replica.
-    async fn publish(&self, registry: &Registry, weights: &Path, manifest: Manifest) -> PortResult<ModelVersion>;
+    /// manifest's version), in `registry` and for every replica; refused
+    /// (`LockLost`) unless `fence` is the lifecycle lock's latest.
+    async fn publish(
+        &self,
+        registry: &Registry,
+        weights: &Path,
+        manifest: Manifest,
+        fence: i64,
+    ) -> PortResult<ModelVersion>;
     /// Copies into `registry` every version another replica saved.
     async fn install(&self, registry: &Registry) -> PortResult<()>;
 }

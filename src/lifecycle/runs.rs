@@ -36,6 +36,16 @@ impl Runs {
         self.log.record(S::KIND, status.id(), to_value(status)).await
     }
 
+    /// Writes a run's final status before its holder lets the lifecycle lock
+    /// go, so that the next holder reads the run as ended; when the database
+    /// is away, the writer behind `publish` takes it over.
+    pub async fn record_final<S: RunStatus>(&self, status: &S) {
+        if let Err(error) = self.record(status).await {
+            tracing::warn!(%error, run = status.id(), "could not record how a run ended; the writer retries");
+            self.publish(status);
+        }
+    }
+
     /// Hands a run's later status to the writer, for the other replicas to read.
     pub fn publish<S: RunStatus>(&self, status: &S) {
         self.log.publish(S::KIND, status.id(), to_value(status));

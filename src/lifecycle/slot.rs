@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::ports::{HeldLock, LifecycleLock};
+use super::ports::{Fence, HeldLock, LifecycleLock};
 use super::LifecycleError;
 
 /// What holds the one-at-a-time slot.
@@ -42,43 +42,57 @@ impl SlotHolder {
     }
 }
 
+/// Who holds the slot in this process, and, once the lifecycle lock is
+/// taken, the fence its work writes under.
+type Held = Arc<Mutex<Option<(SlotHolder, Option<Fence>)>>>;
+
 /// This process's holder of the slot and the lock behind it.
 #[derive(Clone)]
 pub(super) struct Slots {
     /// A std `Mutex`: held for a field read or write, never across an `.await`.
-    holder: Arc<Mutex<Option<SlotHolder>>>,
+    held: Held,
     lock: Arc<dyn LifecycleLock>,
 }
 
 /// The slot, held; frees it when dropped, with the lifecycle lock.
 pub struct Slot {
-    holder: Arc<Mutex<Option<SlotHolder>>>,
-    _lock: Option<HeldLock>,
+    held: Held,
+    lock: Option<HeldLock>,
+}
+
+impl Slot {
+    /// The lifecycle lock's fence: its token, and word when it is lost.
+    pub fn fence(&self) -> Fence {
+        self.lock.as_ref().expect("a claimed slot holds the lock").fence.clone()
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *self.holder.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
 impl Slots {
     pub(super) fn new(lock: Arc<dyn LifecycleLock>) -> Self {
-        Self { holder: Arc::default(), lock }
+        Self { held: Arc::default(), lock }
     }
 
     /// Takes the slot for `holder`, or says who has it, here or on another replica.
     pub(super) async fn claim(&self, holder: SlotHolder) -> Result<Slot, LifecycleError> {
         {
-            let mut slot = self.holder.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(busy) = slot.as_ref() {
+            let mut held = self.held();
+            if let Some((busy, _)) = held.as_ref() {
                 return Err(LifecycleError::Busy(busy.clone()));
             }
-            *slot = Some(holder.clone());
+            *held = Some((holder.clone(), None));
         }
-        let mut slot = Slot { holder: self.holder.clone(), _lock: None }; // dropped on an error: frees the local slot
+        let mut slot = Slot { held: self.held.clone(), lock: None }; // dropped on an error: frees the local slot
         match self.lock.acquire(&holder.key()).await? {
-            Ok(lock) => slot._lock = Some(lock),
+            Ok(lock) => {
+                self.held().as_mut().expect("claimed above").1 = Some(lock.fence.clone());
+                slot.lock = Some(lock);
+            }
             Err(other) => return Err(LifecycleError::Busy(SlotHolder::from_key(&other))),
         }
         Ok(slot)
@@ -86,6 +100,16 @@ impl Slots {
 
     /// Who holds the slot in this process now.
     pub(super) fn holder(&self) -> Option<SlotHolder> {
-        self.holder.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.held().as_ref().map(|(holder, _)| holder.clone())
+    }
+
+    /// The fence of the lock this process holds; an error when it holds none.
+    pub(super) fn fence(&self) -> Result<Fence, LifecycleError> {
+        let fence = self.held().as_ref().and_then(|(_, fence)| fence.clone());
+        fence.ok_or_else(|| LifecycleError::Switch("the lifecycle lock is not held".into()))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<(SlotHolder, Option<Fence>)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

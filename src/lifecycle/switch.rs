@@ -8,12 +8,15 @@
 //!    embedding, it flips the active version in one step, swaps its own
 //!    model at once and reports; the others swap as they learn the flip.
 //!
-//! `cancel` gives the switch up before the flip; after it, the switch completes.
+//! `cancel` gives the switch up before the flip; after it, the switch
+//! completes. So does losing the lifecycle lock, and the shared state
+//! refuses the switch's writes once another holder has taken it (`Fence`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::follower::Follower;
+use super::ports::{Fence, PortError};
 use super::{Context, LifecycleError};
 use crate::catalog::{CatalogError, Progress, Switched};
 use crate::registry::ModelVersion;
@@ -33,6 +36,7 @@ pub(super) async fn switch_to(
     ctx: &Context,
     follower: &Follower,
     version: ModelVersion,
+    fence: &Fence,
     progress: &(dyn Fn(Progress) + Sync),
     swapping: &(dyn Fn() + Sync),
     cancel: &AtomicBool,
@@ -43,9 +47,14 @@ pub(super) async fn switch_to(
     // Embeddings stored before the switch (an earlier activation of the version) are not counted.
     let stored_before = ctx.catalog.store().count_embedded(version.key.clone()).await.map_err(CatalogError::from)?;
     tracing::info!(version = %version.version, switch = %switch_id, "model switch started");
-    coordinator.begin(&version.version, &switch_id).await?;
+    coordinator.begin(&version.version, &switch_id, fence.token).await?;
     coordinator.changed().notify_waiters(); // this replica's follower starts at once
-    let embedded = match await_ready(ctx, follower, &version, &switch_id, stored_before, progress, cancel).await {
+                                            // Why to give the switch up before its flip, if at all.
+    let stop = || match fence.lost() {
+        Some(why) => Some(LifecycleError::from(PortError::LockLost(why))),
+        None => cancel.load(Ordering::Relaxed).then(|| CatalogError::Cancelled.into()),
+    };
+    let embedded = match await_ready(ctx, follower, &version, &switch_id, stored_before, progress, &stop).await {
         Ok(embedded) => embedded,
         Err(error) => {
             if let Err(abandon) = coordinator.abandon(&switch_id).await {
@@ -55,7 +64,7 @@ pub(super) async fn switch_to(
         }
     };
     swapping();
-    match coordinator.flip(&switch_id, &version.version).await {
+    match coordinator.flip(&switch_id, &version.version, fence.token).await {
         Ok(true) => {}
         Ok(false) => return Err(LifecycleError::Switch("another switch replaced this one before its flip".into())),
         Err(error) => {
@@ -108,12 +117,12 @@ async fn await_ready(
     switch_id: &str,
     stored_before: u64,
     progress: &(dyn Fn(Progress) + Sync),
-    cancel: &AtomicBool,
+    stop: &(dyn Fn() -> Option<LifecycleError> + Sync),
 ) -> Result<usize, LifecycleError> {
     let (mut last, mut moved) = ((0, 0), Instant::now());
     loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(CatalogError::Cancelled.into());
+        if let Some(why) = stop() {
+            return Err(why);
         }
         let status = ctx.ports.coordinator.status(switch_id, &version.key).await?;
         let embedded = status.embedded.saturating_sub(stored_before) as usize;

@@ -88,10 +88,22 @@ fn serving(replica: &Replica) -> String {
     replica.lifecycle.active_version().version
 }
 
-/// Saves the active encoder again as a new version (same weights, its own key).
+/// Saves the active encoder again as a new version (same weights, its own
+/// key), holding the slot as a fine-tune does.
 async fn new_version(replica: &Replica) -> ModelVersion {
     let base = replica.lifecycle.active_version();
+    let _slot = replica.lifecycle.claim(SlotHolder::Job("saving".into())).await.unwrap();
     replica.lifecycle.save_version(base.encoder_path(), base.manifest.clone()).await.unwrap()
+}
+
+/// Switches to `version`, holding the slot as a fine-tune or an activation does.
+async fn switch(
+    lifecycle: &ModelLifecycle,
+    version: ModelVersion,
+    cancel: &AtomicBool,
+) -> Result<Switched, LifecycleError> {
+    let _slot = lifecycle.claim(SlotHolder::Job("switching".into())).await?;
+    lifecycle.switch_to(version, &|_| {}, &|| {}, cancel).await
 }
 
 #[tokio::test]
@@ -104,7 +116,7 @@ async fn a_single_node_switch_embeds_everything_and_a_cancelled_one_changes_noth
     let saved = new_version(&node).await;
     assert_ne!(saved.version, base.version);
 
-    let cancelled = lifecycle.switch_to(saved.clone(), &|_| {}, &|| {}, &AtomicBool::new(true)).await;
+    let cancelled = switch(lifecycle, saved.clone(), &AtomicBool::new(true)).await;
     assert!(cancelled.as_ref().is_err_and(LifecycleError::is_cancelled), "{cancelled:?}");
     assert_eq!(lifecycle.active_version().version, base.version);
 
@@ -120,7 +132,7 @@ async fn a_single_node_switch_embeds_everything_and_a_cancelled_one_changes_noth
     assert_eq!((switched.items, lifecycle.active_version().version), (5, saved.version.clone()));
     assert_eq!(lifecycle.activations().await.unwrap()[0].id, started.id);
     assert_eq!(store.count_embedded(saved.key.clone()).await.unwrap(), 5);
-    assert_eq!(lifecycle.slot_holder(), None, "the slot is free again");
+    eventually("the slot is free again", || async { lifecycle.slot_holder().is_none() }).await;
     assert!(node.catalog.models().previous().is_none(), "no other replica serves the old version");
 
     // A restart comes back on the switched version, with its index.
@@ -143,7 +155,7 @@ async fn deletes_during_a_single_node_switch_leave_it_complete_with_only_live_it
 
     let switching = tokio::spawn({
         let (lifecycle, saved) = (node.lifecycle.clone(), saved.clone());
-        async move { lifecycle.switch_to(saved, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+        async move { switch(&lifecycle, saved, &AtomicBool::new(false)).await }
     });
     tokio::task::spawn_blocking(move || entered.recv().unwrap()).await.unwrap();
     for item in &added[..2] {
@@ -168,7 +180,7 @@ async fn a_replica_that_lags_the_flip_misses_no_upload() {
 
     let switching = tokio::spawn({
         let (lifecycle, new) = (a.lifecycle.clone(), new.clone());
-        async move { lifecycle.switch_to(new, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+        async move { switch(&lifecycle, new, &AtomicBool::new(false)).await }
     });
     eventually("the switch is published", || async { a.handle.state().await.unwrap().target.is_some() }).await;
     lagging.lifecycle.follower.step().await.unwrap(); // prepares; it will not look again until told
@@ -206,7 +218,7 @@ async fn a_replica_that_dies_mid_switch_is_not_waited_for() {
 
     let mut switching = tokio::spawn({
         let (lifecycle, new) = (a.lifecycle.clone(), new.clone());
-        async move { lifecycle.switch_to(new, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+        async move { switch(&lifecycle, new, &AtomicBool::new(false)).await }
     });
     eventually("two replicas are ready", || async {
         let (_, id) = a.handle.state().await.unwrap().target.unwrap_or_default();
@@ -233,7 +245,7 @@ async fn an_abandoned_switch_changes_nothing_anywhere() {
 
     let switching = tokio::spawn({
         let (lifecycle, new, cancel) = (a.lifecycle.clone(), new.clone(), cancel.clone());
-        async move { lifecycle.switch_to(new, &|_| {}, &|| {}, &cancel).await }
+        async move { switch(&lifecycle, new, &cancel).await }
     });
     eventually("the second replica prepared", || async { replicas[1].catalog.models().next().is_some() }).await;
     cancel.store(true, std::sync::atomic::Ordering::Relaxed); // the third never got ready: no flip yet
@@ -259,7 +271,7 @@ async fn a_rollback_right_after_a_flip_serves_the_old_version_everywhere() {
 
     let forward = tokio::spawn({
         let (lifecycle, new) = (a.lifecycle.clone(), new.clone());
-        async move { lifecycle.switch_to(new, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+        async move { switch(&lifecycle, new, &AtomicBool::new(false)).await }
     });
     eventually("the switch is published", || async { a.handle.state().await.unwrap().target.is_some() }).await;
     lagging.lifecycle.follower.step().await.unwrap();
@@ -267,7 +279,7 @@ async fn a_rollback_right_after_a_flip_serves_the_old_version_everywhere() {
 
     let back = tokio::spawn({
         let (lifecycle, old) = (a.lifecycle.clone(), old.clone());
-        async move { lifecycle.switch_to(old, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+        async move { switch(&lifecycle, old, &AtomicBool::new(false)).await }
     });
     eventually("the rollback is published", || async {
         a.handle.state().await.unwrap().target.is_some_and(|(v, _)| v == old.version)
@@ -297,7 +309,7 @@ async fn an_activation_whose_client_leaves_while_it_is_recorded_still_runs() {
 
     let request = node.lifecycle.activate(&saved.version);
     assert!(tokio::time::timeout(Duration::from_millis(100), request).await.is_err(), "the record waits");
-    gate.add_permits(1);
+    gate.add_permits(2); // its first record, and its last before the lock goes
     let lifecycle = &node.lifecycle;
     eventually("the activation to finish", || async {
         let listed = lifecycle.activations().await.unwrap();
@@ -305,5 +317,51 @@ async fn an_activation_whose_client_leaves_while_it_is_recorded_still_runs() {
     })
     .await;
     assert_eq!(lifecycle.active_version().version, saved.version);
-    assert_eq!(lifecycle.slot_holder(), None);
+    eventually("the slot is free again", || async { lifecycle.slot_holder().is_none() }).await;
+}
+
+/// A holder whose lifecycle lock is taken from it (in PostgreSQL: its
+/// connection closed) gives its switch up, and the shared state refuses
+/// what it still tries to write under the old fence; the next holder keeps
+/// the lock when the old one lets its slot go.
+#[tokio::test]
+async fn a_holder_that_lost_the_lock_stops_its_switch_and_its_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (replicas, _) = three(dir.path()).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    a.catalog.add(uploads(&[1, 2]), OnDuplicate::Allow, Priority::Interactive).await.unwrap();
+    let (old, new) = (a.lifecycle.active_version(), new_version(a).await);
+
+    let slot = a.lifecycle.claim(SlotHolder::Job("first".into())).await.unwrap();
+    let fence = slot.fence();
+    let switching = tokio::spawn({
+        let (lifecycle, new) = (a.lifecycle.clone(), new.clone());
+        async move { lifecycle.switch_to(new, &|_| {}, &|| {}, &AtomicBool::new(false)).await }
+    });
+    eventually("the switch is published", || async { a.handle.state().await.unwrap().target.is_some() }).await;
+    a.handle.revoke_lock("its connection to PostgreSQL closed"); // the third replica never got ready: no flip yet
+    let outcome = switching.await.unwrap();
+    let error = outcome.as_ref().err().map(ToString::to_string).unwrap_or_default();
+    assert!(error.contains("lost the lifecycle lock (its connection to PostgreSQL closed)"), "{outcome:?}");
+    assert_eq!(fence.lost().as_deref(), Some("its connection to PostgreSQL closed"));
+
+    let next = b.lifecycle.claim(SlotHolder::Job("second".into())).await.unwrap();
+    assert!(next.fence().token > fence.token);
+    for refused in [
+        a.handle.begin(&new.version, "stale", fence.token).await.err(),
+        a.handle.flip("stale", &new.version, fence.token).await.err(),
+        a.lifecycle.save_version(old.encoder_path(), old.manifest.clone()).await.err().map(|e| match e {
+            LifecycleError::Port(e) => e,
+            other => panic!("{other}"),
+        }),
+    ] {
+        assert!(matches!(refused, Some(PortError::LockLost(_))), "{refused:?}");
+    }
+    drop(slot);
+    let third = replicas[2].lifecycle.claim(SlotHolder::Job("third".into())).await;
+    let busy = third.err().map(|e| e.to_string()).unwrap_or_default();
+    assert_eq!(busy, "job second is still running; wait for it or cancel it");
+    for replica in &replicas[..2] {
+        assert_eq!(serving(replica), old.version);
+    }
 }

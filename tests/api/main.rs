@@ -14,6 +14,7 @@ mod import;
 mod keys;
 mod labels;
 mod limits;
+mod lock;
 mod search;
 mod shutdown;
 mod spec;
