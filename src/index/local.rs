@@ -7,13 +7,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::persist::forget_dump;
 use super::{DumpReport, Hit, HnswIndex, IndexError, IndexProvider, IndexSource, Loaded, VectorIndex};
 
 /// One model version's graph, with where its dumps go.
 #[derive(Clone)]
 pub struct LocalIndex {
     graph: HnswIndex,
+    /// Its own folder under the provider's: a switch back to an older
+    /// version finds that version's dump.
     dir: PathBuf,
+    /// Where every model's dump went before each had a folder.
+    legacy_dir: PathBuf,
     model: String,
     /// Tombstones, as a fraction of the graph, that trigger a compaction.
     compact_fraction: f64,
@@ -78,7 +83,9 @@ impl VectorIndex for LocalIndex {
         if !self.graph.is_dirty() {
             return Ok(None);
         }
-        self.blocking(|index| index.graph.dump(&index.dir, &index.model)).await?.map(Some)
+        let report = self.blocking(|index| index.graph.dump(&index.dir, &index.model)).await??;
+        self.blocking(|index| forget_dump(&index.legacy_dir, &index.model)).await?;
+        Ok(Some(report))
     }
 }
 
@@ -95,7 +102,19 @@ impl LocalIndexes {
     }
 
     fn wrap(&self, graph: HnswIndex, model: &str) -> LocalIndex {
-        LocalIndex { graph, dir: self.dir.clone(), model: model.to_string(), compact_fraction: self.compact_fraction }
+        LocalIndex {
+            graph,
+            dir: self.folder(model),
+            legacy_dir: self.dir.clone(),
+            model: model.to_string(),
+            compact_fraction: self.compact_fraction,
+        }
+    }
+
+    /// The folder of `model`'s dumps: its key, with what is not a plain file name character replaced.
+    fn folder(&self, model: &str) -> PathBuf {
+        let plain = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
+        self.dir.join(model.chars().map(|c| if plain(c) { c } else { '_' }).collect::<String>())
     }
 }
 
@@ -106,8 +125,12 @@ impl IndexProvider for LocalIndexes {
     }
 
     async fn open(&self, model: &str, dim: usize, capacity: usize) -> (Arc<dyn VectorIndex>, IndexSource, String) {
-        let (dir, key) = (self.dir.clone(), model.to_string());
-        let loaded = tokio::task::spawn_blocking(move || HnswIndex::load(&dir, &key, dim)).await;
+        let (dir, legacy_dir, key) = (self.folder(model), self.dir.clone(), model.to_string());
+        let loaded = tokio::task::spawn_blocking(move || match HnswIndex::load(&dir, &key, dim) {
+            (_, Loaded::Missing) => HnswIndex::load(&legacy_dir, &key, dim), // dumped by an older build
+            loaded => loaded,
+        })
+        .await;
         let (graph, source, reason) = match loaded {
             Ok((Some(graph), Loaded::Reloaded { points, seconds })) => {
                 (graph, IndexSource::Reloaded, format!("dump of {points} points read in {seconds:.2} s"))
@@ -123,11 +146,44 @@ impl IndexProvider for LocalIndexes {
         };
         (Arc::new(self.wrap(graph, model)), source, reason)
     }
+
+    async fn forget(&self, model: &str) -> Result<(), IndexError> {
+        let (dir, legacy_dir, key) = (self.folder(model), self.dir.clone(), model.to_string());
+        let removed = tokio::task::spawn_blocking(move || {
+            forget_dump(&legacy_dir, &key);
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        });
+        removed.await.map_err(|e| IndexError::Task(e.to_string()))?.map_err(|e| IndexError::Dump(e.to_string()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a switch from one version to another, each keeps its own dump:
+    /// switching back reloads the old graph instead of rebuilding it. A
+    /// deleted version's dump goes with it.
+    #[tokio::test]
+    async fn each_model_version_keeps_its_own_dump_until_it_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let indexes = LocalIndexes { dir: dir.path().into(), compact_fraction: 0.1 };
+        for (model, points) in [("m@1#aa", 3), ("m@2#bb", 5)] {
+            let index = indexes.new_index(model, 4, 8);
+            index.insert((0..points).map(|i| (i, vec![1.0, i as f32, 0.5, 0.25])).collect()).await.unwrap();
+            index.save().await.unwrap().expect("dumped");
+        }
+        for (model, points) in [("m@1#aa", 3), ("m@2#bb", 5)] {
+            let (index, source, reason) = indexes.open(model, 4, 8).await;
+            assert_eq!((source, index.len()), (IndexSource::Reloaded, points), "{model}: {reason}");
+        }
+        indexes.forget("m@1#aa").await.unwrap();
+        assert_eq!(indexes.open("m@1#aa", 4, 8).await.1, IndexSource::Rebuilt);
+        assert_eq!(indexes.open("m@2#bb", 4, 8).await.1, IndexSource::Reloaded);
+    }
 
     /// Deletes past the fraction start a compaction on its own thread; it
     /// purges the tombstones while the deleted ids stay out of results.

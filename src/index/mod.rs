@@ -20,7 +20,7 @@ pub use local::{LocalIndex, LocalIndexes};
 pub use persist::{DumpReport, Loaded};
 pub use pgvector::{PgIndex, PgIndexes};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum IndexError {
     #[error("vector has {got} dimensions, the index holds {expected}")]
     Dimension { got: usize, expected: usize },
@@ -129,4 +129,8 @@ pub trait IndexProvider: Send + Sync + 'static {
     /// The saved index of `model` when there is a usable one, else an empty
     /// one; with how it was made ready and why.
     async fn open(&self, model: &str, dim: usize, capacity: usize) -> (Arc<dyn VectorIndex>, IndexSource, String);
+
+    /// Frees what the index of a deleted model version kept (its dump, its
+    /// index in the database).
+    async fn forget(&self, model: &str) -> Result<(), IndexError>;
 }

@@ -133,6 +133,16 @@ fn read_graph(loader: HnswIo) -> anyhow::Result<Hnsw<'static, f32, DistDot>> {
     Box::leak(Box::new(loader)).load_hnsw::<f32, DistDot>()
 }
 
+/// Removes the dump in `dir` if `CURRENT` names `model` (the dump of a
+/// deleted version, or one that a newer place supersedes).
+pub fn forget_dump(dir: &Path, model: &str) {
+    let current = fs::read(dir.join(CURRENT)).ok().and_then(|b| serde_json::from_slice::<DumpManifest>(&b).ok());
+    if current.is_some_and(|c| c.model == model) {
+        let _ = fs::remove_file(dir.join(CURRENT));
+        remove_other_dumps(dir, "");
+    }
+}
+
 /// Older dumps and leftovers of interrupted ones; failures only cost disk.
 fn remove_other_dumps(dir: &Path, keep: &str) {
     let Ok(entries) = fs::read_dir(dir) else { return };

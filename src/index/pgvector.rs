@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Object, Pool};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use pgvector::Vector;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
@@ -27,12 +28,19 @@ use crate::vector::normalized;
 const COUNT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a replica asks again for the lock of an index another one builds.
 const LOCK_POLL: Duration = Duration::from_millis(200);
+/// How long a replica waits for another one's build before it answers
+/// `503` (the next request waits again): a build of a million vectors takes
+/// minutes, a lock held much longer is a stuck session.
+const LOCK_WAIT: Duration = Duration::from_secs(15 * 60);
 /// pgvector's largest `hnsw.ef_search`.
 const MAX_EF_SEARCH: usize = 1000;
 /// The smallest `hnsw.ef_search` (2k above it). pgvector's default, 40, gave
 /// recall@10 0.986 at 100k vectors; 64 gave 0.995 for 13 % fewer queries/s,
 /// closer to the embedded graph's 0.999 (`make bench-cluster`).
 const MIN_EF_SEARCH: usize = 64;
+
+/// A build task's outcome, awaited by every request that needs the index.
+type Build = Shared<BoxFuture<'static, Result<(), IndexError>>>;
 
 /// Makes the index of each model version in the database.
 pub struct PgIndexes {
@@ -48,6 +56,9 @@ pub struct PgIndex {
     dim: usize,
     index_name: String,
     ready: OnceCell<()>,
+    /// The build under way, awaited by every caller of `ensure`: one task
+    /// polls for the lock, however many requests wait or give up.
+    building: Mutex<Option<Build>>,
     /// Vectors of this model, as last counted (for `/health`): other
     /// replicas add and delete too, so it is refreshed after writes here.
     count: AtomicUsize,
@@ -63,6 +74,7 @@ impl PgIndex {
             dim,
             index_name: format!("embeddings_hnsw_{}", &digest[..16]),
             ready: OnceCell::new(),
+            building: Mutex::new(None),
             count: AtomicUsize::new(0),
             counted: Mutex::new(None),
         }
@@ -74,21 +86,39 @@ impl PgIndex {
 
     /// Builds the model's HNSW index once, then counts. The build runs on a
     /// task of its own, so a search that times out or whose client leaves
-    /// cannot cut it short holding the advisory lock.
+    /// cannot cut it short holding the advisory lock, and a later request
+    /// awaits the same task instead of starting another.
     async fn ensure(&self) -> Result<(), IndexError> {
         self.ready
             .get_or_try_init(|| async {
-                let build = IndexBuild {
-                    pool: self.pool.clone(),
-                    name: self.index_name.clone(),
-                    dim: self.dim,
-                    model_literal: self.model_literal.clone(),
-                };
-                tokio::spawn(build.run()).await.map_err(|e| IndexError::Task(e.to_string()))??;
+                let build = self.build_task();
+                let built = build.await;
+                if built.is_err() {
+                    // Tried again by the next request, with a task of its own.
+                    self.building.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+                built?;
                 self.refresh_count().await
             })
             .await?;
         Ok(())
+    }
+
+    /// The build task under way, or a new one.
+    fn build_task(&self) -> Build {
+        let mut building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let build = building.get_or_insert_with(|| {
+            let build = IndexBuild {
+                pool: self.pool.clone(),
+                name: self.index_name.clone(),
+                dim: self.dim,
+                model_literal: self.model_literal.clone(),
+            };
+            let task = tokio::spawn(build.run());
+            let joined = async move { task.await.map_err(|e| IndexError::Task(e.to_string()))? };
+            joined.boxed().shared()
+        });
+        build.clone()
     }
 
     /// Counts again after a committed write, at most once a second; a
@@ -186,10 +216,18 @@ impl IndexBuild {
     async fn run(self) -> Result<(), IndexError> {
         let client = connection(&self.pool).await?;
         let lock = format!("hashtextextended('{}', 0)", self.name);
+        let waited = Instant::now();
         loop {
             let row = client.query_one(&format!("SELECT pg_try_advisory_lock({lock})"), &[]).await.map_err(db)?;
             if row.get::<_, bool>(0) {
                 break;
+            }
+            if waited.elapsed() >= LOCK_WAIT {
+                return Err(IndexError::Unavailable(format!(
+                    "another replica has been building the index {} for over {} s",
+                    self.name,
+                    LOCK_WAIT.as_secs()
+                )));
             }
             tokio::time::sleep(LOCK_POLL).await;
         }
@@ -306,5 +344,11 @@ impl IndexProvider for PgIndexes {
             Err(error) => format!("the database index is not ready yet ({error}); it is built at first use"),
         };
         (Arc::new(index), IndexSource::Reloaded, reason)
+    }
+
+    async fn forget(&self, model: &str) -> Result<(), IndexError> {
+        let name = PgIndex::new(self.pool.clone(), model, 0).index_name;
+        let client = connection(&self.pool).await?;
+        client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")).await.map_err(db)
     }
 }
