@@ -97,6 +97,17 @@ pub struct ServeConfig {
     #[arg(long, env = "LOOKALIKE_FINETUNE_THREADS", default_value_t = 0)]
     pub finetune_threads: usize,
 
+    /// Memory a fine-tune's prepared images may take, in MiB: a job trains on
+    /// at most this many bytes of images at the model's input size, whatever
+    /// its `max_images` (4 bytes per value: 110 KiB per image at 96 px, 588 KiB at 224 px).
+    #[arg(long, env = "LOOKALIKE_FINETUNE_MEMORY_MIB", default_value_t = 2048)]
+    pub finetune_memory_mib: usize,
+
+    /// Finished fine-tune jobs and activations kept (their records, on disk or in
+    /// PostgreSQL); older ones are removed after each run and at start.
+    #[arg(long, env = "LOOKALIKE_KEEP_RUNS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_runs: u32,
+
     /// Images decoded and resized at once; 0 means one per CPU core.
     #[arg(long, env = "LOOKALIKE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,

@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, CatalogSettings, IndexStartup, StartEmbedder};
 use crate::cluster::PgCluster;
 use crate::config::ServeConfig;
 use crate::embed::{BatchPolicy, Embedder, EmbedderConfig};
-use crate::finetune::{FinetuneParams, Jobs, Trainer};
+use crate::finetune::{FinetuneParams, JobSettings, Jobs, Trainer};
 use crate::gallery::{GalleryStore, PgGallery, SqliteGallery};
 use crate::index::{IndexProvider, LocalIndexes, PgIndexes};
 use crate::lifecycle::memory::MemoryCluster;
@@ -101,8 +101,12 @@ impl Application {
             tracing::warn!(host = %config.host, "no API key is configured and the service listens beyond this machine: \
                 anyone who reaches the port can add, delete and search (see --api-key and README \"Security\")");
         }
-        let trainer = Trainer { device: config.device.parse()?, threads: config.finetune_threads };
-        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), lifecycle.clone(), trainer)?;
+        let settings = JobSettings {
+            trainer: Trainer { device: config.device.parse()?, threads: config.finetune_threads },
+            memory_budget: config.finetune_memory_mib.saturating_mul(1 << 20),
+            keep_runs: config.keep_runs as usize,
+        };
+        let jobs = Jobs::open(&config.data_dir.join(JOBS_DIR), catalog.clone(), lifecycle.clone(), settings)?;
 
         let listener = TcpListener::bind((config.host, config.port))
             .await
@@ -262,7 +266,7 @@ async fn open_gallery(config: &ServeConfig, registry: &Registry) -> anyhow::Resu
     if let Some(url) = &config.database_url {
         let store = PgGallery::connect(url).await.context("opening the gallery in PostgreSQL (--database-url)")?;
         let indexes = PgIndexes { pool: store.pool().clone() };
-        let cluster = PgCluster::join(store.pool().clone(), store.target().clone());
+        let cluster = PgCluster::join(store.pool().clone(), store.target().clone(), config.keep_runs as usize);
         let ports = Ports::of(cluster);
         tracing::info!(replica = %ports.membership.replica(), "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
         return Ok((Arc::new(store), Arc::new(indexes), ports));
@@ -274,6 +278,7 @@ async fn open_gallery(config: &ServeConfig, registry: &Registry) -> anyhow::Resu
     let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
     let active = registry.active()?;
     let cluster = MemoryCluster::new((!active.bundled).then_some(active.version), store.clone());
+    cluster.keep_runs(config.keep_runs as usize);
     Ok((store, Arc::new(indexes), Ports::of(cluster.join())))
 }
 

@@ -61,6 +61,8 @@ pub struct PgCluster {
     left: AtomicBool,
     /// One copy of model versions into the data folder at a time.
     installing: tokio::sync::Mutex<()>,
+    /// Finished runs kept per kind (`--keep-runs`).
+    keep_runs: usize,
 }
 
 /// A job's or an activation's latest status, for the other replicas.
@@ -73,7 +75,7 @@ struct RunUpdate {
 impl PgCluster {
     /// Joins the cluster over `pool` (a migrated database): starts listening
     /// for notifications and the writer of run records.
-    pub fn join(pool: Pool, target: PgTarget) -> Arc<Self> {
+    pub fn join(pool: Pool, target: PgTarget, keep_runs: usize) -> Arc<Self> {
         let (runs, updates) = mpsc::unbounded_channel();
         let link = Arc::new(Self {
             pool,
@@ -83,9 +85,10 @@ impl PgCluster {
             runs,
             left: AtomicBool::new(false),
             installing: tokio::sync::Mutex::new(()),
+            keep_runs,
         });
         tokio::spawn(listen(link.target.clone(), link.changed.clone()));
-        tokio::spawn(records::write_runs(link.pool.clone(), link.replica.clone(), updates));
+        tokio::spawn(records::write_runs(link.pool.clone(), link.replica.clone(), keep_runs, updates));
         link
     }
 

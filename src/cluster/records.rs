@@ -91,7 +91,7 @@ impl RunLog for PgCluster {
     /// answered, so that a `202` from this replica is readable on every one.
     async fn record(&self, kind: RunKind, id: &str, status: Value) -> PortResult<()> {
         let client = self.client().await?;
-        upsert_run(&client, &self.replica, kind, id, &status).await?;
+        upsert_run(&client, &self.replica, kind, id, &status, self.keep_runs).await?;
         Ok(())
     }
 
@@ -153,7 +153,12 @@ pub async fn import_versions(pool: &Pool, versions: &[ModelVersion], active: Opt
 /// An update the database does not take stays waiting and is written again
 /// (unless a newer one of its run replaces it) until it is: a final state
 /// must reach every replica, however long the database was away.
-pub(super) async fn write_runs(pool: Pool, replica: String, mut updates: mpsc::UnboundedReceiver<RunUpdate>) {
+pub(super) async fn write_runs(
+    pool: Pool,
+    replica: String,
+    keep_runs: usize,
+    mut updates: mpsc::UnboundedReceiver<RunUpdate>,
+) {
     let mut waiting: Vec<RunUpdate> = Vec::new();
     let mut backoff = RETRY_FIRST;
     loop {
@@ -165,7 +170,7 @@ pub(super) async fn write_runs(pool: Pool, replica: String, mut updates: mpsc::U
             waiting.retain(|u| u.id != more.id);
             waiting.push(more);
         }
-        waiting = write_waiting(&pool, &replica, waiting).await;
+        waiting = write_waiting(&pool, &replica, keep_runs, waiting).await;
         if waiting.is_empty() {
             backoff = RETRY_FIRST;
             continue;
@@ -181,7 +186,7 @@ const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 const RETRY_MOST: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Writes the updates in order; returns those the database did not take.
-async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> Vec<RunUpdate> {
+async fn write_waiting(pool: &Pool, replica: &str, keep_runs: usize, waiting: Vec<RunUpdate>) -> Vec<RunUpdate> {
     let client = match pool.get().await {
         Ok(client) => client,
         Err(error) => {
@@ -191,7 +196,7 @@ async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> V
     };
     let mut refused = Vec::new();
     for update in waiting {
-        match upsert_run(&client, replica, update.kind, &update.id, &update.status).await {
+        match upsert_run(&client, replica, update.kind, &update.id, &update.status, keep_runs).await {
             Ok(()) => {}
             Err(error) if postgres_unavailable(&error) => {
                 tracing::warn!(%error, run = %update.id, "could not record a run's progress in the database; retrying");
@@ -204,14 +209,19 @@ async fn write_waiting(pool: &Pool, replica: &str, waiting: Vec<RunUpdate>) -> V
     refused
 }
 
+/// What a finished run's status says in `state`.
+const FINISHED: &str = "('done', 'failed', 'cancelled')";
+
 /// A run's status, inserted or replaced; a run that has ended keeps its
 /// final status (an update still queued behind it never brings it back).
+/// When it ends, finished runs of its kind beyond the newest `keep` go.
 async fn upsert_run(
     client: &tokio_postgres::Client,
     replica: &str,
     kind: RunKind,
     id: &str,
     status: &Value,
+    keep: usize,
 ) -> Result<(), tokio_postgres::Error> {
     let kind = kind.as_str();
     client
@@ -222,5 +232,13 @@ async fn upsert_run(
             &[&id, &kind, &replica, status, &(now_millis() as i64)],
         )
         .await?;
+    let finished = status.get("state").and_then(Value::as_str).is_some_and(|s| FINISHED.contains(&format!("'{s}'")));
+    if finished {
+        let prune = format!(
+            "DELETE FROM lifecycle_runs WHERE kind = $1 AND id IN (SELECT id FROM lifecycle_runs
+             WHERE kind = $1 AND status->>'state' IN {FINISHED} ORDER BY created_at DESC OFFSET $2)"
+        );
+        client.execute(&prune, &[&kind, &(keep as i64)]).await?;
+    }
     Ok(())
 }

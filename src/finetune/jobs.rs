@@ -256,6 +256,26 @@ impl JobBook {
         self.jobs.lock().expect("jobs lock").get(id).cloned()
     }
 
+    /// Forgets finished jobs beyond the newest `keep`, records and all;
+    /// failures only cost disk.
+    pub fn prune(&self, keep: usize) {
+        let mut jobs = self.jobs.lock().expect("jobs lock");
+        let mut finished: Vec<(u64, String)> = jobs
+            .values()
+            .map(|job| job.record())
+            .filter(|record| record.state.is_finished())
+            .map(|record| (record.created_at, record.id))
+            .collect();
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in finished.into_iter().skip(keep) {
+            if let Some(job) = jobs.remove(&id) {
+                if let Err(error) = fs::remove_file(&job.path) {
+                    tracing::warn!(%error, job = %id, "could not remove an old job record");
+                }
+            }
+        }
+    }
+
     /// Every job, newest first.
     pub fn list(&self) -> Vec<JobStatus> {
         let jobs: Vec<Arc<Job>> = self.jobs.lock().expect("jobs lock").values().cloned().collect();

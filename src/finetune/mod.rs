@@ -64,21 +64,47 @@ fn thinned(values: &[f64], most: usize) -> Vec<f64> {
     values.chunks(run).map(|c| c.iter().sum::<f64>() / c.len() as f64).collect()
 }
 
+/// How jobs run, and how many are remembered.
+#[derive(Clone)]
+pub struct JobSettings {
+    pub trainer: Trainer,
+    /// Bytes a job's prepared images may take (`--finetune-memory-mib`).
+    pub memory_budget: usize,
+    /// Finished jobs whose records are kept (`--keep-runs`).
+    pub keep_runs: usize,
+}
+
+impl JobSettings {
+    /// The most images a job may prepare at `input_len` values each: its
+    /// `max_images`, or fewer when the memory budget says so (at least 4).
+    fn max_images(&self, params: &FinetuneParams, input_len: usize) -> usize {
+        let within_budget = self.memory_budget / (input_len * std::mem::size_of::<f32>()).max(1);
+        params.max_images.min(within_budget).max(4)
+    }
+}
+
 /// Starts, lists and stops fine-tune jobs over one catalog.
 #[derive(Clone)]
 pub struct Jobs {
     book: JobBook,
     catalog: Catalog,
     lifecycle: ModelLifecycle,
-    trainer: Trainer,
+    settings: JobSettings,
 }
 
 impl Jobs {
-    /// Reads the job records in `dir`; see `JobBook::open` for jobs a stop interrupted.
-    pub fn open(dir: &Path, catalog: Catalog, lifecycle: ModelLifecycle, trainer: Trainer) -> Result<Self, JobError> {
+    /// Reads the job records in `dir` (see `JobBook::open` for jobs a stop
+    /// interrupted), keeping the newest `keep_runs` finished ones.
+    pub fn open(
+        dir: &Path,
+        catalog: Catalog,
+        lifecycle: ModelLifecycle,
+        settings: JobSettings,
+    ) -> Result<Self, JobError> {
         let active = catalog.active_version().version;
         let book = JobBook::open(dir, &active, lifecycle.runs().clone())?;
-        let jobs = Self { book, catalog, lifecycle, trainer };
+        book.prune(settings.keep_runs);
+        let jobs = Self { book, catalog, lifecycle, settings };
         tokio::spawn(jobs.clone().follow_cancels());
         Ok(jobs)
     }
@@ -153,8 +179,8 @@ impl Jobs {
         let slot = self.lifecycle.claim(SlotHolder::Job(id.clone())).await?;
         let labelled = self.catalog.labelled().await?;
         let mut rng = StdRng::seed_from_u64(params.seed);
-        let split =
-            data::split(&labelled, params.labels.as_deref(), params.validation_fraction, params.max_images, &mut rng)?;
+        let max_images = self.settings.max_images(&params, self.catalog.preprocessor().input_len());
+        let split = data::split(&labelled, params.labels.as_deref(), params.validation_fraction, max_images, &mut rng)?;
         let base = self.catalog.active_version();
         let record = JobRecord {
             id: id.clone(),
@@ -186,16 +212,18 @@ impl Jobs {
         let runner = run::Runner {
             catalog: self.catalog.clone(),
             lifecycle: self.lifecycle.clone(),
-            trainer: self.trainer.clone(),
+            trainer: self.settings.trainer.clone(),
             job: job.clone(),
             fence: slot.fence(),
         };
         let (scratch, runs, ended) = (self.book.scratch(&id), self.lifecycle.runs().clone(), job.clone());
+        let (book, keep) = (self.book.clone(), self.settings.keep_runs);
         tokio::spawn(async move {
             runner.run(base, split, &scratch).await;
             let _ = std::fs::remove_dir_all(&scratch);
             runs.record_final(&ended.status()).await;
             drop(slot);
+            book.prune(keep);
         });
         Ok(job.status())
     }
@@ -226,7 +254,23 @@ impl Jobs {
 
 #[cfg(test)]
 mod tests {
-    use super::thinned;
+    use super::{thinned, FinetuneParams, JobSettings, Trainer};
+
+    #[test]
+    fn a_job_prepares_no_more_images_than_its_memory_budget_holds() {
+        let settings = |mib: usize| JobSettings {
+            trainer: Trainer { device: "cpu".parse().unwrap(), threads: 1 },
+            memory_budget: mib << 20,
+            keep_runs: 100,
+        };
+        let params = FinetuneParams { max_images: 200_000, ..FinetuneParams::default() };
+        let at_96_px = 3 * 96 * 96; // 110,592 bytes an image
+        assert_eq!(settings(2048).max_images(&params, at_96_px), 19_418, "2 GiB, not 200,000 x 110 KB = 22 GB");
+        assert_eq!(settings(2048).max_images(&FinetuneParams::default(), at_96_px), 19_418);
+        assert_eq!(settings(1).max_images(&params, 3 * 224 * 224), 4, "never below 4");
+        let few = FinetuneParams { max_images: 100, ..FinetuneParams::default() };
+        assert_eq!(settings(2048).max_images(&few, at_96_px), 100, "the job's own bound when it is lower");
+    }
 
     #[test]
     fn losses_in_lists_are_thinned_to_means_of_runs() {

@@ -19,8 +19,8 @@ use crate::gallery::GalleryStore;
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry};
 
-/// Runs remembered per kind (a single node also keeps its jobs on disk), as
-/// many as `GET /admin/activations` lists.
+/// Finished runs remembered per kind unless `keep_runs` says fewer (a single
+/// node also keeps its jobs on disk), as many as `GET /admin/activations` lists.
 const RUNS_KEPT: usize = 32;
 
 /// The state replicas in one process share.
@@ -47,6 +47,8 @@ struct Shared {
     runs: Vec<Run>,
     /// Published versions and the folder each was saved in.
     versions: BTreeMap<u64, PathBuf>,
+    /// Finished runs kept per kind.
+    keep_runs: usize,
     /// Tests: while set, a run's first record waits for a permit of it.
     record_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -68,13 +70,18 @@ struct Run {
 impl MemoryCluster {
     /// A cluster whose active version is `active` (`None`: the bundled one).
     pub fn new(active: Option<String>, store: Arc<dyn GalleryStore>) -> Arc<Self> {
-        let shared = Shared { active, ..Shared::default() };
+        let shared = Shared { active, keep_runs: RUNS_KEPT, ..Shared::default() };
         Arc::new(Self {
             shared: Mutex::new(shared),
             changed: Arc::default(),
             store,
             numbering: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Keeps at most `keep` finished runs of each kind (`--keep-runs`, up to `RUNS_KEPT`).
+    pub fn keep_runs(&self, keep: usize) {
+        self.lock().keep_runs = keep.min(RUNS_KEPT);
     }
 
     /// A new replica's handle.
@@ -308,14 +315,15 @@ impl RunLog for MemoryReplica {
 
     fn publish(&self, kind: RunKind, id: &str, status: Value) {
         let mut shared = self.shared();
-        if let Some(run) = shared.runs.iter_mut().find(|r| r.kind == kind && r.id == id) {
-            run.status = status;
-            return;
+        match shared.runs.iter_mut().find(|r| r.kind == kind && r.id == id) {
+            Some(run) => run.status = status,
+            None => shared.runs.push(Run { kind, id: id.to_string(), replica: self.id.clone(), status, cancel: false }),
         }
-        let run = Run { kind, id: id.to_string(), replica: self.id.clone(), status, cancel: false };
-        shared.runs.push(run);
-        if shared.runs.iter().filter(|r| r.kind == kind).count() > RUNS_KEPT {
-            let oldest = shared.runs.iter().position(|r| r.kind == kind).expect("one of this kind");
+        let finished = |r: &Run| {
+            r.kind == kind && r.status.get("state").is_some_and(|s| s == "done" || s == "failed" || s == "cancelled")
+        };
+        while shared.runs.iter().filter(|r| finished(r)).count() > shared.keep_runs {
+            let oldest = shared.runs.iter().position(finished).expect("one finished run of this kind");
             shared.runs.remove(oldest);
         }
     }

@@ -394,3 +394,37 @@ async fn a_finetune_teaches_the_classes_the_model_never_saw() {
     assert!(map_after > map_before + 0.05, "MAP@R {map_before:.3} -> {map_after:.3}");
     app.stop().await;
 }
+
+/// `--keep-runs`: finished jobs beyond the newest are forgotten, their
+/// records on disk too, as each job ends.
+#[tokio::test]
+async fn finished_jobs_beyond_keep_runs_are_forgotten() {
+    let app = spawn_app_with(|c| {
+        c.admin_token = Some(TOKEN.into());
+        c.keep_runs = 1;
+    })
+    .await;
+    add_labelled_fixtures(&app.client, &app.address).await;
+    let params = json!({"epochs": 1, "p": 4, "k": 2, "validation_fraction": 0.34, "seed": 1});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let started: Value = start_job(&app, params.clone()).await.json().await.unwrap();
+        let id = started["id"].as_str().unwrap().to_string();
+        wait_for_job(&app.client, &app.address, &id).await;
+        ids.push(id);
+    }
+    let records = || std::fs::read_dir(app.data_dir.join("finetune")).unwrap().flatten().count();
+    eventually(Duration::from_secs(30), "one job record left", || async {
+        let listed = get_json(&app, "/admin/finetune").await;
+        let listed: Vec<&str> = listed["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+        if listed == [ids[1].as_str()] && records() == 1 {
+            Ok(())
+        } else {
+            Err(format!("{listed:?}, {} records", records()))
+        }
+    })
+    .await;
+    let gone = admin(app.client.get(app.url(&format!("/admin/finetune/{}", ids[0])))).send().await.unwrap();
+    assert_eq!(gone.status(), 404);
+    app.stop().await;
+}

@@ -1,5 +1,6 @@
 //! The cluster's lifecycle lock when the connection holding it is lost: the
-//! work under it stops, and no other replica starts a fine-tune before it has.
+//! work under it stops, and no other replica starts a fine-tune before it
+//! has. Also: `--keep-runs` in the database.
 
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ fn state_in_database(pg: &PgServer, id: &str) -> String {
 async fn a_job_whose_lock_connection_is_terminated_fails_and_no_second_job_overlaps_it() {
     let pg = PgServer::start();
     let url = pg.url();
-    let env = [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let env =
+        [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN), ("LOOKALIKE_KEEP_RUNS", "1")];
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let first = Server::start_with_env(dirs[0].path(), "replica.log", &env).await;
     let second = Server::start_with_env(dirs[1].path(), "replica.log", &env).await;
@@ -69,8 +71,18 @@ async fn a_job_whose_lock_connection_is_terminated_fails_and_no_second_job_overl
     assert!(finished <= created, "{ended} / {accepted}");
     assert_eq!(ended["saved_version"], Value::Null, "nothing was saved by it: {ended}");
 
-    let second_job = format!("{}/admin/finetune/{}", second.url, accepted["id"].as_str().unwrap());
-    assert_eq!(admin_json(client.delete(&second_job)).await.0, 202);
+    let second_id = accepted["id"].as_str().unwrap();
+    assert_eq!(admin_json(client.delete(format!("{}/admin/finetune/{second_id}", second.url))).await.0, 202);
+    // `--keep-runs 1`: once the second job has ended, the first one's record is gone from the database.
+    eventually(Duration::from_secs(60), "one finished job in the database", || async {
+        let jobs = pg.psql("SELECT id || ' ' || (status->>'state') FROM lifecycle_runs WHERE kind = 'job'");
+        if jobs == format!("{second_id} cancelled") {
+            Ok(())
+        } else {
+            Err(jobs)
+        }
+    })
+    .await;
     for server in [first, second] {
         server.terminate(Duration::from_secs(30)).await;
     }
