@@ -95,6 +95,9 @@ impl ModelVersion {
     }
 }
 
+/// What marks the number of a deleted version as used.
+const DELETED: &str = ".deleted";
+
 /// The bundled model plus the versions saved under the data directory.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -176,7 +179,7 @@ impl Registry {
         if self.versions_dir.is_dir() {
             for entry in fs::read_dir(&self.versions_dir)? {
                 let name = entry?.file_name().to_string_lossy().into_owned();
-                if let Ok(n) = name.trim_end_matches(".tmp").parse::<u64>() {
+                if let Ok(n) = name.trim_end_matches(".tmp").trim_end_matches(DELETED).parse::<u64>() {
                     highest = highest.max(n);
                 }
             }
@@ -206,6 +209,18 @@ impl Registry {
 }
 
 impl Registry {
+    /// Deletes a saved version's folder, leaving `<version>.deleted` behind
+    /// so that its number is never given to another version.
+    pub fn remove(&self, version: &str) -> Result<(), RegistryError> {
+        let dir = self.versions_dir.join(version);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        write_atomic(&self.versions_dir.join(format!("{version}{DELETED}")), b"")?;
+        fs::remove_dir_all(&dir)?;
+        Ok(sync_dir(&self.versions_dir)?)
+    }
+
     /// Saves a version another process made (cluster mode) from its
     /// encoder's bytes and manifest, under the manifest's version, replacing
     /// a folder of that version.

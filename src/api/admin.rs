@@ -96,6 +96,16 @@ pub async fn activate(
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(status)).into_response())
 }
 
+/// `DELETE /admin/models/{version}`: deletes a saved version with its
+/// embeddings and index (not the bundled, active or rollback-target one).
+pub async fn delete_model(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(version): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.lifecycle.delete_version(&version).await?).into_response())
+}
+
 /// `GET /admin/activations`: the activations since start, newest first (in
 /// cluster mode, every replica's).
 pub async fn activations(_: Admin, State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -198,6 +198,7 @@ impl From<LifecycleError> for ApiError {
         match e {
             LifecycleError::Catalog(e) => e.into(),
             LifecycleError::Busy(_) => Self::of_kind(e.kind(), "job_running", e.to_string()),
+            LifecycleError::InUse(..) => Self::of_kind(e.kind(), "model_in_use", e.to_string()),
             _ => Self::of_kind(e.kind(), "conflict", e.to_string()),
         }
     }

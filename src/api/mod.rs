@@ -108,6 +108,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/finetune", post(admin::start).get(admin::list))
         .route("/admin/finetune/{id}", get(admin::status).delete(admin::cancel))
         .route("/admin/models", get(admin::models))
+        .route("/admin/models/{version}", axum::routing::delete(admin::delete_model))
         .route("/admin/models/{version}/activate", post(admin::activate))
         .route("/admin/activations", get(admin::activations))
         .route("/admin/activations/{id}", get(admin::activation))

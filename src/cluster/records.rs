@@ -55,7 +55,20 @@ impl VersionStore for PgCluster {
         Ok(saved)
     }
 
-    /// Copies into this replica's model folder every version another replica saved.
+    async fn delete(&self, registry: &Registry, version: &str, fence: i64) -> PortResult<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        check_fence(&tx, fence).await?;
+        let sql = "UPDATE model_versions SET deleted = TRUE, encoder = ''::bytea WHERE version = $1";
+        tx.execute(sql, &[&version]).await?;
+        tx.commit().await?;
+        let (registry, version) = (registry.clone(), version.to_string());
+        tokio::task::spawn_blocking(move || registry.remove(&version)).await.map_err(std::io::Error::other)??;
+        Ok(())
+    }
+
+    /// Copies into this replica's model folder every version another replica
+    /// saved, and removes those another replica deleted.
     async fn install(&self, registry: &Registry) -> PortResult<()> {
         let _installing = self.installing.lock().await;
         let client = self.client().await?;
@@ -64,9 +77,19 @@ impl VersionStore for PgCluster {
             let list = tokio::task::spawn_blocking(move || registry.list()).await.map_err(std::io::Error::other)??;
             list.into_iter().map(|v| (v.version, v.encoder_sha256)).collect()
         };
-        let rows = client.query("SELECT version, manifest->>'encoder_sha256' FROM model_versions", &[]).await?;
+        let rows =
+            client.query("SELECT version, manifest->>'encoder_sha256', deleted FROM model_versions", &[]).await?;
         for row in rows {
-            let (version, sha): (String, Option<String>) = (row.get(0), row.get(1));
+            let (version, sha, deleted): (String, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
+            if deleted {
+                if local.iter().any(|(v, _)| *v == version) {
+                    let registry = registry.clone();
+                    tokio::task::spawn_blocking(move || registry.remove(&version))
+                        .await
+                        .map_err(std::io::Error::other)??;
+                }
+                continue;
+            }
             if local.iter().any(|(v, s)| *v == version && Some(s) == sha.as_ref()) {
                 continue;
             }

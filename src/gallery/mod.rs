@@ -209,6 +209,10 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// How many items have an embedding under `model`.
     async fn count_embedded(&self, model: String) -> Result<u64, GalleryError>;
 
+    /// Deletes every embedding under `model` (a deleted model version), and
+    /// what the store noted about it; returns how many embeddings went.
+    async fn forget_model(&self, model: String) -> Result<u64, GalleryError>;
+
     /// The embeddings under `model` of the given ids (those that have one).
     async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError>;
 

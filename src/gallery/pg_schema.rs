@@ -86,8 +86,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
     // 4: the lifecycle lock's fencing token, bumped at every taking of the
-    // lock: a holder's switch and version writes are conditional on it.
-    "ALTER TABLE cluster_state ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;",
+    // lock: a holder's switch and version writes are conditional on it. A
+    // deleted model version keeps its row (its number stays used), without its encoder.
+    "ALTER TABLE cluster_state ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE model_versions ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
 /// Brings the database to this build's schema; refuses one migrated by a newer build.

@@ -185,6 +185,15 @@ impl GalleryStore for PgGallery {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
+    async fn forget_model(&self, model: String) -> Result<u64, GalleryError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let deleted = tx.execute("DELETE FROM embeddings WHERE model = $1", &[&model]).await?;
+        tx.execute("DELETE FROM unembeddable WHERE model = $1", &[&model]).await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn embeddings_of(&self, model: String, ids: Vec<i64>) -> Result<Vec<(i64, Vec<f32>)>, GalleryError> {
         let rows = self
             .client()

@@ -244,6 +244,10 @@ impl GalleryStore for SqliteGallery {
         .await
     }
 
+    async fn forget_model(&self, model: String) -> Result<u64, GalleryError> {
+        self.with_conn(move |conn| Ok(conn.execute("DELETE FROM embeddings WHERE model = ?1", [model])? as u64)).await
+    }
+
     async fn count(&self) -> Result<u64, GalleryError> {
         self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
     }

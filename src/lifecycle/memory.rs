@@ -47,6 +47,8 @@ struct Shared {
     runs: Vec<Run>,
     /// Published versions and the folder each was saved in.
     versions: BTreeMap<u64, PathBuf>,
+    /// Deleted versions: every replica removes its copy.
+    deleted: Vec<String>,
     /// Finished runs kept per kind.
     keep_runs: usize,
     /// Tests: while set, a run's first record waits for a permit of it.
@@ -376,10 +378,28 @@ impl VersionStore for MemoryReplica {
         Ok(saved)
     }
 
+    async fn delete(&self, registry: &Registry, version: &str, fence: i64) -> PortResult<()> {
+        {
+            let mut shared = self.shared();
+            Self::check_fence(&shared, fence)?;
+            shared.versions.retain(|number, _| number.to_string() != version);
+            shared.deleted.push(version.to_string());
+        }
+        let (registry, version) = (registry.clone(), version.to_string());
+        tokio::task::spawn_blocking(move || registry.remove(&version)).await.map_err(std::io::Error::other)??;
+        Ok(())
+    }
+
     async fn install(&self, registry: &Registry) -> PortResult<()> {
-        let published: Vec<PathBuf> = self.shared().versions.values().cloned().collect();
+        let (published, deleted): (Vec<PathBuf>, Vec<String>) = {
+            let shared = self.shared();
+            (shared.versions.values().cloned().collect(), shared.deleted.clone())
+        };
         let registry = registry.clone();
         tokio::task::spawn_blocking(move || {
+            for version in deleted {
+                registry.remove(&version)?;
+            }
             let local: Vec<(String, String)> =
                 registry.list()?.into_iter().map(|v| (v.version, v.encoder_sha256)).collect();
             for dir in published {

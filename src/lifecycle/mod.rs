@@ -54,6 +54,8 @@ pub enum LifecycleError {
     Port(#[from] PortError),
     #[error("model switch: {0}")]
     Switch(String),
+    #[error("version {0} cannot be deleted: {1}")]
+    InUse(String, &'static str),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -63,7 +65,7 @@ impl LifecycleError {
         match self {
             Self::Catalog(e) => e.kind(),
             Self::UnknownVersion(_) => ErrorKind::NotFound,
-            Self::Busy(_) => ErrorKind::Conflict,
+            Self::Busy(_) | Self::InUse(..) => ErrorKind::Conflict,
             Self::Port(e) => e.kind(),
             Self::Models(_) | Self::Switch(_) | Self::Task(_) => ErrorKind::Internal,
         }
@@ -94,6 +96,15 @@ pub struct VersionInfo {
     pub embedded_items: u64,
     /// For fine-tuned versions: the job, its parameters and validation figures.
     pub finetune: Option<Value>,
+}
+
+/// A deleted model version, as `DELETE /admin/models/{version}` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeletedVersion {
+    pub version: String,
+    pub model: String,
+    /// Its embeddings of gallery items, deleted with it.
+    pub embeddings_deleted: u64,
 }
 
 /// What the lifecycle's parts share.
@@ -201,6 +212,45 @@ impl ModelLifecycle {
     pub async fn save_version(&self, weights: PathBuf, manifest: Manifest) -> Result<ModelVersion, LifecycleError> {
         let fence = self.slots.fence()?.token;
         Ok(self.ctx.ports.versions.publish(&self.ctx.registry, &weights, manifest, fence).await?)
+    }
+
+    /// Deletes a saved version with its embeddings and its index, for every
+    /// replica. Refused for the bundled model, the active version, its
+    /// parent (the rollback target) and a version a replica still serves;
+    /// holds the one-at-a-time slot meanwhile, so no switch can pick it.
+    pub async fn delete_version(&self, version: &str) -> Result<DeletedVersion, LifecycleError> {
+        self.ctx.ports.versions.install(&self.ctx.registry).await?;
+        let wanted = version.to_string();
+        let target = registry_call(&self.ctx.registry, move |r| r.get(&wanted)).await.map_err(|e| match e {
+            LifecycleError::Models(RegistryError::Unknown(v)) => LifecycleError::UnknownVersion(v),
+            other => other,
+        })?;
+        let slot = self.claim(SlotHolder::Deletion(target.version.clone())).await?;
+        let active = self.ctx.catalog.active_version();
+        let parent = active.manifest.extra.get("parent").and_then(Value::as_str).map(str::to_string);
+        let still_served = self.ctx.catalog.models().previous().is_some_and(|p| p.version.version == target.version);
+        let refusal = if target.bundled {
+            Some("it is the bundled model")
+        } else if active.version == target.version {
+            Some("it is the active version")
+        } else if parent.as_deref() == Some(target.version.as_str()) {
+            Some("it is the active version's parent, the rollback target")
+        } else if still_served {
+            Some("a replica still serves it")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            return Err(LifecycleError::InUse(target.version, why));
+        }
+        self.ctx.ports.versions.delete(&self.ctx.registry, &target.version, slot.fence().token).await?;
+        let embeddings_deleted =
+            self.ctx.catalog.store().forget_model(target.key.clone()).await.map_err(CatalogError::from)?;
+        if let Err(error) = self.ctx.indexes.forget(&target.key).await {
+            tracing::warn!(%error, version = %target.version, "could not remove the deleted version's index");
+        }
+        tracing::info!(version = %target.version, embeddings_deleted, "model version deleted");
+        Ok(DeletedVersion { version: target.version, model: target.model, embeddings_deleted })
     }
 
     /// Makes `version` the active model on every replica without stopping

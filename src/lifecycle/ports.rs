@@ -200,7 +200,12 @@ pub trait VersionStore: Send + Sync {
         manifest: Manifest,
         fence: i64,
     ) -> PortResult<ModelVersion>;
-    /// Copies into `registry` every version another replica saved.
+    /// Deletes a saved version for every replica (its number stays used),
+    /// from `registry` too; refused (`LockLost`) unless `fence` is the
+    /// lifecycle lock's latest.
+    async fn delete(&self, registry: &Registry, version: &str, fence: i64) -> PortResult<()>;
+    /// Copies into `registry` every version another replica saved, and
+    /// removes those another replica deleted.
     async fn install(&self, registry: &Registry) -> PortResult<()>;
 }
 

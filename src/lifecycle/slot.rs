@@ -13,6 +13,8 @@ pub enum SlotHolder {
     Job(String),
     /// A model activation (`POST /admin/models/{version}/activate`), by id.
     Activation(String),
+    /// A model version being deleted (`DELETE /admin/models/{version}`).
+    Deletion(String),
 }
 
 impl std::fmt::Display for SlotHolder {
@@ -20,6 +22,7 @@ impl std::fmt::Display for SlotHolder {
         match self {
             Self::Job(id) => write!(f, "job {id}"),
             Self::Activation(id) => write!(f, "model activation {id}"),
+            Self::Deletion(version) => write!(f, "the deletion of model version {version}"),
         }
     }
 }
@@ -30,12 +33,14 @@ impl SlotHolder {
         match self {
             Self::Job(id) => format!("job:{id}"),
             Self::Activation(id) => format!("activation:{id}"),
+            Self::Deletion(version) => format!("deletion:{version}"),
         }
     }
 
     fn from_key(key: &str) -> Self {
         match key.split_once(':') {
             Some(("activation", id)) => Self::Activation(id.to_string()),
+            Some(("deletion", version)) => Self::Deletion(version.to_string()),
             Some((_, id)) => Self::Job(id.to_string()),
             None => Self::Job(key.to_string()),
         }

@@ -677,3 +677,50 @@ async fn a_final_state_written_while_the_database_is_away_is_published_once_it_i
     .await;
     server.terminate(Duration::from_secs(30)).await;
 }
+
+/// `DELETE /admin/models/{version}` through one replica deletes the version
+/// for all: its row keeps the number without the encoder, its embeddings and
+/// pgvector index go, and the other replica drops its copy.
+#[tokio::test]
+async fn a_version_deleted_through_one_replica_is_gone_from_every_replica() {
+    let pg = PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    save_second_version(dir.path());
+    let embedded = Server::start_with_env(dir.path(), "embedded.log", &[]).await;
+    let client = Client::new();
+    for (class, bytes) in fixtures().iter().take(5) {
+        assert_eq!(upload(&client, &embedded.url, bytes, class).await.status(), 201);
+    }
+    embedded.terminate(Duration::from_secs(30)).await;
+    let moved = Command::new(env!("CARGO_BIN_EXE_lookalike"))
+        .args(["migrate", "--data-dir"])
+        .arg(dir.path())
+        .env("LOOKALIKE_DATABASE_URL", pg.url())
+        .output()
+        .unwrap();
+    assert!(moved.status.success(), "{}", String::from_utf8_lossy(&moved.stderr));
+
+    let url = pg.url();
+    let env = [("LOOKALIKE_DATABASE_URL", url.as_str()), ("LOOKALIKE_ADMIN_TOKEN", TOKEN)];
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let a = Server::start_with_env(dirs[0].path(), "replica.log", &env).await;
+    let b = Server::start_with_env(dirs[1].path(), "replica.log", &env).await;
+    activate(&pg, &client, &a.url, "2").await;
+    let indexes = "SELECT COUNT(*) FROM pg_indexes WHERE indexname LIKE 'embeddings_hnsw_%'";
+    assert_eq!(pg.psql(indexes), "2", "the bundled model's index and version 2's");
+    let (status, refused) = admin_json(client.delete(format!("{}/admin/models/2", b.url))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("model_in_use")), "{refused}");
+    activate(&pg, &client, &a.url, "1").await;
+
+    let (status, deleted) = admin_json(client.delete(format!("{}/admin/models/2", b.url))).await;
+    assert_eq!((status, deleted["embeddings_deleted"].as_u64()), (200, Some(5)), "{deleted}");
+    assert_eq!(pg.psql("SELECT deleted, octet_length(encoder) FROM model_versions"), "t|0");
+    assert_eq!(pg.psql("SELECT COUNT(DISTINCT model) FROM embeddings"), "1");
+    assert_eq!(pg.psql(indexes), "1", "version 2's index is dropped");
+    let (_, models) = admin_json(client.get(format!("{}/admin/models", a.url))).await;
+    assert_eq!(models["versions"].as_array().unwrap().len(), 1, "{models}");
+    assert!(!dirs[0].path().join("models/2").exists(), "the other replica dropped its copy");
+    for server in [a, b] {
+        server.terminate(Duration::from_secs(30)).await;
+    }
+}

@@ -71,11 +71,19 @@ async fn another_encoder_under_the_same_name_and_version_is_re_embedded_not_reus
 
 /// The Fashion-MNIST model saved into `data_dir` as version 2, as fine-tuning would.
 fn saved_copy_as_version_2(data_dir: &Path) {
-    let saved = data_dir.join("models/2");
+    saved_copy(data_dir, "2", None);
+}
+
+/// The Fashion-MNIST model saved into `data_dir` as `version`, fine-tuned from `parent`.
+fn saved_copy(data_dir: &Path, version: &str, parent: Option<&str>) {
+    let saved = data_dir.join("models").join(version);
     std::fs::create_dir_all(&saved).unwrap();
     let source = Path::new(FASHION_MODEL_DIR);
     let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
-    manifest["version"] = "2".into();
+    manifest["version"] = version.into();
+    if let Some(parent) = parent {
+        manifest["parent"] = parent.into();
+    }
     std::fs::write(saved.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
     std::fs::copy(source.join(ENCODER_FILE), saved.join(ENCODER_FILE)).unwrap();
 }
@@ -165,4 +173,61 @@ async fn an_interrupted_job_is_recorded_as_the_active_version_says() {
     let health: Value = app.health().await.json().await.unwrap();
     assert_eq!(health["model_version"], "2");
     app.stop().await;
+}
+
+/// `DELETE /admin/models/{version}` refuses the bundled, active and
+/// rollback-target versions, and frees a deleted version's folder,
+/// embeddings and index dump; its number is never given out again.
+#[tokio::test]
+async fn a_deleted_version_takes_its_embeddings_and_index_with_it() {
+    let data = tempfile::tempdir().unwrap();
+    saved_copy(data.path(), "2", None);
+    saved_copy(data.path(), "3", Some("2"));
+    let mut c = config(data.path());
+    c.admin_token = Some(TOKEN.into());
+    let app = spawn_with(c).await;
+    let images: Vec<Vec<u8>> = fixtures().into_iter().take(4).map(|(_, png)| png).collect();
+    assert_eq!(app.add_images(&images, None, None).await.status(), 201);
+    for version in ["2", "3"] {
+        assert_eq!(activate(&app.client, &app.address, version).await["state"], "done");
+    }
+    let index_folders = |version: &str| {
+        let marker = format!("@{version}_");
+        let entries = std::fs::read_dir(data.path().join("index")).unwrap().flatten();
+        entries.filter(|e| e.file_name().to_string_lossy().contains(&marker)).count()
+    };
+    assert_eq!(index_folders("3"), 1, "the switch to 3 dumped its index");
+    let delete = |version: &'static str| {
+        let request = app.client.delete(app.url(&format!("/admin/models/{version}"))).bearer_auth(TOKEN);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    for (version, why) in [("1", "the bundled model"), ("3", "the active version"), ("2", "the rollback target")] {
+        let (status, refused) = delete(version).await;
+        assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("model_in_use")), "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains(why), "{refused}");
+    }
+    assert_eq!(delete("9").await.0, 404);
+
+    assert_eq!(activate(&app.client, &app.address, "1").await["state"], "done");
+    for version in ["2", "3"] {
+        let (status, deleted) = delete(version).await;
+        assert_eq!((status, deleted["embeddings_deleted"].as_u64()), (200, Some(4)), "{deleted}");
+        assert!(!data.path().join("models").join(version).exists());
+        assert_eq!(index_folders(version), 0, "version {version}'s index dump is gone");
+    }
+    let models: Value =
+        app.client.get(app.url("/admin/models")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    let listed: Vec<&str> =
+        models["versions"].as_array().unwrap().iter().map(|v| v["version"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["1"], "{models}");
+    assert_eq!(delete("3").await.0, 404, "deleted once");
+    assert!(top_score(&app, &images[0]).await > 0.999, "search goes on with the active version");
+    app.stop().await;
+
+    // The numbers of deleted versions stay used: the next saved version is 4.
+    let registry = lookalike::registry::Registry::new(Path::new(FASHION_MODEL_DIR), data.path());
+    assert_eq!(registry.next_version().unwrap(), "4");
 }
