@@ -212,12 +212,15 @@ impl Registry {
     /// Deletes a saved version's folder, leaving `<version>.deleted` behind
     /// so that its number is never given to another version.
     pub fn remove(&self, version: &str) -> Result<(), RegistryError> {
-        let dir = self.versions_dir.join(version);
-        if !dir.is_dir() {
-            return Ok(());
+        fs::create_dir_all(&self.versions_dir)?;
+        let tombstone = self.versions_dir.join(format!("{version}{DELETED}"));
+        if !tombstone.exists() {
+            write_atomic(&tombstone, b"")?;
         }
-        write_atomic(&self.versions_dir.join(format!("{version}{DELETED}")), b"")?;
-        fs::remove_dir_all(&dir)?;
+        let dir = self.versions_dir.join(version);
+        if dir.is_dir() {
+            fs::remove_dir_all(&dir)?;
+        }
         Ok(sync_dir(&self.versions_dir)?)
     }
 

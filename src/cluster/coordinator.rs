@@ -61,6 +61,12 @@ impl Membership for PgCluster {
         Ok(())
     }
 
+    async fn served(&self) -> PortResult<Vec<String>> {
+        let sql = "SELECT DISTINCT serving FROM replicas WHERE seen_at > now() - make_interval(secs => $1)";
+        let rows = self.client().await?.query(sql, &[&LIVE_WITHIN_SECS]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         Some(POLL) // in case a notification is lost
     }
@@ -254,14 +260,19 @@ impl PgCluster {
             };
             let _ = closed.send(why);
         });
-        let limits = format!(
-            "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;
-             SET tcp_user_timeout = {ms}; SET idle_session_timeout = {ms}",
-            ms = LOCK_IDLE_LIMIT.as_millis()
-        );
-        if let Err(error) = client.batch_execute(&limits).await {
-            // PostgreSQL before 14 has no idle_session_timeout: keepalives still bound a partition.
-            tracing::warn!(%error, "could not bound the lifecycle lock's session on the server");
+        let ms = LOCK_IDLE_LIMIT.as_millis();
+        let limits = [
+            "SET tcp_keepalives_idle = 10".to_string(),
+            "SET tcp_keepalives_interval = 5".into(),
+            "SET tcp_keepalives_count = 3".into(),
+            format!("SET tcp_user_timeout = {ms}"),
+            format!("SET idle_session_timeout = {ms}"),
+        ];
+        // One at a time: PostgreSQL before 14 has no idle_session_timeout, and the others still hold.
+        for limit in limits {
+            if let Err(error) = client.batch_execute(&limit).await {
+                tracing::warn!(%error, limit, "could not bound the lifecycle lock's session on the server");
+            }
         }
         Ok((client, watch_closed))
     }

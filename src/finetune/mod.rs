@@ -219,7 +219,14 @@ impl Jobs {
         let (scratch, runs, ended) = (self.book.scratch(&id), self.lifecycle.runs().clone(), job.clone());
         let (book, keep) = (self.book.clone(), self.settings.keep_runs);
         tokio::spawn(async move {
-            runner.run(base, split, &scratch).await;
+            // Awaited by a second task, so that even a job that panics ends failed and frees the slot.
+            let run = tokio::spawn({
+                let scratch = scratch.clone();
+                async move { runner.run(base, split, &scratch).await }
+            });
+            if let Err(error) = run.await {
+                ended.finish(JobState::Failed, None, Some(format!("the job's task failed: {error}")));
+            }
             let _ = std::fs::remove_dir_all(&scratch);
             runs.record_final(&ended.status()).await;
             drop(slot);

@@ -111,10 +111,12 @@ impl LocalIndexes {
         }
     }
 
-    /// The folder of `model`'s dumps: its key, with what is not a plain file name character replaced.
+    /// The folder of `model`'s dumps: `model-` and its key, with what is not
+    /// a plain file name character replaced (never named like a dump folder).
     fn folder(&self, model: &str) -> PathBuf {
         let plain = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
-        self.dir.join(model.chars().map(|c| if plain(c) { c } else { '_' }).collect::<String>())
+        let key: String = model.chars().map(|c| if plain(c) { c } else { '_' }).collect();
+        self.dir.join(format!("model-{key}"))
     }
 }
 

@@ -204,6 +204,10 @@ impl Follower {
         }
         drop(exclusive);
         tracing::info!(version = %model.version.version, model = %model.name(), "model switched");
+        // At once, not at the next heartbeat: the others (and a deletion) read what it serves.
+        if let Err(error) = self.ctx.ports.membership.heartbeat(&model.version.version).await {
+            tracing::warn!(%error, "cannot tell the cluster which version this replica serves");
+        }
         Ok(())
     }
 

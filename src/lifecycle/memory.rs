@@ -179,6 +179,10 @@ impl Membership for MemoryReplica {
         Ok(())
     }
 
+    async fn served(&self) -> PortResult<Vec<String>> {
+        Ok(self.shared().replicas.values().map(|r| r.serving.clone()).collect())
+    }
+
     fn poll_interval(&self) -> Option<Duration> {
         None // every change comes through this process, and notifies
     }
@@ -362,7 +366,8 @@ impl VersionStore for MemoryReplica {
         let published = {
             let shared = self.shared();
             Self::check_fence(&shared, fence)?;
-            shared.versions.keys().next_back().copied().unwrap_or(0)
+            let deleted = shared.deleted.iter().filter_map(|v| v.parse::<u64>().ok());
+            shared.versions.keys().copied().chain(deleted).max().unwrap_or(0)
         };
         let (registry, weights) = (registry.clone(), weights.to_path_buf());
         let saved = tokio::task::spawn_blocking(move || {

@@ -78,6 +78,8 @@ pub trait Membership: Send + Sync {
     async fn lagging(&self, serving: &str) -> PortResult<usize>;
     /// At shutdown: a switch no longer waits for this replica.
     async fn leave(&self) -> PortResult<()>;
+    /// The versions live replicas serve.
+    async fn served(&self) -> PortResult<Vec<String>>;
     /// How often to read the state without a notification; `None` when it
     /// changes only through this replica (nothing to poll).
     fn poll_interval(&self) -> Option<Duration>;

@@ -2,6 +2,7 @@
 //! process's holder, and the lifecycle lock across the replicas.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::ports::{Fence, HeldLock, LifecycleLock};
 use super::LifecycleError;
@@ -47,6 +48,10 @@ impl SlotHolder {
     }
 }
 
+/// How long a claim tries again while the slot is busy, and how often.
+const CLAIM_WAIT: Duration = Duration::from_secs(2);
+const CLAIM_RETRY: Duration = Duration::from_millis(50);
+
 /// Who holds the slot in this process, and, once the lifecycle lock is
 /// taken, the fence its work writes under.
 type Held = Arc<Mutex<Option<(SlotHolder, Option<Fence>)>>>;
@@ -83,8 +88,23 @@ impl Slots {
         Self { held: Arc::default(), lock }
     }
 
-    /// Takes the slot for `holder`, or says who has it, here or on another replica.
+    /// Takes the slot for `holder`, or says who has it, here or on another
+    /// replica. A run answers as finished a moment before its slot and lock
+    /// are free (its final record is written first, and PostgreSQL releases
+    /// the lock when the connection has closed), so a busy slot is tried
+    /// again for up to `CLAIM_WAIT`: a client that starts the next run when
+    /// it reads the last one as finished is not refused.
     pub(super) async fn claim(&self, holder: SlotHolder) -> Result<Slot, LifecycleError> {
+        let started = Instant::now();
+        loop {
+            match self.try_claim(holder.clone()).await {
+                Err(LifecycleError::Busy(_)) if started.elapsed() < CLAIM_WAIT => tokio::time::sleep(CLAIM_RETRY).await,
+                claimed => return claimed,
+            }
+        }
+    }
+
+    async fn try_claim(&self, holder: SlotHolder) -> Result<Slot, LifecycleError> {
         {
             let mut held = self.held();
             if let Some((busy, _)) = held.as_ref() {
