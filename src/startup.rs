@@ -170,6 +170,7 @@ impl Application {
             (self.state.catalog.clone(), self.state.lifecycle.clone(), self.state.jobs.clone(), self.grace);
         let dumper = (!self.dump_interval.is_zero())
             .then(|| tokio::spawn(dump_periodically(catalog.clone(), self.dump_interval)));
+        let expiry = tokio::spawn(forget_expired_keys_hourly(catalog.store().clone()));
         let (draining, delay) = (self.state.draining.clone(), self.delay);
         let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
@@ -192,6 +193,7 @@ impl Application {
         if !jobs.stop_running(grace).await {
             tracing::warn!("the fine-tune job did not stop within the grace period; the next start records it failed");
         }
+        expiry.abort();
         if let Some(dumper) = dumper {
             dumper.abort();
             let _ = dumper.await; // a dump in progress finishes on its blocking thread either way
@@ -223,6 +225,21 @@ async fn dump_periodically(catalog: Catalog, interval: Duration) {
         ticks.tick().await;
         if let Err(error) = catalog.dump_index().await {
             tracing::error!(%error, "periodic index dump failed");
+        }
+    }
+}
+
+/// Forgets idempotency keys past their day, every hour (keyed uploads do it
+/// too; this covers a gallery that gets none for a while).
+async fn forget_expired_keys_hourly(store: Arc<dyn GalleryStore>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(3600));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match store.forget_expired_keys().await {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::info!(forgotten, "idempotency keys past their day forgotten"),
+            Err(error) => tracing::warn!(%error, "could not forget expired idempotency keys; trying again in an hour"),
         }
     }
 }

@@ -102,6 +102,19 @@ pub(super) fn sqlite_keep_answer(conn: &rusqlite::Connection, key: &str, answer:
     Ok(())
 }
 
+/// SQLite: forgets every key past its day (also done by each keyed insert;
+/// this is for a gallery that gets none for a while).
+pub(super) fn sqlite_forget_expired(conn: &rusqlite::Connection) -> Result<u64, GalleryError> {
+    let before = now_millis() as i64 - KEY_KEPT_MS;
+    Ok(conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?1", [before])? as u64)
+}
+
+/// PostgreSQL: as `sqlite_forget_expired`.
+pub(super) async fn pg_forget_expired(client: &impl deadpool_postgres::GenericClient) -> Result<u64, GalleryError> {
+    let before = now_millis() as i64 - KEY_KEPT_MS;
+    Ok(client.execute("DELETE FROM idempotency_keys WHERE created_at < $1", &[&before]).await?)
+}
+
 /// PostgreSQL, inside the insert's transaction: as `sqlite_remember`.
 pub(super) async fn pg_remember(
     tx: &tokio_postgres::Transaction<'_>,
@@ -141,4 +154,35 @@ pub(super) async fn pg_keep_answer(
 ) -> Result<(), GalleryError> {
     client.execute("UPDATE idempotency_keys SET answer = $2 WHERE key = $1", &[&key, &answer.to_string()]).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gallery::{GalleryStore, SqliteGallery};
+
+    /// Keys past their day go without a keyed upload to sweep them; a fresh one stays.
+    #[tokio::test]
+    async fn expired_keys_are_forgotten_by_the_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteGallery::open(dir.path()).unwrap();
+        let raw = rusqlite::Connection::open(dir.path().join("gallery.sqlite3")).unwrap();
+        let now = now_millis() as i64;
+        for (key, at) in [("old", now - KEY_KEPT_MS - 1), ("fresh", now)] {
+            raw.execute(
+                "INSERT INTO idempotency_keys (key, fingerprint, inserted, created_at) VALUES (?1, 'f', '[]', ?2)",
+                rusqlite::params![key, at],
+            )
+            .unwrap();
+        }
+        assert_eq!(store.forget_expired_keys().await.unwrap(), 1);
+        let left: Vec<String> = raw
+            .prepare("SELECT key FROM idempotency_keys")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(left, ["fresh"]);
+    }
 }

@@ -234,6 +234,9 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// Whether the store answers.
     async fn ping(&self) -> Result<(), GalleryError>;
 
+    /// Forgets idempotency keys past their day; returns how many.
+    async fn forget_expired_keys(&self) -> Result<u64, GalleryError>;
+
     /// Brings the store to a tidy state at shutdown (SQLite folds its log in).
     async fn checkpoint(&self) -> Result<(), GalleryError>;
 }

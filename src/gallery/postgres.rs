@@ -273,6 +273,10 @@ impl GalleryStore for PgGallery {
     async fn checkpoint(&self) -> Result<(), GalleryError> {
         Ok(())
     }
+
+    async fn forget_expired_keys(&self) -> Result<u64, GalleryError> {
+        idempotency::pg_forget_expired(&self.client().await?).await
+    }
 }
 
 /// Items claimed for embedding: a transaction holding their row locks.

@@ -180,6 +180,10 @@ impl GalleryStore for SqliteGallery {
         self.with_conn(|conn| Ok(conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)).await
     }
 
+    async fn forget_expired_keys(&self) -> Result<u64, GalleryError> {
+        self.with_conn(|conn| idempotency::sqlite_forget_expired(conn)).await
+    }
+
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
         self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
