@@ -197,10 +197,19 @@ impl LifecycleLock for PgCluster {
     /// when it lost the lock but its run has not ended yet.
     async fn acquire(&self, holder: &str) -> PortResult<Result<HeldLock, String>> {
         let (mut client, closed) = self.lock_connection().await?;
-        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LIFECYCLE_LOCK]).await?.get(0);
-        if !locked {
-            let row = client.query_one("SELECT COALESCE(holder, '') FROM cluster_state", &[]).await?;
-            return Ok(Err(row.get(0)));
+        let started = std::time::Instant::now();
+        loop {
+            let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LIFECYCLE_LOCK]).await?.get(0);
+            if locked {
+                break;
+            }
+            // A holder whose run is recorded as ended lets the lock go in a moment: wait for it.
+            let row = client.query_one(HOLDER_AND_ENDED, &[]).await?;
+            let (holder, ended): (String, bool) = (row.get(0), row.get(1));
+            if !ended || started.elapsed() >= HOLDER_ENDING_WAIT {
+                return Ok(Err(holder));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Dropping `client` from here on closes the connection, which releases the lock.
         if let Some(previous) = client.query_opt(PREVIOUS_STILL_RUNNING, &[&LIVE_WITHIN_SECS]).await? {
@@ -223,6 +232,14 @@ impl LifecycleLock for PgCluster {
         Ok(Ok(HeldLock { fence: Fence::new(fence, watch_lost), guard: Box::new(release) }))
     }
 }
+
+/// The lock's holder, and whether its run is recorded as ended.
+const HOLDER_AND_ENDED: &str = "SELECT COALESCE(s.holder, ''),
+    COALESCE(r.status->>'state' IN ('done', 'failed', 'cancelled'), FALSE)
+    FROM cluster_state s LEFT JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id";
+
+/// How long a claim waits for a holder whose run has ended to let the lock go.
+const HOLDER_ENDING_WAIT: Duration = Duration::from_secs(2);
 
 /// The previous holder of the lifecycle lock, when its run is still going on
 /// a live replica: it lost the lock (its connection closed) and has not

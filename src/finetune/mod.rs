@@ -215,6 +215,7 @@ impl Jobs {
             trainer: self.settings.trainer.clone(),
             job: job.clone(),
             fence: slot.fence(),
+            finishing: slot.finishing(),
         };
         let (scratch, runs, ended) = (self.book.scratch(&id), self.lifecycle.runs().clone(), job.clone());
         let (book, keep) = (self.book.clone(), self.settings.keep_runs);
@@ -225,6 +226,7 @@ impl Jobs {
                 async move { runner.run(base, split, &scratch).await }
             });
             if let Err(error) = run.await {
+                slot.finishing().mark();
                 ended.finish(JobState::Failed, None, Some(format!("the job's task failed: {error}")));
             }
             let _ = std::fs::remove_dir_all(&scratch);

@@ -17,7 +17,7 @@ use super::train::{self, EpochRecord, TrainData, TrainError, Trainer};
 use crate::catalog::{Catalog, CatalogError, Progress, Switched};
 use crate::clock::now_millis;
 use crate::lifecycle::ports::{Fence, PortError};
-use crate::lifecycle::{LifecycleError, ModelLifecycle};
+use crate::lifecycle::{Finishing, LifecycleError, ModelLifecycle};
 use crate::manifest::Manifest;
 use crate::registry::ModelVersion;
 
@@ -68,6 +68,8 @@ pub(super) struct Runner {
     /// The lifecycle lock the job runs under: losing it cancels the job,
     /// which then ends failed, saying why.
     pub fence: Fence,
+    /// Marked just before the job answers as ended.
+    pub finishing: Finishing,
 }
 
 impl Runner {
@@ -82,6 +84,7 @@ impl Runner {
         });
         let outcome = self.steps(base, split, scratch).await;
         watch.abort();
+        self.finishing.mark();
         match outcome {
             Ok(result) => job.finish(JobState::Done, Some(result), None),
             Err(Stop::Cancelled(version)) if self.fence.lost().is_some() => {

@@ -29,7 +29,7 @@ use serde_json::Value;
 pub use activation::{ActivationState, ActivationStatus};
 pub use ports::{PortError, Ports, POLL};
 pub use runs::{RunStatus, Runs};
-pub use slot::{Slot, SlotHolder};
+pub use slot::{Finishing, Slot, SlotHolder};
 
 use crate::catalog::{Catalog, CatalogError, Progress, Switched};
 use crate::error_kind::ErrorKind;
@@ -319,6 +319,7 @@ impl ModelLifecycle {
             let unembeddable = self.ctx.catalog.unembeddable();
             let (version, model) = (target.version, target.model);
             let items = active.indexed_items;
+            slot.finishing().mark();
             activation::finish(
                 &sender,
                 Ok(Switched { version, model, embedded: 0, items, unembeddable, seconds: 0.0 }),
@@ -339,6 +340,7 @@ impl ModelLifecycle {
         let runs = self.runs.clone();
         tokio::spawn(async move {
             let outcome = switch.await.map_err(LifecycleError::from).and_then(|outcome| outcome);
+            slot.finishing().mark();
             activation::finish(&sender, outcome);
             let last = sender.borrow().clone();
             runs.record_final(&last).await;

@@ -52,9 +52,16 @@ impl SlotHolder {
 const CLAIM_WAIT: Duration = Duration::from_secs(2);
 const CLAIM_RETRY: Duration = Duration::from_millis(50);
 
-/// Who holds the slot in this process, and, once the lifecycle lock is
-/// taken, the fence its work writes under.
-type Held = Arc<Mutex<Option<(SlotHolder, Option<Fence>)>>>;
+/// Who holds the slot in this process: the holder, once the lifecycle lock
+/// is taken the fence its work writes under, and whether its run is
+/// finishing (about to answer as ended, its slot freed a moment later).
+struct HeldSlot {
+    holder: SlotHolder,
+    fence: Option<Fence>,
+    finishing: bool,
+}
+
+type Held = Arc<Mutex<Option<HeldSlot>>>;
 
 /// This process's holder of the slot and the lock behind it.
 #[derive(Clone)]
@@ -75,11 +82,29 @@ impl Slot {
     pub fn fence(&self) -> Fence {
         self.lock.as_ref().expect("a claimed slot holds the lock").fence.clone()
     }
+
+    /// A handle that marks this slot's run as finishing.
+    pub fn finishing(&self) -> Finishing {
+        Finishing(self.held.clone())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         *self.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Marks the held slot's run as finishing, just before the run answers as
+/// ended: a claim meanwhile waits for the slot instead of being refused.
+#[derive(Clone)]
+pub struct Finishing(Held);
+
+impl Finishing {
+    pub fn mark(&self) {
+        if let Some(held) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            held.finishing = true;
+        }
     }
 }
 
@@ -89,33 +114,36 @@ impl Slots {
     }
 
     /// Takes the slot for `holder`, or says who has it, here or on another
-    /// replica. A run answers as finished a moment before its slot and lock
-    /// are free (its final record is written first, and PostgreSQL releases
-    /// the lock when the connection has closed), so a busy slot is tried
-    /// again for up to `CLAIM_WAIT`: a client that starts the next run when
-    /// it reads the last one as finished is not refused.
+    /// replica. A run answers as ended a moment before its slot and lock are
+    /// free (its final record is written first), so a slot whose run is
+    /// finishing is waited for, up to `CLAIM_WAIT`: a client that starts the
+    /// next run when it reads the last one as ended is not refused. (The
+    /// PostgreSQL lock waits the same way for a holder whose run is recorded
+    /// as ended.)
     pub(super) async fn claim(&self, holder: SlotHolder) -> Result<Slot, LifecycleError> {
         let started = Instant::now();
         loop {
-            match self.try_claim(holder.clone()).await {
-                Err(LifecycleError::Busy(_)) if started.elapsed() < CLAIM_WAIT => tokio::time::sleep(CLAIM_RETRY).await,
-                claimed => return claimed,
+            let finishing = self.held().as_ref().is_some_and(|held| held.finishing);
+            if finishing && started.elapsed() < CLAIM_WAIT {
+                tokio::time::sleep(CLAIM_RETRY).await;
+                continue;
             }
+            return self.try_claim(holder).await;
         }
     }
 
     async fn try_claim(&self, holder: SlotHolder) -> Result<Slot, LifecycleError> {
         {
             let mut held = self.held();
-            if let Some((busy, _)) = held.as_ref() {
-                return Err(LifecycleError::Busy(busy.clone()));
+            if let Some(busy) = held.as_ref() {
+                return Err(LifecycleError::Busy(busy.holder.clone()));
             }
-            *held = Some((holder.clone(), None));
+            *held = Some(HeldSlot { holder: holder.clone(), fence: None, finishing: false });
         }
         let mut slot = Slot { held: self.held.clone(), lock: None }; // dropped on an error: frees the local slot
         match self.lock.acquire(&holder.key()).await? {
             Ok(lock) => {
-                self.held().as_mut().expect("claimed above").1 = Some(lock.fence.clone());
+                self.held().as_mut().expect("claimed above").fence = Some(lock.fence.clone());
                 slot.lock = Some(lock);
             }
             Err(other) => return Err(LifecycleError::Busy(SlotHolder::from_key(&other))),
@@ -125,16 +153,16 @@ impl Slots {
 
     /// Who holds the slot in this process now.
     pub(super) fn holder(&self) -> Option<SlotHolder> {
-        self.held().as_ref().map(|(holder, _)| holder.clone())
+        self.held().as_ref().map(|held| held.holder.clone())
     }
 
     /// The fence of the lock this process holds; an error when it holds none.
     pub(super) fn fence(&self) -> Result<Fence, LifecycleError> {
-        let fence = self.held().as_ref().and_then(|(_, fence)| fence.clone());
+        let fence = self.held().as_ref().and_then(|held| held.fence.clone());
         fence.ok_or_else(|| LifecycleError::Switch("the lifecycle lock is not held".into()))
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Option<(SlotHolder, Option<Fence>)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<HeldSlot>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
