@@ -124,12 +124,15 @@ $(CORPUS): models/corpus.py | setup dataset
 
 # Distil the ImageNet-trained teacher into the general encoder: the teacher's
 # targets once (models/teacher_targets.py, about 10 minutes), then
-# models/train_general.py from scratch (resumable from $(GENERAL_RUN)/last.pt),
+# models/train_general.py from scratch (resumable from $(GENERAL_RUN)/last.pt), then a second stage,
 # GENERAL_STEPS steps on GENERAL_THREADS threads (the time is in models/README.md),
 # then evaluated through the Rust code and exported with its figures as models/default.
 GENERAL_RUN := runs/general
 GENERAL_NAME := lookalike-distilled-shufflenet-v1-g3-w0.5
 GENERAL_STEPS ?= 4500
+# The second stage: the first stage's weights and loss heads, a fresh one-cycle schedule.
+GENERAL_STAGE2_RUN := runs/general-stage2
+GENERAL_STAGE2_STEPS ?= 4500
 GENERAL_THREADS ?= 1
 TEACHER_TARGETS := corpus/teacher-160.npy
 
@@ -139,10 +142,14 @@ $(TEACHER_TARGETS): $(CORPUS) models/teacher_targets.py models/efficientnet_lite
 train-general: setup corpus $(TEACHER_TARGETS)
 	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
 		--steps $(GENERAL_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_RUN)
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 1 --out $(GENERAL_RUN)/model
-	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_RUN)/model EVAL_JSON=$(GENERAL_RUN)/eval.json
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
-		--evaluation $(GENERAL_RUN)/eval.json --out models/default
+	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
+		--init-checkpoint $(GENERAL_RUN)/last.pt --lr 1e-3 --seed 1 \
+		--steps $(GENERAL_STAGE2_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_STAGE2_RUN)
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE2_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
+		--out $(GENERAL_STAGE2_RUN)/model
+	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_STAGE2_RUN)/model EVAL_JSON=$(GENERAL_STAGE2_RUN)/eval.json
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE2_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
+		--evaluation $(GENERAL_STAGE2_RUN)/eval.json --out models/default
 
 # Train the Fashion-MNIST encoder (resumes from $(RUN)/last.pt), evaluate it
 # through the Rust preprocessing path, and export it as models/fashion-mnist.
