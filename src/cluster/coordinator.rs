@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
 
-use super::{PgCluster, CHANNEL, CONNECT_WAIT, LIFECYCLE_LOCK, LIVE_WITHIN_SECS};
+use super::{finished_sql, PgCluster, CHANNEL, CONNECT_WAIT, LIFECYCLE_LOCK, LIVE_WITHIN_SECS};
 use crate::gallery::pg_connect::with_causes;
 use crate::gallery::GalleryError;
 use crate::lifecycle::ports::{
@@ -204,7 +204,7 @@ impl LifecycleLock for PgCluster {
                 break;
             }
             // A holder whose run is recorded as ended lets the lock go in a moment: wait for it.
-            let row = client.query_one(HOLDER_AND_ENDED, &[]).await?;
+            let row = client.query_one(&holder_and_ended(), &[]).await?;
             let (holder, ended): (String, bool) = (row.get(0), row.get(1));
             if !ended || started.elapsed() >= HOLDER_ENDING_WAIT {
                 return Ok(Err(holder));
@@ -212,7 +212,7 @@ impl LifecycleLock for PgCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Dropping `client` from here on closes the connection, which releases the lock.
-        if let Some(previous) = client.query_opt(PREVIOUS_STILL_RUNNING, &[&LIVE_WITHIN_SECS]).await? {
+        if let Some(previous) = client.query_opt(&previous_still_running(), &[&LIVE_WITHIN_SECS]).await? {
             return Ok(Err(previous.get(0)));
         }
         let tx = client.transaction().await?;
@@ -234,9 +234,13 @@ impl LifecycleLock for PgCluster {
 }
 
 /// The lock's holder, and whether its run is recorded as ended.
-const HOLDER_AND_ENDED: &str = "SELECT COALESCE(s.holder, ''),
-    COALESCE(r.status->>'state' IN ('done', 'failed', 'cancelled'), FALSE)
-    FROM cluster_state s LEFT JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id";
+fn holder_and_ended() -> String {
+    format!(
+        "SELECT COALESCE(s.holder, ''), COALESCE(r.status->>'state' IN {}, FALSE)
+         FROM cluster_state s LEFT JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id",
+        finished_sql()
+    )
+}
 
 /// How long a claim waits for a holder whose run has ended to let the lock go.
 const HOLDER_ENDING_WAIT: Duration = Duration::from_secs(2);
@@ -244,11 +248,16 @@ const HOLDER_ENDING_WAIT: Duration = Duration::from_secs(2);
 /// The previous holder of the lifecycle lock, when its run is still going on
 /// a live replica: it lost the lock (its connection closed) and has not
 /// stopped yet. The next holder waits for it, so two never run at once.
-const PREVIOUS_STILL_RUNNING: &str = "SELECT s.holder FROM cluster_state s
-    JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id
-    WHERE r.status->>'state' NOT IN ('done', 'failed', 'cancelled')
-      AND EXISTS (SELECT 1 FROM replicas p WHERE p.id = r.replica
-                  AND p.seen_at > now() - make_interval(secs => $1))";
+fn previous_still_running() -> String {
+    format!(
+        "SELECT s.holder FROM cluster_state s
+         JOIN lifecycle_runs r ON s.holder = r.kind || ':' || r.id
+         WHERE r.status->>'state' NOT IN {}
+           AND EXISTS (SELECT 1 FROM replicas p WHERE p.id = r.replica
+                       AND p.seen_at > now() - make_interval(secs => $1))",
+        finished_sql()
+    )
+}
 
 impl PgCluster {
     /// A connection of its own for the lifecycle lock, named for operators

@@ -27,6 +27,7 @@ pub use records::import_versions;
 use crate::gallery::pg_connect::{with_causes, PgTarget};
 use crate::gallery::GalleryError;
 use crate::lifecycle::ports::{PortError, RunKind, POLL};
+use crate::lifecycle::runs::FINISHED_STATES;
 
 /// A replica not heard from for this long is taken as gone: a switch no
 /// longer waits for it, and its running job or activation reads as failed.
@@ -41,6 +42,12 @@ const CHANNEL: &str = "lookalike_lifecycle";
 const LIFECYCLE_LOCK: i64 = 0x6c69_6665_6379_636c;
 /// The advisory lock under which a version number is chosen ("versions").
 const VERSIONS_LOCK: i64 = 0x7665_7273_696f_6e73;
+
+/// `FINISHED_STATES` as an SQL list, for `status->>'state' IN …`.
+fn finished_sql() -> String {
+    let quoted: Vec<String> = FINISHED_STATES.iter().map(|s| format!("'{s}'")).collect();
+    format!("({})", quoted.join(", "))
+}
 
 impl From<tokio_postgres::Error> for PortError {
     fn from(e: tokio_postgres::Error) -> Self {

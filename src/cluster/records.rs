@@ -8,11 +8,12 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::coordinator::check_fence;
-use super::{PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
+use super::{finished_sql, PgCluster, RunUpdate, LIVE_WITHIN_SECS, VERSIONS_LOCK};
 use crate::clock::now_millis;
 use crate::gallery::pg_connect::with_causes;
 use crate::gallery::{postgres_unavailable, GalleryError};
 use crate::lifecycle::ports::{PortResult, RunKind, RunLog, StoredRun, VersionStore};
+use crate::lifecycle::runs::has_finished;
 use crate::manifest::Manifest;
 use crate::registry::{ModelVersion, Registry};
 
@@ -232,9 +233,6 @@ async fn write_waiting(pool: &Pool, replica: &str, keep_runs: usize, waiting: Ve
     refused
 }
 
-/// What a finished run's status says in `state`.
-const FINISHED: &str = "('done', 'failed', 'cancelled')";
-
 /// A run's status, inserted or replaced; a run that has ended keeps its
 /// final status (an update still queued behind it never brings it back).
 /// When it ends, finished runs of its kind beyond the newest `keep` go.
@@ -246,20 +244,17 @@ async fn upsert_run(
     status: &Value,
     keep: usize,
 ) -> Result<(), tokio_postgres::Error> {
-    let kind = kind.as_str();
-    client
-        .execute(
-            "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status
-             WHERE lifecycle_runs.status->>'state' NOT IN ('done', 'failed', 'cancelled')",
-            &[&id, &kind, &replica, status, &(now_millis() as i64)],
-        )
-        .await?;
-    let finished = status.get("state").and_then(Value::as_str).is_some_and(|s| FINISHED.contains(&format!("'{s}'")));
-    if finished {
+    let (kind, finished) = (kind.as_str(), finished_sql());
+    let upsert = format!(
+        "INSERT INTO lifecycle_runs (id, kind, replica, status, created_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status
+         WHERE lifecycle_runs.status->>'state' NOT IN {finished}"
+    );
+    client.execute(&upsert, &[&id, &kind, &replica, status, &(now_millis() as i64)]).await?;
+    if has_finished(status) {
         let prune = format!(
             "DELETE FROM lifecycle_runs WHERE kind = $1 AND id IN (SELECT id FROM lifecycle_runs
-             WHERE kind = $1 AND status->>'state' IN {FINISHED} ORDER BY created_at DESC OFFSET $2)"
+             WHERE kind = $1 AND status->>'state' IN {finished} ORDER BY created_at DESC OFFSET $2)"
         );
         client.execute(&prune, &[&kind, &(keep as i64)]).await?;
     }

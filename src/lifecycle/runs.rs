@@ -18,6 +18,14 @@ pub trait RunStatus: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn orphan(&mut self, why: &str);
 }
 
+/// The states a job or an activation ends in, as its stored status says.
+pub const FINISHED_STATES: [&str; 3] = ["done", "failed", "cancelled"];
+
+/// Whether a stored status is a run's final one.
+pub fn has_finished(status: &serde_json::Value) -> bool {
+    status.get("state").and_then(serde_json::Value::as_str).is_some_and(|s| FINISHED_STATES.contains(&s))
+}
+
 /// What an orphaned run's error says.
 const ORPHANED: &str = "the replica running it stopped; nothing was swapped by it";
 

@@ -3,7 +3,7 @@
 //! own follower is ready); the switch protocol's tests join three.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -11,13 +11,14 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
-use super::ports::{
-    ClusterState, Fence, HeldLock, LifecycleLock, Membership, PortError, PortResult, RunKind, RunLog, StoredRun,
-    SwitchCoordinator, SwitchStatus, VersionStore,
-};
+mod versions;
+
 use crate::gallery::GalleryStore;
-use crate::manifest::Manifest;
-use crate::registry::{ModelVersion, Registry};
+use crate::lifecycle::ports::{
+    ClusterState, Fence, HeldLock, LifecycleLock, Membership, PortError, PortResult, RunKind, RunLog, StoredRun,
+    SwitchCoordinator, SwitchStatus,
+};
+use crate::lifecycle::runs::has_finished;
 
 /// Finished runs remembered per kind unless `keep_runs` says fewer (a single
 /// node also keeps its jobs on disk), as many as `GET /admin/activations` lists.
@@ -325,9 +326,7 @@ impl RunLog for MemoryReplica {
             Some(run) => run.status = status,
             None => shared.runs.push(Run { kind, id: id.to_string(), replica: self.id.clone(), status, cancel: false }),
         }
-        let finished = |r: &Run| {
-            r.kind == kind && r.status.get("state").is_some_and(|s| s == "done" || s == "failed" || s == "cancelled")
-        };
+        let finished = |r: &Run| r.kind == kind && has_finished(&r.status);
         while shared.runs.iter().filter(|r| finished(r)).count() > shared.keep_runs {
             let oldest = shared.runs.iter().position(finished).expect("one finished run of this kind");
             shared.runs.remove(oldest);
@@ -350,75 +349,5 @@ impl RunLog for MemoryReplica {
 
     async fn cancel_requested(&self, id: &str) -> PortResult<bool> {
         Ok(self.shared().runs.iter().any(|r| r.id == id && r.cancel))
-    }
-}
-
-#[async_trait::async_trait]
-impl VersionStore for MemoryReplica {
-    async fn publish(
-        &self,
-        registry: &Registry,
-        weights: &Path,
-        mut manifest: Manifest,
-        fence: i64,
-    ) -> PortResult<ModelVersion> {
-        let _numbering = self.cluster.numbering.lock().await;
-        let published = {
-            let shared = self.shared();
-            Self::check_fence(&shared, fence)?;
-            let deleted = shared.deleted.iter().filter_map(|v| v.parse::<u64>().ok());
-            shared.versions.keys().copied().chain(deleted).max().unwrap_or(0)
-        };
-        let (registry, weights) = (registry.clone(), weights.to_path_buf());
-        let saved = tokio::task::spawn_blocking(move || {
-            let local: u64 = registry.next_version()?.parse().unwrap_or(1);
-            manifest.version = local.max(published + 1).to_string();
-            registry.save(&weights, &manifest)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        if let Ok(number) = saved.version.parse() {
-            self.shared().versions.insert(number, saved.dir.clone());
-        }
-        Ok(saved)
-    }
-
-    async fn delete(&self, registry: &Registry, version: &str, fence: i64) -> PortResult<()> {
-        {
-            let mut shared = self.shared();
-            Self::check_fence(&shared, fence)?;
-            shared.versions.retain(|number, _| number.to_string() != version);
-            shared.deleted.push(version.to_string());
-        }
-        let (registry, version) = (registry.clone(), version.to_string());
-        tokio::task::spawn_blocking(move || registry.remove(&version)).await.map_err(std::io::Error::other)??;
-        Ok(())
-    }
-
-    async fn install(&self, registry: &Registry) -> PortResult<()> {
-        let (published, deleted): (Vec<PathBuf>, Vec<String>) = {
-            let shared = self.shared();
-            (shared.versions.values().cloned().collect(), shared.deleted.clone())
-        };
-        let registry = registry.clone();
-        tokio::task::spawn_blocking(move || {
-            for version in deleted {
-                registry.remove(&version)?;
-            }
-            let local: Vec<(String, String)> =
-                registry.list()?.into_iter().map(|v| (v.version, v.encoder_sha256)).collect();
-            for dir in published {
-                let manifest = Manifest::load(&dir).map_err(crate::registry::RegistryError::from)?;
-                let sha = manifest.extra.get("encoder_sha256").and_then(Value::as_str).unwrap_or_default();
-                if local.iter().any(|(v, s)| *v == manifest.version && s == sha) {
-                    continue;
-                }
-                let encoder = std::fs::read(dir.join(crate::manifest::ENCODER_FILE))?;
-                registry.install(&encoder, &manifest)?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(std::io::Error::other)?
     }
 }
