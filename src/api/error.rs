@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 409: the request conflicts with what is stored (a refused duplicate).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
+    /// 412: an edit's `If-Match` names a state the item has left.
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// 413: the body, or an image's dimensions, exceed a configured limit.
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
@@ -104,6 +107,7 @@ impl ApiError {
             Self::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::SlowBody(_) => (StatusCode::REQUEST_TIMEOUT, "body_too_slow"),
             Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            Self::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             Self::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
             Self::Unsupported { code, .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),

@@ -139,13 +139,10 @@ pub async fn list(
     Ok(Json(ListResponse { items, next_cursor }))
 }
 
-/// `GET /gallery/{id}`
-pub async fn get(
-    State(state): State<AppState>,
-    id: Result<Path<i64>, PathRejection>,
-) -> Result<Json<ItemSummary>, ApiError> {
+/// `GET /gallery/{id}`, with the `ETag` an edit's `If-Match` takes.
+pub async fn get(State(state): State<AppState>, id: Result<Path<i64>, PathRejection>) -> Result<Response, ApiError> {
     let id = item_id(id)?;
-    state.catalog.item(id).await?.map(Json).ok_or_else(|| no_item(id))
+    state.catalog.item(id).await?.map(super::edit::with_etag).ok_or_else(|| no_item(id))
 }
 
 /// `GET /gallery/{id}/image`: the original bytes, as uploaded.

@@ -2,6 +2,7 @@
 //! catalog and translate errors; the logic lives in the domain modules.
 
 mod admin;
+mod edit;
 mod error;
 mod gallery;
 mod health;
@@ -100,7 +101,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add).get(gallery::list))
-        .route("/gallery/{id}", get(gallery::get).delete(gallery::delete))
+        .route("/gallery/labels", post(edit::relabel))
+        .route("/gallery/{id}", get(gallery::get).delete(gallery::delete).patch(edit::patch))
         .route("/gallery/{id}/image", get(gallery::image))
         .route("/gallery/{id}/similar", get(search::similar))
         .route("/search", post(search::search))
@@ -161,9 +163,9 @@ fn cors(origins: &[String]) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, API_KEY, IDEMPOTENCY_KEY])
-        .expose_headers([REQUEST_ID, header::LOCATION, IDEMPOTENT_REPLAYED])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::IF_MATCH, API_KEY, IDEMPOTENCY_KEY])
+        .expose_headers([REQUEST_ID, header::LOCATION, header::ETAG, IDEMPOTENT_REPLAYED])
         .max_age(std::time::Duration::from_secs(3600))
 }
 

@@ -224,7 +224,7 @@ fn parse_metadata(text: &str) -> Result<Value, ApiError> {
     }
 }
 
-fn holds_nul(value: &Value) -> bool {
+pub(super) fn holds_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(holds_nul),

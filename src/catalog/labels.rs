@@ -10,6 +10,9 @@ use std::sync::{Arc, RwLock};
 #[derive(Default)]
 pub(super) struct LabelMap {
     inner: RwLock<Inner>,
+    /// Held by a label edit or a deletion from its store write to its update
+    /// here, so that the map ends in the order the store did.
+    edits: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -35,31 +38,59 @@ impl LabelMap {
     }
 
     pub(super) fn insert(&self, id: i64, label: &str) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let label: Arc<str> = inner.ids.get_key_value(label).map(|(k, _)| k.clone()).unwrap_or_else(|| label.into());
-        let ids = Arc::make_mut(inner.ids.entry(label.clone()).or_default());
-        if let Err(position) = ids.binary_search(&id) {
-            ids.insert(position, id);
-        }
-        inner.labels.insert(id, label);
+        self.write().insert(id, label);
     }
 
     pub(super) fn remove(&self, id: i64) {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let Some(label) = inner.labels.remove(&id) else { return };
-        if let Some(ids) = inner.ids.get_mut(&label) {
+        self.write().remove(id);
+    }
+
+    /// Gives the ids `label`, or no label, in one step for readers.
+    pub(super) fn set(&self, ids: &[i64], label: Option<&str>) {
+        let mut inner = self.write();
+        for &id in ids {
+            inner.remove(id);
+            if let Some(label) = label {
+                inner.insert(id, label);
+            }
+        }
+    }
+
+    /// Taken around a store write that changes labels and the update here.
+    pub(super) async fn lock_edits(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.edits.lock().await
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn insert(&mut self, id: i64, label: &str) {
+        let label: Arc<str> = self.ids.get_key_value(label).map(|(k, _)| k.clone()).unwrap_or_else(|| label.into());
+        let ids = Arc::make_mut(self.ids.entry(label.clone()).or_default());
+        if let Err(position) = ids.binary_search(&id) {
+            ids.insert(position, id);
+        }
+        self.labels.insert(id, label);
+    }
+
+    fn remove(&mut self, id: i64) {
+        let Some(label) = self.labels.remove(&id) else { return };
+        if let Some(ids) = self.ids.get_mut(&label) {
             let ids = Arc::make_mut(ids);
             if let Ok(position) = ids.binary_search(&id) {
                 ids.remove(position);
             }
             if ids.is_empty() {
-                inner.ids.remove(&label);
+                self.ids.remove(&label);
             }
         }
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -78,5 +109,9 @@ mod tests {
         assert!(map.ids("b").is_none(), "a label with no item left is unknown");
         map.remove(42);
         assert_eq!(*map.ids("a").unwrap(), vec![0, 1, 3]);
+        map.set(&[1, 3], Some("c"));
+        map.set(&[0], None);
+        assert!(map.ids("a").is_none());
+        assert_eq!(*map.ids("c").unwrap(), vec![1, 3]);
     }
 }

@@ -9,6 +9,7 @@
 //! whatever the index missed in a crash is reconciled at the next start.
 
 pub(crate) mod active;
+mod edit;
 mod labels;
 mod once;
 pub(crate) mod reconcile;
@@ -23,7 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use crate::gallery::{IdempotencyKey, ItemSummary, StoredImage};
+pub use crate::gallery::{Edited, IdempotencyKey, ItemEdit, ItemSummary, MetadataEdit, StoredImage};
 pub use crate::index::IndexSource;
 pub use once::{request_fingerprint, AddedOnce};
 pub use types::*;

@@ -196,10 +196,12 @@ impl Catalog {
         let active = self.active();
         let (store, index, labels) = (self.store.clone(), active.index.clone(), self.labels.clone());
         let deleted = detached_write(writing, async move {
+            let edits = labels.lock_edits().await;
             if !store.delete(id).await? {
                 return Ok(false);
             }
             labels.remove(id);
+            drop(edits);
             index.delete(vec![id]).await?;
             Ok(true)
         })
@@ -303,7 +305,7 @@ async fn index_later(index: Arc<dyn crate::index::VectorIndex>, items: Vec<(i64,
 /// Runs a write's store-then-index steps on a task of their own, holding the
 /// writers' lock: a request dropped meanwhile (timeout, client gone) cannot
 /// leave the index behind the store.
-async fn detached_write<T: Send + 'static>(
+pub(super) async fn detached_write<T: Send + 'static>(
     writing: tokio::sync::OwnedRwLockReadGuard<()>,
     steps: impl Future<Output = Result<T, CatalogError>> + Send + 'static,
 ) -> Result<T, CatalogError> {

@@ -4,14 +4,17 @@
 //! store; `SqliteGallery` is embedded mode's, `PgGallery` cluster mode's
 //! (PostgreSQL with pgvector, shared by every replica).
 
+mod edit;
 mod idempotency;
 pub mod pg_connect;
 mod pg_insert;
 mod pg_schema;
+mod pg_edit;
 mod postgres;
 mod schema;
 mod sqlite;
 mod sqlite_claim;
+mod sqlite_edit;
 
 use std::collections::HashMap;
 
@@ -19,6 +22,7 @@ use crate::error_kind::ErrorKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use edit::{etag, if_match_admits, Edited, ItemEdit, MetadataEdit};
 pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;
@@ -174,6 +178,14 @@ pub trait GalleryStore: Send + Sync + 'static {
 
     /// Keeps the answer a write under `key` got, for its retries.
     async fn keep_answer(&self, key: String, answer: serde_json::Value) -> Result<(), GalleryError>;
+
+    /// Applies `edit` to an item in one transaction, if `if_match` (an
+    /// `If-Match` header) admits the item's current `ETag`; any state without one.
+    async fn edit(&self, id: i64, edit: ItemEdit, if_match: Option<String>) -> Result<Edited, GalleryError>;
+
+    /// Sets (or clears) the label of every id in one transaction, all or
+    /// none: returns the ids that do not exist, and then nothing changed.
+    async fn relabel(&self, ids: Vec<i64>, label: Option<String>) -> Result<Vec<i64>, GalleryError>;
 
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError>;

@@ -13,7 +13,8 @@ use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::pg_connect::{with_causes, PgTarget};
 use super::pg_insert::{insert_row, ItemRow};
 
-use super::{pg_schema, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage};
+use super::pg_edit;
+use super::{pg_schema, Edited, GalleryError, GalleryStore, Inserted, ItemEdit, ItemSummary, MissingClaim, NewItem, StoredImage};
 use crate::clock::now_millis;
 
 /// Connections per replica.
@@ -21,7 +22,7 @@ const POOL_SIZE: usize = 16;
 /// How long a request waits for a connection before it is answered 503.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
-const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, content_hash, created_at";
+pub(super) const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, content_hash, created_at";
 
 /// Cheap-clone handle over a connection pool.
 #[derive(Clone)]
@@ -119,6 +120,14 @@ impl GalleryStore for PgGallery {
 
     async fn keep_answer(&self, key: String, answer: serde_json::Value) -> Result<(), GalleryError> {
         idempotency::pg_keep_answer(&self.client().await?, &key, &answer).await
+    }
+
+    async fn edit(&self, id: i64, edit: ItemEdit, if_match: Option<String>) -> Result<Edited, GalleryError> {
+        pg_edit::edit(&mut self.client().await?, id, &edit, if_match.as_deref()).await
+    }
+
+    async fn relabel(&self, ids: Vec<i64>, label: Option<String>) -> Result<Vec<i64>, GalleryError> {
+        pg_edit::relabel(&mut self.client().await?, &ids, label.as_deref()).await
     }
 
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
@@ -343,7 +352,7 @@ async fn oldest_with_hash(client: &impl GenericClient, hash: &str) -> Result<Opt
     Ok(row.get(0))
 }
 
-fn summary_from_row(r: &Row) -> ItemSummary {
+pub(super) fn summary_from_row(r: &Row) -> ItemSummary {
     ItemSummary {
         id: r.get(0),
         label: r.get(1),

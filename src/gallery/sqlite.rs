@@ -9,8 +9,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::sqlite_claim::{Held, SqliteClaim};
+use super::sqlite_edit;
 use super::{
-    schema, ExportedItem, GalleryError, GalleryStore, Inserted, ItemSummary, MissingClaim, NewItem, StoredImage,
+    schema, Edited, ExportedItem, GalleryError, GalleryStore, Inserted, ItemEdit, ItemSummary, MissingClaim, NewItem,
+    StoredImage,
 };
 use crate::clock::now_millis;
 
@@ -184,6 +186,14 @@ impl GalleryStore for SqliteGallery {
         self.with_conn(|conn| idempotency::sqlite_forget_expired(conn)).await
     }
 
+    async fn edit(&self, id: i64, edit: ItemEdit, if_match: Option<String>) -> Result<Edited, GalleryError> {
+        self.with_conn(move |conn| sqlite_edit::edit(conn, id, &edit, if_match.as_deref())).await
+    }
+
+    async fn relabel(&self, ids: Vec<i64>, label: Option<String>) -> Result<Vec<i64>, GalleryError> {
+        self.with_conn(move |conn| sqlite_edit::relabel(conn, &ids, label.as_deref())).await
+    }
+
     /// Deletes an item and its embeddings; `false` if there was none.
     async fn delete(&self, id: i64) -> Result<bool, GalleryError> {
         self.with_conn(move |conn| Ok(conn.execute("DELETE FROM items WHERE id = ?1", [id])? > 0)).await
@@ -353,7 +363,7 @@ fn ids(conn: &Connection, sql: &str, param: String) -> Result<Vec<i64>, GalleryE
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
+pub(super) fn summary_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemSummary> {
     let metadata: String = r.get(2)?;
     Ok(ItemSummary {
         id: r.get(0)?,

@@ -62,6 +62,27 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let unknown = json(search(&client, &replicas[1].url, bytes, "label=no-such-label").await).await;
     assert_eq!(unknown["results"].as_array().unwrap().len(), 0);
 
+    // An edit through one replica: another replica's filtered search follows at
+    // once, an editor there holding the old ETag is refused, and a relabelling
+    // with a missing id changes nothing anywhere.
+    let item = format!("/gallery/{}", ids[1]);
+    let tag = client.get(format!("{}{item}", replicas[0].url)).send().await.unwrap().headers()["etag"].clone();
+    let edit = |replica: &Server, body: &'static str| {
+        let request = client.patch(format!("{}{item}", replica.url)).header("if-match", tag.clone());
+        request.header("content-type", "application/merge-patch+json").body(body).send()
+    };
+    let edited = json(edit(&replicas[0], r#"{"label": "relabelled", "metadata": {"note": "fixed"}}"#).await.unwrap()).await;
+    assert_eq!((edited["label"].clone(), edited["metadata"].clone()), (json!("relabelled"), json!({"note": "fixed"})));
+    assert_eq!(edit(&replicas[1], r#"{"label": "other"}"#).await.unwrap().status(), 412);
+    let found = json(search(&client, &replicas[2].url, &images[1].1, "k=5&label=relabelled").await).await;
+    let found: Vec<&Value> = found["results"].as_array().unwrap().iter().map(|r| &r["id"]).collect();
+    assert_eq!(found, vec![&json!(ids[1])]);
+    let relabel = json!({"ids": [ids[1], ids[2], 9_999_999], "label": "x"});
+    let missing = client.post(format!("{}/gallery/labels", replicas[2].url)).json(&relabel).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let after = json(client.get(format!("{}/gallery/{}", replicas[1].url, ids[2])).send().await.unwrap()).await;
+    assert_eq!(after["label"], images[2].0.as_str());
+
     // A delete on one replica leaves every replica's results at once.
     let deleted = client.delete(format!("{}/gallery/{}", replicas[1].url, ids[0])).send().await.unwrap();
     assert_eq!(deleted.status(), 204);

@@ -89,6 +89,10 @@ async fn with_keys_every_route_but_the_probes_needs_one_and_a_read_only_key_cann
     expect("upload, read-only key", upload(&app, &other).bearer_auth(READ_ONLY), 403, read_only).await;
     expect("delete, read-only key", app.client.delete(app.url(&item)).header("api-key", READ_ONLY), 403, read_only)
         .await;
+    let relabel = app.client.patch(app.url(&item)).json(&serde_json::json!({"label": "x"})).bearer_auth(READ_ONLY);
+    expect("edit, read-only key", relabel, 403, read_only).await;
+    let relabel = app.client.patch(app.url(&item)).json(&serde_json::json!({"label": "x"})).bearer_auth(READ_WRITE);
+    expect("edit, read-write key", relabel, 200, None).await;
 
     // Admin routes take the admin token, not an API key.
     expect("models with the admin token", app.client.get(app.url("/admin/models")).bearer_auth(TOKEN), 200, None).await;
