@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod curation;
 pub mod embed;
 pub mod error_kind;
 pub mod eval;

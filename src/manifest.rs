@@ -102,6 +102,14 @@ impl InputSpec {
 }
 
 impl Manifest {
+    /// The near-duplicate distance the model's evaluation calibrated on
+    /// held-out copies (at most 1% of distinct class-mate pairs within it),
+    /// whether or not uploads use it by default (`near_duplicate_distance`).
+    pub fn calibrated_copy_distance(&self) -> Option<f32> {
+        let distance = self.extra.get("evaluation")?.get("near_duplicate")?.get("distance")?.as_f64()?;
+        Some(distance as f32).filter(|d| *d > 0.0)
+    }
+
     /// Reads and checks `manifest.json` in `model_dir`.
     pub fn load(model_dir: &Path) -> Result<Self, ManifestError> {
         let path = model_dir.join("manifest.json");

@@ -41,8 +41,8 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Everything but reading: any method besides GET and HEAD, except the two
-/// searches that POST an image.
+/// searches that POST an image and the duplicate scan (it changes nothing).
 fn is_write(method: &Method, path: &str) -> bool {
     let reads = [Method::GET, Method::HEAD];
-    !reads.contains(method) && path != "/search" && path != "/verify"
+    !reads.contains(method) && !["/search", "/verify", "/gallery/duplicates"].contains(&path)
 }

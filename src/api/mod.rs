@@ -2,6 +2,7 @@
 //! catalog and translate errors; the logic lives in the domain modules.
 
 mod admin;
+mod duplicates;
 mod edit;
 mod error;
 mod gallery;
@@ -69,6 +70,8 @@ pub struct AppState {
     /// Keys the other routes need; none configured: they are open.
     pub api_keys: Arc<ApiKeys>,
     pub jobs: Jobs,
+    /// Duplicate scans this process runs or ran.
+    pub scans: Arc<crate::curation::DuplicateScans>,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Arc<[String]>,
     /// Host names requests may use besides addresses and `localhost` (see `origin`).
@@ -102,6 +105,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add).get(gallery::list))
         .route("/gallery/labels", post(edit::relabel))
+        .route("/gallery/duplicates", post(duplicates::start))
+        .route("/gallery/duplicates/{id}", get(duplicates::status))
         .route("/gallery/{id}", get(gallery::get).delete(gallery::delete).patch(edit::patch))
         .route("/gallery/{id}/image", get(gallery::image))
         .route("/gallery/{id}/similar", get(search::similar))

@@ -9,6 +9,7 @@
 //! whatever the index missed in a crash is reconciled at the next start.
 
 pub(crate) mod active;
+mod duplicates;
 mod edit;
 mod labels;
 mod once;
@@ -27,6 +28,7 @@ use std::time::Instant;
 pub use crate::gallery::{Edited, IdempotencyKey, ItemEdit, ItemSummary, MetadataEdit, StoredImage};
 pub use crate::index::IndexSource;
 pub use once::{request_fingerprint, AddedOnce};
+pub use duplicates::NearPairs;
 pub use types::*;
 
 pub use crate::embed::Priority;
@@ -213,6 +215,11 @@ impl Catalog {
 
     pub async fn item(&self, id: i64) -> Result<Option<ItemSummary>, CatalogError> {
         Ok(self.store.summary(id).await?)
+    }
+
+    /// Summaries of the given ids that exist.
+    pub async fn summaries(&self, ids: Vec<i64>) -> Result<std::collections::HashMap<i64, ItemSummary>, CatalogError> {
+        Ok(self.store.summaries(ids).await?)
     }
 
     /// An item's original bytes, as uploaded.

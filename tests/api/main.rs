@@ -4,6 +4,7 @@ mod backbones;
 mod batching;
 mod cluster;
 mod crash;
+mod duplicates;
 mod edit;
 mod errors;
 mod finetune;

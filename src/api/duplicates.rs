@@ -1,0 +1,53 @@
+//! `/gallery/duplicates`: scans for near-copies across the whole gallery,
+//! grouped, with a suggested keeper per group.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::header::LOCATION;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct ScanParams {
+    /// Cosine distance under which two items are copies; default: the model's.
+    distance: Option<f32>,
+}
+
+/// `POST /gallery/duplicates?distance=`: starts a scan (202, followed at its `Location`).
+pub async fn start(
+    State(state): State<AppState>,
+    params: Result<Query<ScanParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params?;
+    let distance = match params.distance {
+        Some(d) if d.is_finite() && d > 0.0 && d <= 2.0 => d,
+        Some(_) => return Err(ApiError::invalid("invalid_distance", "distance is a cosine distance in (0, 2]")),
+        None => state.catalog.copy_distance().ok_or_else(|| {
+            let message = "the serving model has no calibrated near-duplicate distance; pass ?distance= (0.05, say)";
+            ApiError::invalid("invalid_distance", message)
+        })?,
+    };
+    match state.scans.start(state.catalog.clone(), distance) {
+        Ok(scan) => {
+            let location = format!("/gallery/duplicates/{}", scan.id);
+            Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(scan)).into_response())
+        }
+        Err(running) => Err(ApiError::Conflict {
+            code: "job_running",
+            message: format!("duplicate scan {} is running; follow it at /gallery/duplicates/{}", running.id, running.id),
+        }),
+    }
+}
+
+/// `GET /gallery/duplicates/{id}`: a scan's progress, then its groups.
+pub async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let scan = state.scans.get(&id).ok_or_else(|| {
+        ApiError::NotFound(format!("no duplicate scan {id} (this process keeps its last 8; start another)"))
+    })?;
+    Ok(Json(scan).into_response())
+}

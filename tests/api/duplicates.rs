@@ -1,0 +1,109 @@
+//! `POST /gallery/duplicates`: near-copies across the whole gallery, grouped
+//! transitively, with the largest (then oldest) item suggested as the keeper.
+
+use std::collections::BTreeSet;
+use std::io::Cursor;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use lookalike::manifest::BUNDLED_MODEL_DIR;
+
+use crate::support::{assert_error, eventually, spawn_app, spawn_app_with, TestApp};
+
+/// The clip-art fixtures (colour, with transparency), by file name.
+fn clipart() -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clipart");
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    files.into_iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// The image scaled by `percent` and encoded again: a copy with other bytes and another size.
+fn rescaled(png: &[u8], percent: u32) -> Vec<u8> {
+    let image = image::load_from_memory(png).unwrap();
+    let (w, h) = (image.width() * percent / 100, image.height() * percent / 100);
+    let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
+    let mut out = Cursor::new(Vec::new());
+    resized.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+async fn add(app: &TestApp, image: Vec<u8>) -> i64 {
+    let response = app.add_images(&[image], None, None).await;
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.unwrap()["items"][0]["id"].as_i64().unwrap()
+}
+
+async fn finished_scan(app: &TestApp, query: &str) -> Value {
+    let started = app.client.post(app.url(&format!("/gallery/duplicates{query}"))).send().await.unwrap();
+    assert_eq!(started.status(), 202);
+    let location = started.headers()["location"].to_str().unwrap().to_string();
+    eventually(Duration::from_secs(60), "the scan to finish", || async {
+        let scan: Value = app.client.get(app.url(&location)).send().await.unwrap().json().await.unwrap();
+        if scan["state"] == "running" { Err(scan.to_string()) } else { Ok(scan) }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn planted_copies_are_grouped_with_the_largest_suggested_as_keeper() {
+    // The general default, at its calibrated distance (no --near-duplicate-distance).
+    let app = spawn_app_with(|c| (c.model, c.near_duplicate_distance) = (BUNDLED_MODEL_DIR.into(), None)).await;
+    let images = clipart();
+    let mut added = Vec::new();
+    for image in &images {
+        added.push(add(&app, image.clone()).await);
+    }
+    // Three originals get copies: the first two two copies each, the third one.
+    let mut planted: Vec<(i64, BTreeSet<i64>)> = Vec::new();
+    for (n, (id, bytes)) in added.iter().zip(&images).take(3).enumerate() {
+        let large = add(&app, rescaled(bytes, 150)).await;
+        let mut group = BTreeSet::from([*id, large]);
+        if n < 2 {
+            group.insert(add(&app, rescaled(bytes, 125)).await);
+        }
+        planted.push((large, group));
+    }
+
+    let scan = finished_scan(&app, "").await;
+    assert_eq!(scan["state"], "done", "{scan}");
+    assert_eq!(scan["total"].as_u64(), Some(added.len() as u64 + 5));
+    assert_eq!(scan["scanned"], scan["total"]);
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(format!("{BUNDLED_MODEL_DIR}/manifest.json")).unwrap()).unwrap();
+    let calibrated = manifest["evaluation"]["near_duplicate"]["distance"].as_f64().unwrap();
+    assert!((scan["distance"].as_f64().unwrap() - calibrated).abs() < 1e-6, "the model's calibrated distance");
+    let mut found: Vec<(i64, BTreeSet<i64>)> = scan["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let ids = g["items"].as_array().unwrap().iter().map(|i| i["id"].as_i64().unwrap()).collect();
+            for pair in g["pairs"].as_array().unwrap() {
+                assert!(pair["distance"].as_f64().unwrap() <= calibrated, "{pair}");
+            }
+            (g["keeper"].as_i64().unwrap(), ids)
+        })
+        .collect();
+    found.sort();
+    planted.sort();
+    assert_eq!(found, planted, "exactly the planted groups, each kept by its largest copy");
+    assert_eq!(scan["duplicates"], 5);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn scans_answer_bad_distances_and_unknown_ids_clearly() {
+    let app = spawn_app().await;
+    for bad in ["?distance=0", "?distance=3", "?distance=abc"] {
+        let response = app.client.post(app.url(&format!("/gallery/duplicates{bad}"))).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 422 || status == 400, "{bad}: {status}");
+    }
+    let unknown = app.client.get(app.url("/gallery/duplicates/no-such-scan")).send().await.unwrap();
+    assert_error(unknown, 404, "not_found").await;
+    let empty = finished_scan(&app, "?distance=0.05").await;
+    assert_eq!((empty["state"].clone(), empty["groups"].clone()), (Value::from("done"), Value::Array(vec![])));
+    app.stop().await;
+}
