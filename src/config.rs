@@ -29,6 +29,11 @@ pub enum Command {
     /// Move an embedded gallery (SQLite in --data-dir) into a PostgreSQL database for cluster
     /// mode, keeping ids, labels, metadata, images and embeddings. Stop the service first.
     Migrate(crate::migrate::MigrateConfig),
+    /// Back up an embedded service's data folder (gallery, model versions, the
+    /// active one, index dumps, job records) into one archive, while it serves.
+    Backup(crate::backup::BackupConfig),
+    /// Restore a backup into a new or empty data folder, checking every file.
+    Restore(crate::backup::RestoreConfig),
 }
 
 /// Everything `lookalike serve` can be told. Every option has an environment

@@ -24,6 +24,14 @@ async fn main() -> anyhow::Result<()> {
             let summary = lookalike::migrate::run(&config).await?;
             print!("{}", summary.render());
         }
+        Command::Backup(config) => {
+            let summary = tokio::task::spawn_blocking(move || lookalike::backup::backup(&config)).await??;
+            print!("{}", summary.render());
+        }
+        Command::Restore(config) => {
+            let summary = tokio::task::spawn_blocking(move || lookalike::backup::restore(&config)).await??;
+            print!("{}", summary.render());
+        }
         Command::Eval(config) => {
             let report = tokio::task::spawn_blocking(move || lookalike::eval::run(&config)).await??;
             print!("{}", lookalike::eval::render(&report));

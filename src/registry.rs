@@ -22,7 +22,7 @@ use crate::error_kind::ErrorKind as Kind;
 use crate::files::{sync_dir, write_atomic};
 use crate::manifest::{Manifest, ManifestError, ENCODER_FILE};
 
-const MODELS_DIR: &str = "models";
+pub(crate) const MODELS_DIR: &str = "models";
 const ACTIVE_FILE: &str = "ACTIVE";
 
 #[derive(Debug, thiserror::Error)]

@@ -42,9 +42,9 @@ pub struct Application {
 }
 
 /// Index dumps live here, inside the data directory.
-const INDEX_DIR: &str = "index";
+pub(crate) const INDEX_DIR: &str = "index";
 /// Fine-tuning jobs' records and scratch files.
-const JOBS_DIR: &str = "finetune";
+pub(crate) const JOBS_DIR: &str = "finetune";
 
 impl Application {
     /// Loads the active model, opens the store, makes the index ready and binds the port.

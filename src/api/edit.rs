@@ -87,10 +87,7 @@ pub async fn relabel(State(state): State<AppState>, body: Bytes) -> Result<Json<
     if !missing.is_empty() {
         let shown: Vec<String> = missing.iter().take(20).map(i64::to_string).collect();
         let more = if missing.len() > 20 { format!(" and {} more", missing.len() - 20) } else { String::new() };
-        return Err(ApiError::NotFound(format!(
-            "no gallery items {}{more}; nothing was relabelled",
-            shown.join(", ")
-        )));
+        return Err(ApiError::NotFound(format!("no gallery items {}{more}; nothing was relabelled", shown.join(", "))));
     }
     Ok(Json(Relabelled { updated, label }))
 }

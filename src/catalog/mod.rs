@@ -27,8 +27,8 @@ use std::time::Instant;
 
 pub use crate::gallery::{Edited, IdempotencyKey, ItemEdit, ItemSummary, MetadataEdit, StoredImage};
 pub use crate::index::IndexSource;
-pub use once::{request_fingerprint, AddedOnce};
 pub use duplicates::NearPairs;
+pub use once::{request_fingerprint, AddedOnce};
 pub use types::*;
 
 pub use crate::embed::Priority;

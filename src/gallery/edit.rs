@@ -37,7 +37,11 @@ impl ItemEdit {
                 let mut merged = metadata;
                 json_patch::merge(&mut merged, patch);
                 // A patch of `null` removes the whole object; metadata stays an object.
-                if merged.is_object() { merged } else { Value::Object(Map::new()) }
+                if merged.is_object() {
+                    merged
+                } else {
+                    Value::Object(Map::new())
+                }
             }
         };
         (label, metadata)

@@ -7,9 +7,9 @@
 mod edit;
 mod idempotency;
 pub mod pg_connect;
+mod pg_edit;
 mod pg_insert;
 mod pg_schema;
-mod pg_edit;
 mod postgres;
 mod schema;
 mod sqlite;
@@ -26,6 +26,7 @@ pub use edit::{etag, if_match_admits, Edited, ItemEdit, MetadataEdit};
 pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;
+pub(crate) use sqlite::STORE_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GalleryError {

@@ -22,8 +22,7 @@ pub(super) async fn edit(
         return Ok(Edited::Stale(item));
     }
     (item.label, item.metadata) = edit.apply(item.label, item.metadata);
-    tx.execute("UPDATE items SET label = $2, metadata = $3 WHERE id = $1", &[&id, &item.label, &item.metadata])
-        .await?;
+    tx.execute("UPDATE items SET label = $2, metadata = $3 WHERE id = $1", &[&id, &item.label, &item.metadata]).await?;
     tx.commit().await?;
     Ok(Edited::Done(item))
 }
@@ -31,9 +30,7 @@ pub(super) async fn edit(
 /// Sets `label` on every id, or on none when some do not exist (returned).
 pub(super) async fn relabel(client: &mut Object, ids: &[i64], label: Option<&str>) -> Result<Vec<i64>, GalleryError> {
     let tx = client.transaction().await?;
-    let updated = tx
-        .query("UPDATE items SET label = $2 WHERE id = ANY($1) RETURNING id", &[&ids, &label])
-        .await?;
+    let updated = tx.query("UPDATE items SET label = $2 WHERE id = ANY($1) RETURNING id", &[&ids, &label]).await?;
     let updated: std::collections::HashSet<i64> = updated.iter().map(|r| r.get(0)).collect();
     let mut missing: Vec<i64> = ids.iter().copied().filter(|id| !updated.contains(id)).collect();
     missing.dedup();

@@ -14,7 +14,9 @@ use super::pg_connect::{with_causes, PgTarget};
 use super::pg_insert::{insert_row, ItemRow};
 
 use super::pg_edit;
-use super::{pg_schema, Edited, GalleryError, GalleryStore, Inserted, ItemEdit, ItemSummary, MissingClaim, NewItem, StoredImage};
+use super::{
+    pg_schema, Edited, GalleryError, GalleryStore, Inserted, ItemEdit, ItemSummary, MissingClaim, NewItem, StoredImage,
+};
 use crate::clock::now_millis;
 
 /// Connections per replica.

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::clock::now_millis;
 
-const STORE_FILE: &str = "gallery.sqlite3";
+pub(crate) const STORE_FILE: &str = "gallery.sqlite3";
 
 /// Cheap-clone handle. A std `Mutex` is right here: every call is short, runs
 /// on a blocking thread and never holds the lock across an `.await`.

@@ -71,7 +71,8 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
         let request = client.patch(format!("{}{item}", replica.url)).header("if-match", tag.clone());
         request.header("content-type", "application/merge-patch+json").body(body).send()
     };
-    let edited = json(edit(&replicas[0], r#"{"label": "relabelled", "metadata": {"note": "fixed"}}"#).await.unwrap()).await;
+    let edited =
+        json(edit(&replicas[0], r#"{"label": "relabelled", "metadata": {"note": "fixed"}}"#).await.unwrap()).await;
     assert_eq!((edited["label"].clone(), edited["metadata"].clone()), (json!("relabelled"), json!({"note": "fixed"})));
     assert_eq!(edit(&replicas[1], r#"{"label": "other"}"#).await.unwrap().status(), 412);
     let found = json(search(&client, &replicas[2].url, &images[1].1, "k=5&label=relabelled").await).await;

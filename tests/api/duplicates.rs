@@ -41,7 +41,11 @@ async fn finished_scan(app: &TestApp, query: &str) -> Value {
     let location = started.headers()["location"].to_str().unwrap().to_string();
     eventually(Duration::from_secs(60), "the scan to finish", || async {
         let scan: Value = app.client.get(app.url(&location)).send().await.unwrap().json().await.unwrap();
-        if scan["state"] == "running" { Err(scan.to_string()) } else { Ok(scan) }
+        if scan["state"] == "running" {
+            Err(scan.to_string())
+        } else {
+            Ok(scan)
+        }
     })
     .await
 }

@@ -72,7 +72,8 @@ async fn an_edit_changes_label_and_metadata_and_searches_votes_and_a_restart_fol
     assert_eq!(get_item(&app, id).await.0["label"], "handbag");
 
     // Plain JSON replaces the metadata and leaves the label; a null label clears it.
-    let (replaced, _) = item_and_tag(patch(&app, id, "application/json", &json!({"metadata": {"c": 1}}), None).await).await;
+    let (replaced, _) =
+        item_and_tag(patch(&app, id, "application/json", &json!({"metadata": {"c": 1}}), None).await).await;
     assert_eq!((replaced["label"].clone(), replaced["metadata"].clone()), (json!("handbag"), json!({"c": 1})));
     let (cleared, _) = item_and_tag(patch(&app, id, MERGE, &json!({"label": null}), Some("*")).await).await;
     assert!(cleared["label"].is_null());
@@ -140,6 +141,9 @@ async fn malformed_edits_get_clear_errors_and_change_nothing() {
     assert_error(relabel(&app, json!({"ids": [id]})).await, 422, "invalid_label").await;
     assert_error(relabel(&app, json!({"ids": [id], "label": "x", "more": 1})).await, 400, "unknown_field").await;
     let (item, _) = get_item(&app, id).await;
-    assert_eq!((item["label"].as_str(), item["metadata"].clone()), (Some(class.as_str()), json!({"source": "fixture"})));
+    assert_eq!(
+        (item["label"].as_str(), item["metadata"].clone()),
+        (Some(class.as_str()), json!({"source": "fixture"}))
+    );
     app.stop().await;
 }

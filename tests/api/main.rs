@@ -1,6 +1,7 @@
 //! Integration tests through the front door: one binary, one module per area.
 
 mod backbones;
+mod backup;
 mod batching;
 mod cluster;
 mod crash;
