@@ -15,7 +15,7 @@ use super::AppState;
 #[derive(Debug, Deserialize)]
 pub struct ScanParams {
     /// Cosine distance under which two items are copies; default: the model's.
-    distance: Option<f32>,
+    distance: Option<f64>,
 }
 
 /// `POST /gallery/duplicates?distance=`: starts a scan (202, followed at its `Location`).
@@ -25,7 +25,8 @@ pub async fn start(
 ) -> Result<Response, ApiError> {
     let Query(params) = params?;
     let distance = match params.distance {
-        Some(d) if d.is_finite() && d > 0.0 && d <= 2.0 => d,
+        // Checked before narrowing: 2.0000000000000004 would round to 2 as an f32.
+        Some(d) if d.is_finite() && d > 0.0 && d <= 2.0 => d as f32,
         Some(_) => return Err(ApiError::invalid("invalid_distance", "distance is a cosine distance in (0, 2]")),
         None => state.catalog.copy_distance().ok_or_else(|| {
             let message = "the serving model has no calibrated near-duplicate distance; pass ?distance= (0.05, say)";

@@ -12,6 +12,7 @@ mod limits;
 mod metrics;
 mod origin;
 mod search;
+mod suggestions;
 pub mod upload;
 
 use std::sync::atomic::AtomicBool;
@@ -105,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.yaml", get(openapi))
         .route("/gallery", post(gallery::add).get(gallery::list))
         .route("/gallery/labels", post(edit::relabel))
+        .route("/gallery/suggestions", get(suggestions::suggestions))
         .route("/gallery/duplicates", post(duplicates::start))
         .route("/gallery/duplicates/{id}", get(duplicates::status))
         .route("/gallery/{id}", get(gallery::get).delete(gallery::delete).patch(edit::patch))

@@ -16,6 +16,7 @@ mod once;
 pub(crate) mod reconcile;
 mod search;
 pub(crate) mod serving;
+mod suggestions;
 #[cfg(test)]
 pub(crate) mod tests;
 mod types;
@@ -29,6 +30,7 @@ pub use crate::gallery::{Edited, IdempotencyKey, ItemEdit, ItemSummary, Metadata
 pub use crate::index::IndexSource;
 pub use duplicates::NearPairs;
 pub use once::{request_fingerprint, AddedOnce};
+pub use suggestions::{Suggestion, Suggestions};
 pub use types::*;
 
 pub use crate::embed::Priority;

@@ -65,11 +65,7 @@ impl Catalog {
         // An item deleted between the index search and here is simply left out.
         let found: Vec<Neighbour> =
             hits.into_iter().filter_map(|hit| summaries.get(&hit.id).map(|item| neighbour(hit.score, item))).collect();
-        let unknown_distance = self
-            .settings
-            .unknown_distance
-            .or(active.version.manifest.verification_threshold.map(|t| 1.0 - t))
-            .unwrap_or(f32::INFINITY);
+        let unknown_distance = self.unknown_distance(active);
         let votes = found.iter().map(|n| (n.score, n.label.as_deref()));
         let prediction = vote::predict(votes, self.settings.knn_k, unknown_distance);
         let min_score = query.min_score.unwrap_or(f32::NEG_INFINITY);

@@ -1,5 +1,5 @@
-//! `POST /gallery/duplicates`: near-copies across the whole gallery, grouped
-//! transitively, with the largest (then oldest) item suggested as the keeper.
+//! Curation: `POST /gallery/duplicates` (near-copies across the whole gallery, grouped
+//! transitively, the largest then oldest suggested as keeper) and `GET /gallery/suggestions`.
 
 use std::collections::BTreeSet;
 use std::io::Cursor;
@@ -110,4 +110,48 @@ async fn scans_answer_bad_distances_and_unknown_ids_clearly() {
     let empty = finished_scan(&app, "?distance=0.05").await;
     assert_eq!((empty["state"].clone(), empty["groups"].clone()), (Value::from("done"), Value::Array(vec![])));
     app.stop().await;
+}
+
+#[tokio::test]
+async fn suggestions_are_unlabelled_items_from_different_parts_of_the_gallery() {
+    let app = spawn_app().await;
+    // Two bags labelled; every other fixture unlabelled.
+    let mut classes = std::collections::HashMap::new();
+    for (n, (class, bytes)) in crate::support::fixtures().into_iter().enumerate() {
+        let label = (class == "bag" && n < 2).then_some("bag");
+        let response = app.add_images(&[bytes], label, None).await;
+        assert_eq!(response.status(), 201);
+        classes.insert(response.json::<Value>().await.unwrap()["items"][0]["id"].as_i64().unwrap(), class);
+    }
+    let answer = suggest(&app, 3).await;
+    assert_eq!((answer["unlabelled"].as_u64(), answer["examined"].as_u64()), (Some(10), Some(10)), "{answer}");
+    let suggested = |answer: &Value| -> Vec<(i64, String)> {
+        let suggestions = answer["suggestions"].as_array().unwrap();
+        assert!(suggestions.iter().all(|s| s["item"]["label"].is_null()), "only unlabelled items: {answer}");
+        suggestions.iter().map(|s| s["item"]["id"].as_i64().unwrap()).map(|id| (id, classes[&id].clone())).collect()
+    };
+    // One of each class with no labelled member: a pick stands for its class-mates.
+    let picked = suggested(&answer);
+    let picked_classes: BTreeSet<&str> = picked.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(picked_classes, BTreeSet::from(["sandal", "trouser", "tshirt"]), "{answer}");
+    for suggestion in answer["suggestions"].as_array().unwrap() {
+        assert!(suggestion["cluster_size"].as_u64().unwrap() >= 3, "{answer}");
+        assert!(["unknown", "uncertain"].contains(&suggestion["reason"].as_str().unwrap()), "{answer}");
+    }
+
+    // Label the trousers: they are suggested no more.
+    let trousers: Vec<i64> = classes.iter().filter(|(_, c)| *c == "trouser").map(|(id, _)| *id).collect();
+    let labelled =
+        app.client.post(app.url("/gallery/labels")).json(&serde_json::json!({"ids": trousers, "label": "trouser"}));
+    assert_eq!(labelled.send().await.unwrap().status(), 200);
+    let again = suggest(&app, 10).await;
+    assert!(suggested(&again).iter().all(|(_, class)| class != "trouser"), "{again}");
+    let bad = app.client.get(app.url("/gallery/suggestions?n=0")).send().await.unwrap();
+    assert_error(bad, 422, "invalid_n").await;
+    app.stop().await;
+}
+
+async fn suggest(app: &TestApp, n: usize) -> Value {
+    let url = app.url(&format!("/gallery/suggestions?n={n}"));
+    app.client.get(url).send().await.unwrap().json().await.unwrap()
 }
