@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 CARGO_FLAGS := --release --locked
 
-.PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-duplicates bench-finetune-start bench-cluster bench-probe-flood fuzz fuzz-seeds soak
+.PHONY: teacher-check eval-model browser-test cluster-setup readme-test contract-test setup build run test check-cuda-link lint clean-venv dataset corpus train train-general eval bench-fewshot bench bench-embed bench-http bench-setup bench-index bench-finetune bench-decode-memory bench-filtered bench-finetune-threads bench-import-latency bench-duplicates bench-suggestions bench-finetune-start bench-cluster bench-probe-flood fuzz fuzz-seeds soak
 
 # The keys docker/compose*.yaml hand the service as secrets: random, made once,
 # readable by the owner only, never committed (.gitignore) or built into the
@@ -241,6 +241,11 @@ bench-finetune-threads: build dataset
 # and the groups' precision and recall (bench/duplicates.py).
 bench-duplicates: build
 	$(VENV)/bin/python bench/duplicates.py
+
+# Labelling 50 suggested items vs 50 random ones: k-NN accuracy on the rest
+# (bench/suggestions.py).
+bench-suggestions: build dataset
+	$(VENV)/bin/python bench/suggestions.py
 
 bench-import-latency: build dataset
 	$(VENV)/bin/python bench/import_latency.py

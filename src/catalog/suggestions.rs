@@ -1,15 +1,15 @@
 //! What to label next: unlabelled items where one label would help most.
-//! Each candidate is worth its vote's uncertainty times the unlabelled items
-//! it stands for (itself and its unlabelled neighbours within the unknown
-//! distance). A vote is certain when it is unanimous and its nearest labelled
+//! A search predicts a label from the labelled items among its `--knn-k`
+//! nearest, so labelling an item reaches the unlabelled items that have it
+//! among theirs (within the unknown distance). Each item has an uncertainty,
+//! and a candidate is worth its own plus that of the items it reaches. A vote is certain when it is unanimous and its nearest labelled
 //! neighbour is close: certainty = the winner's share x (1 - that distance /
 //! the unknown distance), 0 when no labelled item is within it. (The share
-//! alone would call every vote certain while only one label exists.) The
-//! most valuable are picked greedily, skipping items a pick already stands
-//! for, so the suggestions cover different parts of the gallery.
+//! alone would call every vote certain while only one label exists.) Picks
+//! are greedy: what an earlier pick reaches counts no more, so the
+//! suggestions cover different uncertain parts of the gallery.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -17,17 +17,15 @@ use super::active::ActiveModel;
 use super::{Catalog, CatalogError, ItemSummary};
 use crate::vote::{self, Prediction};
 
-/// Unlabelled items examined at most (evenly spread by id): two searches each.
+/// Unlabelled items examined at most (evenly spread by id): one search each.
 const MAX_EXAMINED: usize = 2000;
-/// Neighbours looked at for an item's cluster.
-const CLUSTER_NEIGHBOURS: usize = 32;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Suggestion {
     pub item: ItemSummary,
     /// What its labelled neighbours vote for now: accept it, or type another.
     pub prediction: Prediction,
-    /// Unlabelled items it stands for: itself and its unlabelled neighbours within the unknown distance.
+    /// Unlabelled items its label would reach: itself and those that have it among their nearest.
     pub cluster_size: usize,
     /// `unknown` (no labelled item near), `uncertain` (a split vote, or its
     /// labelled neighbours far) or `cluster` (many unlabelled items like it).
@@ -45,11 +43,11 @@ pub struct Suggestions {
 struct Candidate {
     id: i64,
     prediction: Prediction,
-    /// Unlabelled neighbours within the unknown distance.
+    /// The unlabelled items that have it among their nearest (within the
+    /// unknown distance): whose vote its label would join.
     covers: Vec<i64>,
     /// 0 (no labelled item near) to 1 (a unanimous vote from right beside it).
     certainty: f32,
-    value: f32,
 }
 
 impl Catalog {
@@ -61,17 +59,22 @@ impl Catalog {
         let unlabelled: Vec<i64> = embedded.into_iter().filter(|id| !labels.contains_key(id)).collect();
         let step = unlabelled.len().div_ceil(MAX_EXAMINED).max(1);
         let examined: Vec<i64> = unlabelled.iter().step_by(step).copied().collect();
-        let labelled_ids = Arc::new({
-            let mut ids: Vec<i64> = labels.keys().copied().collect();
-            ids.sort_unstable();
-            ids
-        });
         let radius = self.unknown_distance(&active);
         let mut candidates = Vec::with_capacity(examined.len());
         for chunk in examined.chunks(256) {
             for (id, vector) in self.store.embeddings_of(active.key(), chunk.to_vec()).await? {
-                candidates.push(self.candidate(&active, id, &vector, &labels, &labelled_ids, radius).await?);
+                candidates.push(self.candidate(&active, id, &vector, &labels, radius).await?);
             }
+        }
+        // Turn "my unlabelled neighbours" into "whose neighbour I am": whom my label would reach.
+        let mut reached: HashMap<i64, Vec<i64>> = HashMap::new();
+        for candidate in &candidates {
+            for neighbour in &candidate.covers {
+                reached.entry(*neighbour).or_default().push(candidate.id);
+            }
+        }
+        for candidate in &mut candidates {
+            candidate.covers = reached.remove(&candidate.id).unwrap_or_default();
         }
         let picked = pick(candidates, n);
         let items = self.store.summaries(picked.iter().map(|c| c.id).collect()).await?;
@@ -90,24 +93,21 @@ impl Catalog {
         Ok(Suggestions { model: active.name(), unlabelled: unlabelled.len(), examined: examined.len(), suggestions })
     }
 
-    /// An unlabelled item's vote among the labelled items, and its unlabelled neighbourhood.
+    /// An unlabelled item's vote as a search of it sees it (its `--knn-k`
+    /// nearest items, the labelled ones voting), and its unlabelled
+    /// neighbours among them (in `covers`, until `suggestions` turns them round).
     async fn candidate(
         &self,
         active: &ActiveModel,
         id: i64,
         vector: &[f32],
         labels: &HashMap<i64, String>,
-        labelled_ids: &Arc<Vec<i64>>,
         radius: f32,
     ) -> Result<Candidate, CatalogError> {
-        let prediction = if labelled_ids.is_empty() {
-            vote::predict(std::iter::empty(), self.settings.knn_k, radius)
-        } else {
-            let hits = active.index.search(vector, self.settings.knn_k, Some(labelled_ids.clone())).await?;
-            let votes = hits.iter().map(|h| (h.score, labels.get(&h.id).map(String::as_str)));
-            vote::predict(votes, self.settings.knn_k, radius)
-        };
-        let near = active.index.search(vector, CLUSTER_NEIGHBOURS, None).await?;
+        let mut near = active.index.search(vector, self.settings.knn_k + 1, None).await?;
+        near.retain(|h| h.id != id);
+        let votes = near.iter().map(|h| (h.score, labels.get(&h.id).map(String::as_str)));
+        let prediction = vote::predict(votes, self.settings.knn_k, radius);
         let covers: Vec<i64> = near
             .iter()
             .filter(|h| h.id != id && !labels.contains_key(&h.id) && 1.0 - h.score <= radius)
@@ -115,8 +115,7 @@ impl Catalog {
             .collect();
         let closeness = prediction.nearest_distance.map_or(0.0, |d| (1.0 - d / radius).max(0.0));
         let certainty = if prediction.known { prediction.confidence * closeness } else { 0.0 };
-        let value = (1.0 - certainty) * (1 + covers.len()) as f32;
-        Ok(Candidate { id, prediction, covers, certainty, value })
+        Ok(Candidate { id, prediction, covers, certainty })
     }
 
     /// The distance beyond which the nearest labelled neighbour means `unknown`.
@@ -126,20 +125,32 @@ impl Catalog {
     }
 }
 
-/// The `n` most valuable candidates, each skipping what an earlier pick stands for.
-fn pick(mut candidates: Vec<Candidate>, n: usize) -> Vec<Candidate> {
-    candidates.sort_by(|a, b| b.value.total_cmp(&a.value).then(a.id.cmp(&b.id)));
-    let mut covered = HashSet::new();
+/// `n` candidates by greedy coverage: each pick is the one whose own
+/// uncertainty plus that of the unlabelled items it reaches, not yet
+/// reached by an earlier pick, is largest. An item not examined weighs
+/// what the candidate covering it does.
+fn pick(candidates: Vec<Candidate>, n: usize) -> Vec<Candidate> {
+    let weight: HashMap<i64, f32> = candidates.iter().map(|c| (c.id, 1.0 - c.certainty)).collect();
+    let mut covered: HashSet<i64> = HashSet::new();
+    let mut left = candidates;
     let mut picked = Vec::new();
-    for candidate in candidates {
-        if picked.len() == n {
-            break;
-        }
-        if covered.contains(&candidate.id) || candidate.value <= 0.0 {
-            continue;
-        }
-        covered.extend(candidate.covers.iter().copied());
-        picked.push(candidate);
+    while picked.len() < n {
+        let gain = |c: &Candidate| -> f32 {
+            let own = if covered.contains(&c.id) { 0.0 } else { 1.0 - c.certainty };
+            let others = c.covers.iter().filter(|id| !covered.contains(id));
+            own + others.map(|id| weight.get(id).copied().unwrap_or(1.0 - c.certainty)).sum::<f32>()
+        };
+        let best = left
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !covered.contains(&c.id))
+            .map(|(i, c)| (i, gain(c)))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(left[b.0].id.cmp(&left[a.0].id)));
+        let Some((index, _)) = best.filter(|(_, gain)| *gain > 0.0) else { break };
+        let chosen = left.swap_remove(index);
+        covered.insert(chosen.id);
+        covered.extend(chosen.covers.iter().copied());
+        picked.push(chosen);
     }
     picked
 }
@@ -148,26 +159,24 @@ fn pick(mut candidates: Vec<Candidate>, n: usize) -> Vec<Candidate> {
 mod tests {
     use super::*;
 
-    fn candidate(id: i64, value: f32, covers: &[i64]) -> Candidate {
+    fn candidate(id: i64, certainty: f32, covers: &[i64]) -> Candidate {
         let prediction = vote::predict(std::iter::empty(), 10, 0.5);
-        Candidate { id, prediction, covers: covers.to_vec(), certainty: 0.0, value }
+        Candidate { id, prediction, covers: covers.to_vec(), certainty }
     }
 
     #[test]
-    fn picks_the_most_valuable_and_skips_what_a_pick_stands_for() {
+    fn picks_what_covers_most_uncertainty_and_counts_what_a_pick_covers_no_more() {
         let candidates = vec![
-            candidate(1, 2.0, &[2]),
-            candidate(2, 1.9, &[1]),
-            candidate(3, 5.0, &[4, 5]),
-            candidate(4, 3.0, &[3]),
-            candidate(6, 0.0, &[]),
+            candidate(1, 0.0, &[2]),
+            candidate(2, 0.1, &[1]),
+            candidate(3, 0.0, &[4, 5]),
+            candidate(4, 0.5, &[3]),
+            candidate(6, 1.0, &[]),
             candidate(7, 0.5, &[]),
         ];
-        let picked: Vec<i64> = pick(candidates, 3).iter().map(|c| c.id).collect();
-        assert_eq!(
-            picked,
-            vec![3, 1, 7],
-            "4 and 2 are covered by 3 and 1; a certain item (value 0) is never suggested"
-        );
+        let picked: Vec<i64> = pick(candidates, 5).iter().map(|c| c.id).collect();
+        // 3 covers 1 + 0.5 + 1 (5 was not examined: it weighs what 3 does); then 1 and 2 tie at
+        // 1.9 (the lower id first) and 2 is covered; then 7; a certain item (6) is never suggested.
+        assert_eq!(picked, vec![3, 1, 7]);
     }
 }
