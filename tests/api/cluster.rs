@@ -84,6 +84,36 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let after = json(client.get(format!("{}/gallery/{}", replicas[1].url, ids[2])).send().await.unwrap()).await;
     assert_eq!(after["label"], images[2].0.as_str());
 
+    // Curation over SQL: a scan (kept by the replica that ran it) groups a
+    // planted copy with its original; suggestions list the one unlabelled item.
+    let copy = crate::duplicates::rescaled(&images[3].1, 200);
+    let added = client
+        .post(format!("{}/gallery", replicas[0].url))
+        .multipart(Form::new().part("image", Part::bytes(copy).file_name("c.png")));
+    let copy_id = json_status(added.send().await.unwrap(), 201).await["items"][0]["id"].as_i64().unwrap();
+    let started = client.post(format!("{}/gallery/duplicates?distance=0.02", replicas[1].url)).send().await.unwrap();
+    let scan_url = format!("{}{}", replicas[1].url, started.headers()["location"].to_str().unwrap());
+    let scan = eventually(Duration::from_secs(30), "the scan to finish", || async {
+        let scan: Value = client.get(&scan_url).send().await.unwrap().json().await.unwrap();
+        if scan["state"] == "running" {
+            Err(scan.to_string())
+        } else {
+            Ok(scan)
+        }
+    })
+    .await;
+    assert_eq!((scan["state"].as_str(), scan["total"].as_u64()), (Some("done"), Some(images.len() as u64 + 1)));
+    let grouped = scan["groups"].as_array().unwrap().iter().any(|g| {
+        let members: Vec<i64> = g["items"].as_array().unwrap().iter().map(|i| i["id"].as_i64().unwrap()).collect();
+        members.contains(&ids[3]) && members.contains(&copy_id) && g["keeper"] == copy_id
+    });
+    assert!(grouped, "{scan}");
+    let suggested =
+        json(client.get(format!("{}/gallery/suggestions?n=5", replicas[2].url)).send().await.unwrap()).await;
+    assert_eq!(suggested["unlabelled"], 1, "{suggested}");
+    assert_eq!(suggested["suggestions"][0]["item"]["id"], copy_id, "{suggested}");
+    assert_eq!(client.delete(format!("{}/gallery/{copy_id}", replicas[2].url)).send().await.unwrap().status(), 204);
+
     // A delete on one replica leaves every replica's results at once.
     let deleted = client.delete(format!("{}/gallery/{}", replicas[1].url, ids[0])).send().await.unwrap();
     assert_eq!(deleted.status(), 204);

@@ -20,7 +20,7 @@ fn clipart() -> Vec<Vec<u8>> {
 }
 
 /// The image scaled by `percent` and encoded again: a copy with other bytes and another size.
-fn rescaled(png: &[u8], percent: u32) -> Vec<u8> {
+pub(crate) fn rescaled(png: &[u8], percent: u32) -> Vec<u8> {
     let image = image::load_from_memory(png).unwrap();
     let (w, h) = (image.width() * percent / 100, image.height() * percent / 100);
     let resized = image.resize_exact(w, h, image::imageops::FilterType::Triangle);
