@@ -130,7 +130,10 @@ async function loadGallery(reset) {
     const page = await api(`/gallery?${params}`);
     nextCursor = page.next_cursor;
     $("gallery-next").disabled = !nextCursor;
-    $("gallery-items").innerHTML = page.items.map((i) => card(i, `<button class="small danger" data-delete="${i.id}">Delete</button>`)).join("");
+    $("gallery-items").innerHTML = page.items.map((i) => card(i, `
+      <input type="text" class="edit-label" data-edit="${i.id}" data-seen="${text(i.label ?? "")}" value="${text(i.label ?? "")}"
+        placeholder="no label" aria-label="label of item ${i.id}">
+      <button class="small danger" data-delete="${i.id}">Delete</button>`)).join("");
     loadImages($("gallery-items"));
     show($("gallery-status"), page.items.length ? `${page.items.length} items on this page` : "no items");
   } catch (e) { show($("gallery-status"), e.message, "error"); }
@@ -146,6 +149,95 @@ $("gallery-items").addEventListener("click", async (e) => {
     show($("gallery-status"), `deleted #${id}`, "ok");
     refreshHealth();
   } catch (err) { show($("gallery-status"), err.message, "error"); }
+});
+
+// Editing a label in place (Enter or leaving the field saves it). The edit is
+// guarded by the item's ETag: if someone changed the label since this page
+// showed it, nothing is overwritten and the page says so.
+async function editLabel(id, seen, label) {
+  const current = await fetch(`/gallery/${id}`, { headers: keyHeaders() });
+  if (!current.ok) throw new Error(`item #${id}: HTTP ${current.status}`);
+  const stored = (await current.json()).label ?? "";
+  if (stored !== seen) throw new Error(`item #${id} was relabelled "${stored}" meanwhile; refresh and try again`);
+  const headers = { "content-type": "application/merge-patch+json", "if-match": current.headers.get("etag") };
+  return api(`/gallery/${id}`, { method: "PATCH", headers, body: JSON.stringify({ label: label || null }) });
+}
+$("gallery-items").addEventListener("change", async (e) => {
+  const input = e.target.closest("input[data-edit]");
+  if (!input) return;
+  const id = input.dataset.edit, label = input.value.trim();
+  try {
+    const item = await editLabel(id, input.dataset.seen, label);
+    input.dataset.seen = item.label ?? "";
+    input.closest(".card").querySelector(".label").textContent = item.label ?? "—";
+    show($("gallery-status"), `#${id} is now ${item.label ? `"${item.label}"` : "unlabelled"}`, "ok");
+  } catch (err) { show($("gallery-status"), err.message, "error"); }
+});
+$("gallery-items").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.target.matches("input[data-edit]")) e.target.blur(); });
+
+// Curate: what to label next, and near-copies to review.
+const labelItems = (ids, label) =>
+  api("/gallery/labels", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ids, label }) });
+$("suggest").addEventListener("click", async () => {
+  show($("suggest-status"), "looking for the items a label would help most…");
+  try {
+    const r = await api("/gallery/suggestions?n=12");
+    $("suggestions").innerHTML = r.suggestions.map((s) => card(s.item, `
+      <div class="muted">${text(s.reason)} · reaches ${s.cluster_size}</div>
+      <input type="text" data-suggested="${s.item.id}" value="${s.prediction.known ? text(s.prediction.label) : ""}"
+        placeholder="type a label" aria-label="label for item ${s.item.id}">
+      <button class="small" data-accept="${s.item.id}">Label</button>
+      <button class="small danger" data-skip="${s.item.id}">Skip</button>`)).join("");
+    loadImages($("suggestions"));
+    show($("suggest-status"), r.suggestions.length ? `${r.suggestions.length} suggestions from ${r.unlabelled} unlabelled items` : "nothing to suggest: every item is labelled", "ok");
+  } catch (e) { show($("suggest-status"), e.message, "error"); }
+});
+async function acceptSuggestion(id) {
+  const label = document.querySelector(`input[data-suggested="${id}"]`).value.trim();
+  if (!label) { show($("suggest-status"), `type a label for #${id} first`, "error"); return; }
+  try {
+    await labelItems([Number(id)], label);
+    document.querySelector(`#suggestions .card[data-id="${id}"]`).remove();
+    show($("suggest-status"), `#${id} labelled "${label}"`, "ok");
+  } catch (e) { show($("suggest-status"), e.message, "error"); }
+}
+$("suggestions").addEventListener("click", (e) => {
+  if (e.target.dataset?.accept) acceptSuggestion(e.target.dataset.accept);
+  if (e.target.dataset?.skip) e.target.closest(".card").remove();
+});
+$("suggestions").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.target.dataset?.suggested) acceptSuggestion(e.target.dataset.suggested); });
+
+$("dup-scan").addEventListener("click", async () => {
+  const distance = $("dup-distance").value.trim();
+  show($("dup-status"), "scanning the gallery…"); $("dup-groups").innerHTML = "";
+  try {
+    let scan = await api(`/gallery/duplicates${distance ? `?distance=${encodeURIComponent(distance)}` : ""}`, { method: "POST" });
+    while (scan.state === "running") {
+      show($("dup-status"), `scanning: ${scan.scanned} of ${scan.total} items`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      scan = await api(`/gallery/duplicates/${scan.id}`);
+    }
+    if (scan.state === "failed") throw new Error(scan.error);
+    $("dup-groups").innerHTML = scan.groups.map((g) => `<div class="group" data-keeper="${g.keeper}">
+      <div class="grid">${g.items.map((i) => card(i, i.id === g.keeper ? '<div class="ok">keep</div>'
+        : `<div class="muted">distance ${Math.min(...g.pairs.filter((p) => p.a === i.id || p.b === i.id).map((p) => p.distance)).toFixed(4)}</div>
+           <button class="small danger" data-delete-copy="${i.id}">Delete</button>`)).join("")}</div>
+      <button class="small danger" data-delete-group="${g.items.filter((i) => i.id !== g.keeper).map((i) => i.id).join(",")}">Delete all but the keeper</button></div>`).join("");
+    loadImages($("dup-groups"));
+    show($("dup-status"), `${scan.groups.length} groups, ${scan.duplicates} items besides their keepers (distance ${scan.distance.toPrecision(3)})`, "ok");
+  } catch (e) { show($("dup-status"), e.message, "error"); }
+});
+$("dup-groups").addEventListener("click", async (e) => {
+  const ids = (e.target.dataset?.deleteCopy ?? e.target.dataset?.deleteGroup)?.split(",");
+  if (!ids) return;
+  try {
+    for (const id of ids) {
+      await api(`/gallery/${id}`, { method: "DELETE" });
+      document.querySelector(`#dup-groups .card[data-id="${id}"]`)?.remove();
+    }
+    show($("dup-status"), `deleted ${ids.map((id) => `#${id}`).join(", ")}`, "ok");
+    refreshHealth();
+  } catch (err) { show($("dup-status"), err.message, "error"); }
 });
 
 // Verify

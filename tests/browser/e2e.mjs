@@ -1,14 +1,15 @@
 // End-to-end test of the web page in headless Chromium: starts the release
 // binary on a fresh data directory, then, through the page only: adds
 // labelled images, searches and sees the expected item first with the right
-// predicted label, verifies a pair, deletes an item, fine-tunes; then, on a
+// predicted label, verifies a pair, deletes an item, edits a label, labels a
+// suggested item, deletes a near-copy, fine-tunes; then, on a
 // service with an API key, gives the key when asked. Screenshots of each step
 // go to target/browser-artifacts/ (kept as test artefacts).
 //
 //   node tests/browser/e2e.mjs        (after `cargo build --release`; `make browser-test` does both)
 
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -131,6 +132,55 @@ try {
       await page.screenshot({ path: join(artifacts, "4-gallery-after-delete.png"), fullPage: true });
     }
     check(failed.length === 0, `${name}: no failed requests or page errors (${failed.join(", ")})`);
+    await page.close();
+  }
+
+  // Curation: edit a label in place (and back); then, with an unlabelled trouser
+  // and a copy of a stored T-shirt added, label the suggested trouser from the
+  // keyboard and delete the copy from its group of near-copies.
+  {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+    const failed = [];
+    page.on("requestfailed", (r) => failed.push(r.url()));
+    page.on("pageerror", (e) => failed.push(`page error: ${e.message}`));
+    await page.goto(url);
+    await page.click('nav button[data-tab="gallery"]');
+    const sandal = '#gallery-items .card[data-id="8"] input';
+    for (const label of ["sandal-edited", "sandal"]) {
+      await page.fill(sandal, label);
+      await page.press(sandal, "Enter");
+      await page.waitForFunction((l) => document.getElementById("gallery-status").textContent.includes(`"${l}"`), label);
+      check((await (await fetch(`${url}/gallery/8`)).json()).label === label, `an inline edit labels item 8 "${label}"`);
+      if (label === "sandal-edited") await page.screenshot({ path: join(artifacts, "7-gallery-edit.png"), fullPage: true });
+    }
+
+    const add = async (name, label) => {
+      const form = new FormData();
+      form.append("image", new Blob([readFileSync(fixture(name))], { type: "image/png" }), `${name}.png`);
+      if (label) form.append("label", label);
+      return (await (await fetch(`${url}/gallery`, { method: "POST", body: form })).json()).items[0].id;
+    };
+    const trouser = await add("trouser-2", null);
+    const copy = await add("tshirt-0", "tshirt");
+    await page.click('nav button[data-tab="curate"]');
+    await page.click("#suggest");
+    const input = `#suggestions input[data-suggested="${trouser}"]`;
+    await page.waitForSelector(input);
+    check((await page.inputValue(input)) === "trouser", "the unlabelled trouser is suggested, predicted trouser");
+    await page.screenshot({ path: join(artifacts, "8-curate-suggestions.png"), fullPage: true });
+    await page.focus(input);
+    await page.keyboard.press("Enter");
+    await page.waitForFunction(() => document.getElementById("suggest-status").textContent.includes("labelled"));
+    check((await (await fetch(`${url}/gallery/${trouser}`)).json()).label === "trouser", "Enter labels it");
+
+    await page.fill("#dup-distance", "0.00001");
+    await page.click("#dup-scan");
+    await page.waitForSelector(`#dup-groups .group[data-keeper="1"] button[data-delete-copy="${copy}"]`);
+    await page.screenshot({ path: join(artifacts, "9-curate-duplicates.png"), fullPage: true });
+    await page.click(`#dup-groups button[data-delete-copy="${copy}"]`);
+    await page.waitForFunction(() => document.getElementById("dup-status").textContent.startsWith("deleted"));
+    check((await fetch(`${url}/gallery/${copy}`)).status === 404, "the copy is deleted from its group, the original kept");
+    check(failed.length === 0, `curation: no failed requests or page errors (${failed.join(", ")})`);
     await page.close();
   }
 
