@@ -250,11 +250,34 @@ for (const side of ["a", "b"]) {
 async function verify() {
   if (!pair.a || !pair.b) return;
   const form = new FormData(); form.append("a", pair.a); form.append("b", pair.b);
+  const explain = $("verify-explain").checked;
   try {
-    const r = await api("/verify", { method: "POST", body: form });
+    const r = await api(`/verify${explain ? "?explain=true" : ""}`, { method: "POST", body: form });
     const verdict = r.same === null ? "no calibrated threshold" : r.same ? "the same" : "different";
     $("verify-status").innerHTML = `<b>${verdict}</b> · similarity ${r.similarity.toFixed(3)} (threshold ${r.threshold?.toFixed(3) ?? "—"})`;
+    $("verify-maps").hidden = !r.explanation;
+    if (r.explanation) {
+      await drawHeat($("verify-map-a"), pair.a, r.explanation.a, r.explanation.resize);
+      await drawHeat($("verify-map-b"), pair.b, r.explanation.b, r.explanation.resize);
+    }
   } catch (e) { show($("verify-status"), e.message, "error"); }
+}
+$("verify-explain").addEventListener("change", verify);
+// The image in the model's frame (whole and stretched, or its centred square),
+// each grid cell tinted by its share of the match.
+async function drawHeat(canvas, file, map, resize) {
+  const image = await createImageBitmap(file);
+  const side = Math.min(image.width, image.height), crop = resize === "center_crop";
+  const [sx, sy, sw, sh] = crop ? [(image.width - side) / 2, (image.height - side) / 2, side, side] : [0, 0, image.width, image.height];
+  const ctx = canvas.getContext("2d"), s = canvas.width, n = map.length;
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(image, sx, sy, sw, sh, 0, 0, s, s);
+  for (let r = 0; r < n; r++) {
+    for (let c = 0; c < n; c++) {
+      ctx.fillStyle = `rgba(230, 40, 20, ${(0.65 * map[r][c]).toFixed(3)})`;
+      ctx.fillRect((c * s) / n, (r * s) / n, s / n, s / n);
+    }
+  }
 }
 
 // Admin

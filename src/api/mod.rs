@@ -112,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         .route("/gallery/{id}", get(gallery::get).delete(gallery::delete).patch(edit::patch))
         .route("/gallery/{id}/image", get(gallery::image))
         .route("/gallery/{id}/similar", get(search::similar))
+        .route("/gallery/{a}/explain/{b}", get(search::explain))
         .route("/search", post(search::search))
         .route("/verify", post(search::verify))
         .route("/admin/finetune", post(admin::start).get(admin::list))

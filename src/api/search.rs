@@ -4,13 +4,13 @@ use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Multipart, Path, Query, Request, State};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{image_part_error, ApiError};
 use super::gallery::{item_id, no_item};
 use super::upload::{read_pair_form, read_query_image};
 use super::AppState;
-use crate::catalog::{CatalogError, SearchOutcome, SearchQuery, Verified};
+use crate::catalog::{CatalogError, Explanation, SearchOutcome, SearchQuery, Verified};
 
 const DEFAULT_K: usize = 10;
 
@@ -62,12 +62,50 @@ fn search_query(params: SearchParams, state: &AppState) -> Result<SearchQuery, A
 /// `POST /verify`: two images, parts `a` and `b`.
 pub async fn verify(
     State(state): State<AppState>,
+    params: Result<Query<VerifyParams>, QueryRejection>,
     form: Result<Multipart, MultipartRejection>,
-) -> Result<Json<Verified>, ApiError> {
+) -> Result<Json<VerifyAnswer>, ApiError> {
+    let Query(params) = params?;
     let (a, b) = read_pair_form(form?, state.limits.form).await?;
-    match state.catalog.verify(a, b).await {
-        Ok(verified) => Ok(Json(verified)),
-        Err(CatalogError::Image { position, source }) => Err(image_part_error(["a", "b"][position], source)),
-        Err(other) => Err(other.into()),
+    let explain = params.explain.then(|| (a.clone(), b.clone()));
+    let verified = state.catalog.verify(a, b).await.map_err(pair_error)?;
+    let explanation = match explain {
+        Some((a, b)) => Some(state.catalog.explain(a, b).await.map_err(pair_error)?),
+        None => None,
+    };
+    Ok(Json(VerifyAnswer { verified, explanation }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct VerifyParams {
+    /// Also answer a similarity map per image (`explain.rs`).
+    #[serde(default)]
+    explain: bool,
+}
+
+#[derive(Serialize)]
+pub struct VerifyAnswer {
+    #[serde(flatten)]
+    verified: Verified,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explanation: Option<Explanation>,
+}
+
+fn pair_error(e: CatalogError) -> ApiError {
+    match e {
+        CatalogError::Image { position, source } => image_part_error(["a", "b"][position], source),
+        other => other.into(),
+    }
+}
+
+/// `GET /gallery/{a}/explain/{b}`: why two stored items match, a map per image.
+pub async fn explain(
+    State(state): State<AppState>,
+    ids: Result<Path<(i64, i64)>, PathRejection>,
+) -> Result<Json<Explanation>, ApiError> {
+    let Path((a, b)) = ids.map_err(|_| ApiError::bad_request("invalid_id", "item ids are integers"))?;
+    match state.catalog.explain_items(a, b).await? {
+        Some(explanation) => Ok(Json(explanation)),
+        None => Err(ApiError::NotFound(format!("no gallery item {a} or {b}"))),
     }
 }

@@ -11,6 +11,7 @@
 pub(crate) mod active;
 mod duplicates;
 mod edit;
+mod explain;
 mod labels;
 mod once;
 pub(crate) mod reconcile;
@@ -29,6 +30,7 @@ use std::time::Instant;
 pub use crate::gallery::{Edited, IdempotencyKey, ItemEdit, ItemSummary, MetadataEdit, StoredImage};
 pub use crate::index::IndexSource;
 pub use duplicates::NearPairs;
+pub use explain::Explanation;
 pub use once::{request_fingerprint, AddedOnce};
 pub use suggestions::{Suggestion, Suggestions};
 pub use types::*;

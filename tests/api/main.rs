@@ -8,6 +8,7 @@ mod crash;
 mod duplicates;
 mod edit;
 mod errors;
+mod explain;
 mod finetune;
 mod formats;
 mod gallery;

@@ -119,6 +119,16 @@ try {
       await page.setInputFiles("#verify-b", fixture("trouser-2"));
       await page.waitForFunction(() => document.getElementById("verify-status").textContent.startsWith("different"));
       await page.screenshot({ path: join(artifacts, "3-verify.png"), fullPage: true });
+      // The heat-map toggle (keyboard): both images drawn with their maps.
+      await page.focus("#verify-explain");
+      await page.keyboard.press("Space");
+      await page.waitForFunction(() => !document.getElementById("verify-maps").hidden);
+      const tinted = await page.evaluate(() => ["a", "b"].map((side) => {
+        const data = document.getElementById(`verify-map-${side}`).getContext("2d").getImageData(0, 0, 168, 168).data;
+        return data.some((v, i) => i % 4 === 0 && v > 0);
+      }));
+      check(tinted.every(Boolean), "the heat maps are drawn over both images");
+      await page.screenshot({ path: join(artifacts, "3b-verify-heat-maps.png"), fullPage: true });
 
       // Gallery: eight items; delete one (the bag), and it is gone from the page and from the service.
       await page.click('nav button[data-tab="gallery"]');
