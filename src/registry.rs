@@ -23,7 +23,7 @@ use crate::files::{sync_dir, write_atomic};
 use crate::manifest::{Manifest, ManifestError, ENCODER_FILE};
 
 pub(crate) const MODELS_DIR: &str = "models";
-const ACTIVE_FILE: &str = "ACTIVE";
+pub(crate) const ACTIVE_FILE: &str = "ACTIVE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

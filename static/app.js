@@ -176,8 +176,6 @@ $("gallery-items").addEventListener("change", async (e) => {
 $("gallery-items").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.target.matches("input[data-edit]")) e.target.blur(); });
 
 // Curate: what to label next, and near-copies to review.
-const labelItems = (ids, label) =>
-  api("/gallery/labels", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ids, label }) });
 $("suggest").addEventListener("click", async () => {
   show($("suggest-status"), "looking for the items a label would help most…");
   try {
@@ -196,7 +194,7 @@ async function acceptSuggestion(id) {
   const label = document.querySelector(`input[data-suggested="${id}"]`).value.trim();
   if (!label) { show($("suggest-status"), `type a label for #${id} first`, "error"); return; }
   try {
-    await labelItems([Number(id)], label);
+    await editLabel(id, "", label); // unlabelled when suggested: refused if someone labelled it since
     document.querySelector(`#suggestions .card[data-id="${id}"]`).remove();
     show($("suggest-status"), `#${id} labelled "${label}"`, "ok");
   } catch (e) { show($("suggest-status"), e.message, "error"); }

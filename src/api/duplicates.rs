@@ -40,10 +40,7 @@ pub async fn start(
         }
         Err(running) => Err(ApiError::Conflict {
             code: "job_running",
-            message: format!(
-                "duplicate scan {} is running; follow it at /gallery/duplicates/{}",
-                running.id, running.id
-            ),
+            message: format!("duplicate scan {} is running; follow it at /gallery/duplicates/{}", running, running),
         }),
     }
 }

@@ -30,7 +30,7 @@ pub async fn patch(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = item_id(id)?;
-    let merge = match content_type(&headers) {
+    let merge = match content_type(&headers).as_deref() {
         Some(MERGE_PATCH) => true,
         Some("application/json") => false,
         _ => {
@@ -38,7 +38,8 @@ pub async fn patch(
             return Err(ApiError::Unsupported { code: "unsupported_media_type", message });
         }
     };
-    let edit = parse_edit(&json_object(&body)?, merge)?;
+    let mut edit = parse_edit(&json_object(&body)?, merge)?;
+    edit.max_metadata_bytes = state.limits.form.max_text_part_bytes;
     let if_match = match headers.get(header::IF_MATCH) {
         Some(value) => Some(value.to_str().map_err(|_| invalid_if_match())?.to_string()),
         None => None,
@@ -46,6 +47,13 @@ pub async fn patch(
     match state.catalog.edit(id, edit, if_match).await? {
         Edited::Done(item) => Ok(with_etag(item)),
         Edited::Missing => Err(no_item(id)),
+        Edited::TooLarge(size) => Err(ApiError::TooLarge {
+            code: "metadata_too_large",
+            message: format!(
+                "the metadata would take {size} bytes as JSON, over the {} an item may hold (--max-text-part-bytes); nothing changed",
+                state.limits.form.max_text_part_bytes
+            ),
+        }),
         Edited::Stale(item) => Err(ApiError::PreconditionFailed(format!(
             "item {id} changed since the ETag you sent (now {}); read it again and reapply your edit",
             item.etag()
@@ -92,9 +100,10 @@ pub async fn relabel(State(state): State<AppState>, body: Bytes) -> Result<Json<
     Ok(Json(Relabelled { updated, label }))
 }
 
-fn content_type(headers: &HeaderMap) -> Option<&str> {
+/// The body's media type, lower case, without parameters.
+fn content_type(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(value.split(';').next().unwrap_or_default().trim())
+    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
 }
 
 /// The body as a JSON object.

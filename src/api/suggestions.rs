@@ -11,6 +11,10 @@ use crate::catalog::Suggestions;
 
 const MAX_SUGGESTIONS: usize = 200;
 
+/// One computation at a time per process (each is up to 2,000 index
+/// searches); further requests wait their turn.
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 #[derive(Debug, Deserialize)]
 pub struct SuggestionParams {
     n: Option<usize>,
@@ -25,5 +29,6 @@ pub async fn suggestions(
     if n == 0 || n > MAX_SUGGESTIONS {
         return Err(ApiError::invalid("invalid_n", format!("n must be between 1 and {MAX_SUGGESTIONS}")));
     }
+    let _turn = RUNNING.acquire().await.expect("the semaphore is never closed");
     Ok(Json(state.catalog.suggestions(n).await?))
 }

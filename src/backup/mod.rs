@@ -62,6 +62,8 @@ pub enum BackupError {
     Exists(PathBuf),
     #[error("{}: not empty; restore into a new or empty folder", .0.display())]
     NotEmpty(PathBuf),
+    #[error("{0}; back up again")]
+    Changed(String),
     #[error("the archive is damaged or not a lookalike backup: {0}")]
     Damaged(String),
     #[error("the restored gallery fails SQLite's integrity check: {0}")]

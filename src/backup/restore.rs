@@ -51,10 +51,7 @@ pub fn restore(config: &RestoreConfig) -> Result<RestoreSummary, BackupError> {
     }
     fs::create_dir_all(dir).map_err(at(dir))?;
     match unpack_and_check(config) {
-        Ok((items, files)) => {
-            let registry = Registry::new(&config.model, dir);
-            let versions = registry.list()?.iter().filter(|v| !v.bundled).count();
-            let active = registry.active()?.version;
+        Ok((items, files, versions, active)) => {
             let seconds = started.elapsed().as_secs_f64();
             Ok(RestoreSummary { data_dir: dir.clone(), items, files, versions, active, seconds })
         }
@@ -65,8 +62,9 @@ pub fn restore(config: &RestoreConfig) -> Result<RestoreSummary, BackupError> {
     }
 }
 
-/// Unpacks the archive and checks it; the items and files restored.
-fn unpack_and_check(config: &RestoreConfig) -> Result<(u64, usize), BackupError> {
+/// Unpacks the archive and checks it; the items and files restored, the
+/// saved model versions and the active one.
+fn unpack_and_check(config: &RestoreConfig) -> Result<(u64, usize, usize, String), BackupError> {
     let dir = &config.data_dir;
     let archive = File::open(&config.from).map_err(at(&config.from))?;
     let mut archive = tar::Archive::new(BufReader::new(archive));
@@ -97,7 +95,10 @@ fn unpack_and_check(config: &RestoreConfig) -> Result<(u64, usize), BackupError>
     }
     check_files(&contents.files, unpacked)?;
     let items = check_store(dir)?;
-    Ok((items, contents.files.len()))
+    let registry = Registry::new(&config.model, dir);
+    let versions = registry.list()?.iter().filter(|v| !v.bundled).count();
+    let active = registry.active()?.version;
+    Ok((items, contents.files.len(), versions, active))
 }
 
 /// Every listed file unpacked with its size and checksum, and nothing else.

@@ -21,7 +21,7 @@ use super::{at, BackupConfig, BackupError, Contents, FileEntry, Hashing, CONTENT
 use crate::clock::now_millis;
 use crate::files::sync_dir;
 use crate::gallery::STORE_FILE;
-use crate::registry::MODELS_DIR;
+use crate::registry::{ACTIVE_FILE as ACTIVE, MODELS_DIR};
 use crate::startup::{INDEX_DIR, JOBS_DIR};
 
 /// Names of files still being written (`files::write_atomic`, `Registry::save`).
@@ -61,11 +61,11 @@ pub fn backup(config: &BackupConfig) -> Result<BackupSummary, BackupError> {
     }
     let staging = Staging::new(data.join(format!(".backup-{}", std::process::id())))?;
     let models = data.join(MODELS_DIR);
-    link_if_present(&models.join("ACTIVE"), &staging.0.join(MODELS_DIR).join("ACTIVE"))?;
-    link_folders(&models, &staging.0.join(MODELS_DIR))?;
+    link(&models.join(ACTIVE), &staging.0.join(MODELS_DIR).join(ACTIVE))?;
+    link_folders(&models, &staging.0.join(MODELS_DIR), |name| name != ACTIVE)?;
     let items = snapshot_store(&data.join(STORE_FILE), &staging.0.join(STORE_FILE))?;
     link_index_dumps(&data.join(INDEX_DIR), &staging.0.join(INDEX_DIR))?;
-    link_folders(&data.join(JOBS_DIR), &staging.0.join(JOBS_DIR))?;
+    link_job_records(&data.join(JOBS_DIR), &staging.0.join(JOBS_DIR))?;
     let files = write_archive(&staging.0, &config.to, items)?;
     Ok(BackupSummary {
         file: config.to.clone(),
@@ -113,7 +113,8 @@ fn snapshot_store(store: &Path, copy: &Path) -> Result<u64, BackupError> {
 }
 
 /// Links `from` to `to`, or copies it where links are not possible; `false`
-/// when `from` is gone (deleted since it was listed).
+/// when `from` is gone (deleted since it was listed). Never copies onto an
+/// existing `to`: that could be a link to `from` itself, which a copy would empty.
 fn link(from: &Path, to: &Path) -> Result<bool, BackupError> {
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent).map_err(at(parent))?;
@@ -121,6 +122,7 @@ fn link(from: &Path, to: &Path) -> Result<bool, BackupError> {
     match fs::hard_link(from, to) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(at(to)(e)),
         Err(_) => match fs::copy(from, to) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
@@ -129,19 +131,27 @@ fn link(from: &Path, to: &Path) -> Result<bool, BackupError> {
     }
 }
 
-fn link_if_present(from: &Path, to: &Path) -> Result<(), BackupError> {
-    link(from, to).map(|_| ())
-}
-
-/// Every finished file of `dir`, and every finished folder whole: a folder
-/// deleted while it is linked (a model version) is left out entirely.
-fn link_folders(dir: &Path, to: &Path) -> Result<(), BackupError> {
-    for path in finished_entries(dir)? {
+/// Every finished file of `dir` and every finished folder whole, of the
+/// entries whose name `wanted` admits: a folder deleted while it is linked (a
+/// model version) is left out entirely.
+fn link_folders(dir: &Path, to: &Path, wanted: impl Fn(&str) -> bool) -> Result<(), BackupError> {
+    let named = |p: &PathBuf| p.file_name().is_some_and(|n| wanted(&n.to_string_lossy()));
+    for path in finished_entries(dir)?.into_iter().filter(named) {
         let target = to.join(path.file_name().expect("an entry has a name"));
         let whole = if path.is_dir() { link_tree(&path, &target)? } else { link(&path, &target)? };
         if !whole {
             let _ = fs::remove_dir_all(&target);
         }
+    }
+    Ok(())
+}
+
+/// The fine-tune job records (`<id>.json`, written whole and renamed), not
+/// the folders of a running job's checkpoints: those are rewritten in place,
+/// and a restarted service removes them anyway.
+fn link_job_records(dir: &Path, to: &Path) -> Result<(), BackupError> {
+    for path in finished_entries(dir)?.into_iter().filter(|p| p.is_file()) {
+        link(&path, &to.join(path.file_name().expect("an entry has a name")))?;
     }
     Ok(())
 }
@@ -208,9 +218,16 @@ fn write_archive(staging: &Path, file: &Path, items: u64) -> Result<Vec<FileEntr
         header.set_size(source.metadata().map_err(at(&path))?.len());
         header.set_mode(0o644);
         header.set_mtime(now_millis() / 1000);
+        let size = header.size().map_err(at(&path))?;
         let mut hashing = Hashing::new(source);
         archive.append_data(&mut header, &name, &mut hashing).map_err(at(&path))?;
         let (bytes, sha256) = hashing.finish();
+        if bytes != size {
+            // Staged files are links to files never written again; this one was.
+            return Err(BackupError::Changed(format!(
+                "{name} changed while it was archived ({size} -> {bytes} bytes)"
+            )));
+        }
         files.push(FileEntry { path: name, bytes, sha256 });
     }
     let contents = Contents {

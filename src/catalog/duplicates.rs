@@ -12,6 +12,8 @@ use crate::curation::NearPair;
 const PAGE: usize = 256;
 /// Neighbours asked of the index per item; larger groups still join through chains.
 const NEIGHBOURS: usize = 10;
+/// Close pairs a scan keeps at most: beyond, the distance is too loose to mean copies.
+pub const MAX_PAIRS: usize = 100_000;
 
 /// What a scan found: under which model, and the close pairs.
 pub struct NearPairs {
@@ -54,6 +56,9 @@ impl Catalog {
                         let entry = closest.entry((id.min(hit.id), id.max(hit.id))).or_insert(apart);
                         *entry = entry.min(apart);
                     }
+                }
+                if closest.len() > MAX_PAIRS {
+                    return Err(CatalogError::TooManyPairs { distance, limit: MAX_PAIRS });
                 }
             }
             scanned += page.len();

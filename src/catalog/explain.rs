@@ -7,7 +7,8 @@
 //! cells, tried first, gave noisier maps.) It asks nothing of the model beyond its
 //! embeddings, so it works for every model folder, bring-your-own included,
 //! and it measures the encoder's actual behaviour rather than a gradient's
-//! local slope. Cost: 2 x grid^2 extra embeddings, batched like any others.
+//! local slope. Cost: 2 x grid^2 extra embeddings, at bulk priority: behind
+//! searches and uploads, waiting for room in the queue rather than taking it.
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -42,12 +43,12 @@ impl Catalog {
     pub async fn explain(&self, a: Bytes, b: Bytes) -> Result<Explanation, CatalogError> {
         let active = self.active();
         let size = active.version.manifest.input.size as usize;
-        let prepared = active.prepare_all(vec![a, b], Priority::Interactive).await?;
+        let prepared = active.prepare_all(vec![a, b], Priority::Bulk).await?;
         let (a, b) = (&prepared[0].pixels, &prepared[1].pixels);
         let mut inputs = vec![a.clone(), b.clone()];
         inputs.extend(occluded(a, size));
         inputs.extend(occluded(b, size));
-        let vectors = active.embed_all(inputs, Priority::Interactive).await?;
+        let vectors = active.embed_all(inputs, Priority::Bulk).await?;
         let (whole, cells) = vectors.split_at(2);
         let similarity = cosine(&whole[0], &whole[1]);
         let (cells_a, cells_b) = cells.split_at(GRID * GRID);

@@ -49,9 +49,9 @@ impl LabelMap {
     pub(super) fn set(&self, ids: &[i64], label: Option<&str>) {
         let mut inner = self.write();
         for &id in ids {
-            inner.remove(id);
-            if let Some(label) = label {
-                inner.insert(id, label);
+            match label {
+                Some(label) => inner.insert(id, label),
+                None => inner.remove(id),
             }
         }
     }
@@ -71,7 +71,9 @@ impl LabelMap {
 }
 
 impl Inner {
+    /// Gives `id` the label `label`, and no other.
     fn insert(&mut self, id: i64, label: &str) {
+        self.remove(id);
         let label: Arc<str> = self.ids.get_key_value(label).map(|(k, _)| k.clone()).unwrap_or_else(|| label.into());
         let ids = Arc::make_mut(self.ids.entry(label.clone()).or_default());
         if let Err(position) = ids.binary_search(&id) {
@@ -109,6 +111,12 @@ mod tests {
         assert!(map.ids("b").is_none(), "a label with no item left is unknown");
         map.remove(42);
         assert_eq!(*map.ids("a").unwrap(), vec![0, 1, 3]);
+        map.insert(1, "b");
+        assert_eq!(
+            (map.ids("a").unwrap().to_vec(), map.ids("b").unwrap().to_vec()),
+            (vec![0, 3], vec![1]),
+            "one label per id"
+        );
         map.set(&[1, 3], Some("c"));
         map.set(&[0], None);
         assert!(map.ids("a").is_none());

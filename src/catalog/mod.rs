@@ -70,6 +70,9 @@ pub enum CatalogError {
     Task(#[from] tokio::task::JoinError),
     #[error("cancelled")]
     Cancelled,
+    /// A duplicate scan found more close pairs than it keeps.
+    #[error("more than {limit} pairs of items lie within distance {distance}: too loose to mean copies; scan again with a smaller distance")]
+    TooManyPairs { distance: f32, limit: usize },
     /// An idempotency key already used for a different request.
     #[error("idempotency key `{0}` was used with a different request; a retry must send the same request")]
     KeyReused(String),
@@ -83,7 +86,7 @@ pub enum CatalogError {
 impl CatalogError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Image { .. } | Self::KeyReused(_) => ErrorKind::Invalid,
+            Self::Image { .. } | Self::KeyReused(_) | Self::TooManyPairs { .. } => ErrorKind::Invalid,
             Self::Duplicate { .. } | Self::DuplicateInRequest { .. } | Self::Cancelled | Self::KeyStale(_) => {
                 ErrorKind::Conflict
             }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use futures::future::join_all;
 
 use super::active::ActiveModel;
+use super::labels::LabelMap;
 use super::{AddStatus, Added, Catalog, CatalogError, NearDuplicate, OnDuplicate, Upload};
 use crate::embed::Priority;
-use crate::gallery::{content_hash, IdempotencyKey, Inserted, NewItem};
+use crate::gallery::{content_hash, GalleryStore, IdempotencyKey, Inserted, NewItem};
 use crate::vector::cosine;
 
 /// One upload on its way to the store.
@@ -143,12 +144,12 @@ impl Catalog {
                 items.iter().map(|i| (i.embedding.clone(), i.label.clone())).collect();
             let inserted = store.insert(items, model, key).await?;
             let mut stored = Vec::new();
+            let mut labelled = Vec::new();
             for (item, (vector, label)) in inserted.iter().zip(described).filter(|(i, _)| i.stored) {
-                if let Some(label) = label {
-                    labels.insert(item.id, &label);
-                }
+                labelled.extend(label.map(|label| (item.id, label)));
                 stored.push((item.id, vector));
             }
+            label_stored(store.as_ref(), &labels, labelled).await;
             // Committed: from here the upload succeeds, and what fails is finished later.
             if let Err(error) = index.insert(stored.clone()).await {
                 tracing::error!(%error, items = stored.len(), "stored uploads could not be indexed; retrying");
@@ -208,6 +209,30 @@ impl Catalog {
         .await?;
         self.models.unembeddable().forget(id);
         Ok(deleted)
+    }
+}
+
+/// Puts stored uploads' labels in the label map. An edit may have relabelled
+/// them since they were committed (they have ids from then on), so under the
+/// edits' lock their labels are read back from the store; if that read fails,
+/// the uploaded labels are used.
+async fn label_stored(store: &dyn GalleryStore, labels: &LabelMap, uploaded: Vec<(i64, String)>) {
+    if uploaded.is_empty() {
+        return;
+    }
+    let _edits = labels.lock_edits().await;
+    match store.summaries(uploaded.iter().map(|(id, _)| *id).collect()).await {
+        Ok(now) => {
+            for (id, _) in &uploaded {
+                labels.set(&[*id], now.get(id).and_then(|item| item.label.as_deref()));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not read uploads' labels back; using the uploaded ones");
+            for (id, label) in &uploaded {
+                labels.set(&[*id], Some(label));
+            }
+        }
     }
 }
 

@@ -49,11 +49,11 @@ pub struct DuplicateScans {
 }
 
 impl DuplicateScans {
-    /// Starts a scan of `catalog` at `distance`; `Err` with the scan already running.
-    pub fn start(self: &Arc<Self>, catalog: Catalog, distance: f32) -> Result<ScanRecord, ScanRecord> {
+    /// Starts a scan of `catalog` at `distance`; `Err` with the id of the scan already running.
+    pub fn start(self: &Arc<Self>, catalog: Catalog, distance: f32) -> Result<ScanRecord, String> {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(running) = records.iter().map(|r| read(r)).find(|r| r.state == ScanState::Running) {
-            return Err(running);
+            return Err(running.id);
         }
         let record = ScanRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -90,8 +90,12 @@ async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
     };
     let outcome = async {
         let found = catalog.near_pairs(distance, progress, &AtomicBool::new(false)).await?;
-        let ids: HashSet<i64> = found.pairs.iter().flat_map(|p| [p.a, p.b]).collect();
-        let items = catalog.summaries(ids.into_iter().collect()).await?;
+        let ids: Vec<i64> = found.pairs.iter().flat_map(|p| [p.a, p.b]).collect::<HashSet<_>>().into_iter().collect();
+        // In pages, so that the store serves other requests between them.
+        let mut items = std::collections::HashMap::new();
+        for page in ids.chunks(500) {
+            items.extend(catalog.summaries(page.to_vec()).await?);
+        }
         Ok::<_, crate::catalog::CatalogError>((found.model, group_pairs(&found.pairs, &items)))
     }
     .await;

@@ -14,6 +14,9 @@ pub struct ItemEdit {
     /// `None`: unchanged; `Some(None)`: cleared.
     pub label: Option<Option<String>>,
     pub metadata: MetadataEdit,
+    /// The most bytes the metadata may take as JSON after the edit (as an
+    /// upload's `metadata` part may); 0: no limit.
+    pub max_metadata_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -46,6 +49,12 @@ impl ItemEdit {
         };
         (label, metadata)
     }
+
+    /// `Some(size)` when the metadata is larger than the edit allows.
+    pub fn too_large(&self, metadata: &Value) -> Option<usize> {
+        let size = metadata.to_string().len();
+        (self.max_metadata_bytes > 0 && size > self.max_metadata_bytes).then_some(size)
+    }
 }
 
 /// How an edit went.
@@ -55,6 +64,8 @@ pub enum Edited {
     Done(ItemSummary),
     /// `If-Match` named another state: nothing changed; the item as it is now.
     Stale(ItemSummary),
+    /// The metadata would pass `max_metadata_bytes` (its size then): nothing changed.
+    TooLarge(usize),
     Missing,
 }
 
@@ -87,12 +98,15 @@ mod tests {
         let edit = ItemEdit {
             label: Some(None),
             metadata: MetadataEdit::Merge(json!({"sku": "B-2", "colour": null, "dims": {"w": 3}})),
+            max_metadata_bytes: 64,
         };
         let before = json!({"sku": "A-1", "colour": "red", "dims": {"h": 2}});
         let (label, after) = edit.apply(Some("shoe".into()), before);
         assert_eq!(label, None);
         assert_eq!(after, json!({"sku": "B-2", "dims": {"h": 2, "w": 3}}));
-        let cleared = ItemEdit { label: None, metadata: MetadataEdit::Merge(Value::Null) };
+        assert_eq!(edit.too_large(&after), None);
+        assert_eq!(edit.too_large(&json!({"text": "x".repeat(60)})), Some(71));
+        let cleared = ItemEdit { label: None, metadata: MetadataEdit::Merge(Value::Null), max_metadata_bytes: 0 };
         assert_eq!(cleared.apply(Some("x".into()), after), (Some("x".into()), json!({})));
     }
 

@@ -25,6 +25,9 @@ pub(super) fn edit(
         return Ok(Edited::Stale(item));
     }
     (item.label, item.metadata) = edit.apply(item.label, item.metadata);
+    if let Some(size) = edit.too_large(&item.metadata) {
+        return Ok(Edited::TooLarge(size));
+    }
     tx.execute(
         "UPDATE items SET label = ?2, metadata = ?3 WHERE id = ?1",
         params![id, item.label, item.metadata.to_string()],

@@ -21,6 +21,9 @@ fn lookalike(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// An acknowledged upload: its id and its bytes.
+type Uploaded = (i64, Vec<u8>);
+
 fn restore(archive: &Path, into: &Path) -> (bool, String) {
     let (archive, into) = (archive.to_str().unwrap(), into.to_str().unwrap());
     lookalike(&["restore", archive, "--data-dir", into, "--model", FASHION_MODEL_DIR])
@@ -30,7 +33,7 @@ fn restore(archive: &Path, into: &Path) -> (bool, String) {
 async fn a_backup_under_write_load_restores_every_acknowledged_upload() {
     let app = Arc::new(spawn_app().await);
     let base = fixtures();
-    let acknowledged: Arc<Mutex<Vec<(i64, Vec<u8>)>>> = Arc::default();
+    let acknowledged: Arc<Mutex<Vec<Uploaded>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (app, acknowledged, stop) = (app.clone(), acknowledged.clone(), stop.clone());
@@ -50,14 +53,21 @@ async fn a_backup_under_write_load_restores_every_acknowledged_upload() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
+    // A models/ACTIVE file (naming the bundled version) must come through the backup
+    // unharmed, in the archive and in the live folder.
+    let active = app.data_dir.join("models").join("ACTIVE");
+    std::fs::create_dir_all(active.parent().unwrap()).unwrap();
+    std::fs::write(&active, "1").unwrap();
+
     // The backup runs while the writer goes on.
-    let before: Vec<(i64, Vec<u8>)> = acknowledged.lock().unwrap().clone();
+    let before: Vec<Uploaded> = acknowledged.lock().unwrap().clone();
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("gallery.tar");
     let (data, to) = (app.data_dir.display().to_string(), archive.display().to_string());
     let (ok, output) =
         tokio::task::spawn_blocking(move || lookalike(&["backup", "--data-dir", &data, "--to", &to])).await.unwrap();
     assert!(ok, "{output}");
+    assert_eq!(std::fs::read_to_string(&active).unwrap(), "1", "the live ACTIVE is untouched");
     let during = acknowledged.lock().unwrap().len() - before.len();
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
@@ -94,6 +104,7 @@ async fn a_backup_under_write_load_restores_every_acknowledged_upload() {
     let restored = work.path().join("restored");
     let (ok, output) = restore(&archive, &restored);
     assert!(ok, "{output}");
+    assert_eq!(std::fs::read_to_string(restored.join("models").join("ACTIVE")).unwrap(), "1");
     let app = Arc::into_inner(app).expect("the writer is done");
     app.stop().await;
     let app = spawn_with(config(&restored)).await;

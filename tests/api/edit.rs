@@ -136,6 +136,9 @@ async fn malformed_edits_get_clear_errors_and_change_nothing() {
     assert_error(patch(&app, id, MERGE, &json!({"metadata": {"a": "\u{0}"}}), None).await, 422, "invalid_metadata")
         .await;
     assert_error(patch(&app, 999_999, MERGE, &json!({"label": "x"}), None).await, 404, "not_found").await;
+    // Metadata is held to what an upload's metadata part may take (4096 bytes in the tests).
+    let big = json!({"metadata": {"notes": "x".repeat(5000)}});
+    assert_error(patch(&app, id, MERGE, &big, None).await, 413, "metadata_too_large").await;
     assert_error(relabel(&app, json!({"ids": [], "label": "x"})).await, 422, "invalid_ids").await;
     assert_error(relabel(&app, json!({"ids": ["a"], "label": "x"})).await, 422, "invalid_ids").await;
     assert_error(relabel(&app, json!({"ids": [id]})).await, 422, "invalid_label").await;
