@@ -358,11 +358,21 @@ pub(super) fn summary_from_row(r: &Row) -> ItemSummary {
     ItemSummary {
         id: r.get(0),
         label: r.get(1),
-        metadata: r.get(2),
+        metadata: r.try_get(2).unwrap_or_else(|error| unreadable_metadata(r, &error)),
         media_type: r.get(3),
         width: r.get::<_, i32>(4) as u32,
         height: r.get::<_, i32>(5) as u32,
         content_hash: r.get(6),
         created_at: r.get(7),
     }
+}
+
+/// Metadata PostgreSQL holds that serde_json cannot read back: logged with
+/// its text, answered as `{}` rather than failing every read of the item.
+fn unreadable_metadata(r: &Row, error: &tokio_postgres::Error) -> serde_json::Value {
+    let raw = r.try_get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>(2);
+    let raw: String = raw.map(|json| json.0.get().chars().take(400).collect()).unwrap_or_default();
+    let id: i64 = r.get(0);
+    tracing::error!(id, error = %with_causes(error), raw, "stored metadata cannot be read back; answering {{}}");
+    serde_json::json!({})
 }
