@@ -96,8 +96,27 @@ async function search(file) {
     $("search-results").innerHTML = r.results.map((n) => card(n)).join("");
     loadImages($("search-results"));
     show($("search-status"), `${r.results.length} results in ${r.timing.total_ms.toFixed(1)} ms`, "ok");
+    if ($("search-explain").checked) await explainResults(file, r.results.slice(0, 3));
   } catch (e) { show($("search-status"), e.message, "error"); }
 }
+
+// Why the first results match the query: for each, the query and the result
+// side by side, tinted by each region's share of their similarity.
+async function explainResults(query, results) {
+  $("search-why").innerHTML = results.map((n) => `<div class="pair" data-why="${n.id}">
+    <canvas width="140" height="140" role="img" aria-label="the query, regions tinted by their share of the match with #${n.id}"></canvas>
+    <canvas width="140" height="140" role="img" aria-label="result #${n.id}, regions tinted by their share of the match"></canvas>
+    <div class="muted">#${n.id} · similarity ${n.score.toFixed(3)}</div></div>`).join("");
+  for (const n of results) {
+    const stored = await fetch(`/gallery/${n.id}/image`, { headers: keyHeaders() }).then((r) => r.blob());
+    const form = new FormData(); form.append("a", query); form.append("b", stored);
+    const r = await api("/verify?explain=true", { method: "POST", body: form });
+    const [mapQuery, mapResult] = document.querySelectorAll(`#search-why [data-why="${n.id}"] canvas`);
+    await drawHeat(mapQuery, query, r.explanation.a, r.explanation.resize);
+    await drawHeat(mapResult, stored, r.explanation.b, r.explanation.resize);
+  }
+}
+$("search-explain").addEventListener("change", () => { if (!$("search-explain").checked) $("search-why").innerHTML = ""; });
 
 // Add
 let toAdd = [];

@@ -108,6 +108,17 @@ try {
     const prediction = await page.textContent("#search-prediction");
     check(prediction.includes("tshirt"), `${name}: the predicted label is tshirt (${prediction.trim()})`);
     await page.screenshot({ path: join(artifacts, `2-search-${name}.png`), fullPage: true });
+    if (name === "laptop") {
+      // The heat-map toggle: the query and each of the first 3 results, tinted.
+      await page.check("#search-explain");
+      await page.setInputFiles("#search-file", fixture("sandal-2"));
+      await page.waitForFunction(() => document.querySelectorAll("#search-why canvas").length === 6 &&
+        [...document.querySelectorAll("#search-why canvas")].every((c) =>
+          c.getContext("2d").getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0)));
+      check(true, "the query and the first 3 results are drawn with their heat maps");
+      await page.screenshot({ path: join(artifacts, "2b-search-heat-maps.png"), fullPage: true });
+      await page.uncheck("#search-explain");
+    }
 
     if (name === "laptop") {
       // Verify: two T-shirts are the same thing, a T-shirt and trousers are not.
@@ -180,7 +191,7 @@ try {
     await page.screenshot({ path: join(artifacts, "8-curate-suggestions.png"), fullPage: true });
     await page.focus(input);
     await page.keyboard.press("Enter");
-    await page.waitForFunction(() => document.getElementById("suggest-status").textContent.includes("labelled"));
+    await page.waitForFunction((id) => document.getElementById("suggest-status").textContent.startsWith(`#${id} labelled`), trouser);
     check((await (await fetch(`${url}/gallery/${trouser}`)).json()).label === "trouser", "Enter labels it");
 
     await page.fill("#dup-distance", "0.00001");
@@ -231,6 +242,13 @@ try {
     await page.waitForSelector("#add-status.ok");
     await page.click('nav button[data-tab="gallery"]');
     await page.waitForFunction(() => document.querySelector("#gallery-items .card img")?.src.startsWith("blob:"));
+    // The curation views work with the key too (no second prompt).
+    await page.click('nav button[data-tab="curate"]');
+    await page.click("#suggest");
+    await page.waitForSelector("#suggest-status.ok");
+    await page.fill("#dup-distance", "0.001");
+    await page.click("#dup-scan");
+    await page.waitForSelector("#dup-status.ok");
     check(asked === 1, `the page asked for the API key once (${asked})`);
     check((await fetch(`${keyed.url}/gallery`)).status === 401, "the service refuses a client without the key");
     await page.screenshot({ path: join(artifacts, "6-api-key.png"), fullPage: true });
