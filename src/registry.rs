@@ -187,6 +187,21 @@ impl Registry {
         Ok((highest + 1).to_string())
     }
 
+    /// Saves a new version numbered above both this folder's versions and
+    /// `published`, the highest number the shared record of versions knows
+    /// (deleted ones included), so no number is given out twice.
+    pub fn save_above(
+        &self,
+        encoder: &Path,
+        manifest: &Manifest,
+        published: u64,
+    ) -> Result<ModelVersion, RegistryError> {
+        let local: u64 = self.next_version()?.parse().unwrap_or(1);
+        let mut manifest = manifest.clone();
+        manifest.version = local.max(published + 1).to_string();
+        self.save(encoder, &manifest)
+    }
+
     /// Saves an encoder file with its manifest (which records the file's
     /// SHA-256) as a new version. The folder appears complete or not at all.
     pub fn save(&self, encoder: &Path, manifest: &Manifest) -> Result<ModelVersion, RegistryError> {

@@ -61,16 +61,15 @@ impl Catalog {
         let examined: Vec<i64> = unlabelled.iter().step_by(step).copied().collect();
         let radius = self.unknown_distance(&active);
         let mut candidates = Vec::with_capacity(examined.len());
+        // Whose unlabelled neighbour each item is: whom its label would reach.
+        let mut reached: HashMap<i64, Vec<i64>> = HashMap::new();
         for chunk in examined.chunks(256) {
             for (id, vector) in self.store.embeddings_of(active.key(), chunk.to_vec()).await? {
-                candidates.push(self.candidate(&active, id, &vector, &labels, radius).await?);
-            }
-        }
-        // Turn "my unlabelled neighbours" into "whose neighbour I am": whom my label would reach.
-        let mut reached: HashMap<i64, Vec<i64>> = HashMap::new();
-        for candidate in &candidates {
-            for neighbour in &candidate.covers {
-                reached.entry(*neighbour).or_default().push(candidate.id);
+                let (candidate, neighbours) = self.candidate(&active, id, &vector, &labels, radius).await?;
+                for neighbour in neighbours {
+                    reached.entry(neighbour).or_default().push(id);
+                }
+                candidates.push(candidate);
             }
         }
         for candidate in &mut candidates {
@@ -95,7 +94,7 @@ impl Catalog {
 
     /// An unlabelled item's vote as a search of it sees it (its `--knn-k`
     /// nearest items, the labelled ones voting), and its unlabelled
-    /// neighbours among them (in `covers`, until `suggestions` turns them round).
+    /// neighbours among them within the unknown distance.
     async fn candidate(
         &self,
         active: &ActiveModel,
@@ -103,19 +102,19 @@ impl Catalog {
         vector: &[f32],
         labels: &HashMap<i64, String>,
         radius: f32,
-    ) -> Result<Candidate, CatalogError> {
+    ) -> Result<(Candidate, Vec<i64>), CatalogError> {
         let mut near = active.index.search(vector, self.settings.knn_k + 1, None).await?;
         near.retain(|h| h.id != id);
         let votes = near.iter().map(|h| (h.score, labels.get(&h.id).map(String::as_str)));
         let prediction = vote::predict(votes, self.settings.knn_k, radius);
-        let covers: Vec<i64> = near
+        let neighbours: Vec<i64> = near
             .iter()
             .filter(|h| h.id != id && !labels.contains_key(&h.id) && 1.0 - h.score <= radius)
             .map(|h| h.id)
             .collect();
         let closeness = prediction.nearest_distance.map_or(0.0, |d| (1.0 - d / radius).max(0.0));
         let certainty = if prediction.known { prediction.confidence * closeness } else { 0.0 };
-        Ok(Candidate { id, prediction, covers, certainty })
+        Ok((Candidate { id, prediction, covers: Vec::new(), certainty }, neighbours))
     }
 
     /// The distance beyond which the nearest labelled neighbour means `unknown`.

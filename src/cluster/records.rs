@@ -26,7 +26,7 @@ impl VersionStore for PgCluster {
         &self,
         registry: &Registry,
         weights: &Path,
-        mut manifest: Manifest,
+        manifest: Manifest,
         fence: i64,
     ) -> PortResult<ModelVersion> {
         let mut client = self.client().await?;
@@ -36,13 +36,9 @@ impl VersionStore for PgCluster {
         let rows = tx.query("SELECT version FROM model_versions", &[]).await?;
         let stored = rows.iter().filter_map(|r| r.get::<_, String>(0).parse::<u64>().ok()).max().unwrap_or(0);
         let (registry, weights_path) = (registry.clone(), weights.to_path_buf());
-        let saved = tokio::task::spawn_blocking(move || {
-            let local: u64 = registry.next_version()?.parse().unwrap_or(1);
-            manifest.version = local.max(stored + 1).to_string();
-            registry.save(&weights_path, &manifest)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let saved = tokio::task::spawn_blocking(move || registry.save_above(&weights_path, &manifest, stored))
+            .await
+            .map_err(std::io::Error::other)??;
         let encoder_path = saved.encoder_path();
         let encoder =
             tokio::task::spawn_blocking(move || std::fs::read(encoder_path)).await.map_err(std::io::Error::other)??;

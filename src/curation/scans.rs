@@ -52,8 +52,13 @@ impl DuplicateScans {
     /// Starts a scan of `catalog` at `distance`; `Err` with the id of the scan already running.
     pub fn start(self: &Arc<Self>, catalog: Catalog, distance: f32) -> Result<ScanRecord, String> {
         let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(running) = records.iter().map(|r| read(r)).find(|r| r.state == ScanState::Running) {
-            return Err(running.id);
+        // Looked at under each record's lock, not cloned: a finished record holds its groups.
+        let running = records.iter().find_map(|r| {
+            let record = r.lock().unwrap_or_else(|e| e.into_inner());
+            (record.state == ScanState::Running).then(|| record.id.clone())
+        });
+        if let Some(id) = running {
+            return Err(id);
         }
         let record = ScanRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -79,7 +84,7 @@ impl DuplicateScans {
 
     pub fn get(&self, id: &str) -> Option<ScanRecord> {
         let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        records.iter().map(|r| read(r)).find(|r| r.id == id)
+        records.iter().map(|r| r.lock().unwrap_or_else(|e| e.into_inner())).find(|r| r.id == id).map(|r| r.clone())
     }
 }
 
@@ -114,8 +119,4 @@ async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
             record.state = ScanState::Failed;
         }
     }
-}
-
-fn read(record: &Mutex<ScanRecord>) -> ScanRecord {
-    record.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }

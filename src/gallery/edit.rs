@@ -50,6 +50,20 @@ impl ItemEdit {
         (label, metadata)
     }
 
+    /// The item after the edit, if `if_match` (an `If-Match` header) admits
+    /// its current state and the result fits; else how the edit ends unapplied.
+    /// The stores call it between reading the item and writing it back.
+    pub fn decide(&self, mut item: ItemSummary, if_match: Option<&str>) -> Result<ItemSummary, Box<Edited>> {
+        if if_match.is_some_and(|tags| !if_match_admits(tags, &item.etag())) {
+            return Err(Box::new(Edited::Stale(item)));
+        }
+        (item.label, item.metadata) = self.apply(item.label, item.metadata);
+        match self.too_large(&item.metadata) {
+            Some(size) => Err(Box::new(Edited::TooLarge(size))),
+            None => Ok(item),
+        }
+    }
+
     /// `Some(size)` when the metadata is larger than the edit allows.
     pub fn too_large(&self, metadata: &Value) -> Option<usize> {
         let size = metadata.to_string().len();
@@ -71,7 +85,7 @@ pub enum Edited {
 
 /// The entity tag of an item's editable state (label and metadata): equal
 /// tags, equal state. Strong, since the rest of the item never changes.
-pub fn etag(label: Option<&str>, metadata: &Value) -> String {
+fn etag(label: Option<&str>, metadata: &Value) -> String {
     // serde_json's maps are ordered by key, so equal metadata serialises equally.
     let state = serde_json::json!([label, metadata]).to_string();
     format!("\"{}\"", &hex::encode(Sha256::digest(state.as_bytes()))[..20])
@@ -84,7 +98,7 @@ impl ItemSummary {
 }
 
 /// Whether an `If-Match` header value (a list of tags, or `*`) admits `current`.
-pub fn if_match_admits(header: &str, current: &str) -> bool {
+fn if_match_admits(header: &str, current: &str) -> bool {
     header.split(',').map(str::trim).any(|tag| tag == "*" || tag == current)
 }
 

@@ -22,7 +22,7 @@ use crate::error_kind::ErrorKind;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use edit::{etag, if_match_admits, Edited, ItemEdit, MetadataEdit};
+pub use edit::{Edited, ItemEdit, MetadataEdit};
 pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
 pub use sqlite::SqliteGallery;

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::Object;
 
-use super::edit::{if_match_admits, Edited, ItemEdit};
+use super::edit::{Edited, ItemEdit};
 use super::postgres::{summary_from_row, SUMMARY_COLUMNS};
 use super::GalleryError;
 
@@ -17,14 +17,10 @@ pub(super) async fn edit(
     // FOR UPDATE: a concurrent edit of the item waits for this one, then checks its tag against ours.
     let sql = format!("SELECT {SUMMARY_COLUMNS} FROM items WHERE id = $1 FOR UPDATE");
     let Some(row) = tx.query_opt(&sql, &[&id]).await? else { return Ok(Edited::Missing) };
-    let mut item = summary_from_row(&row);
-    if if_match.is_some_and(|tags| !if_match_admits(tags, &item.etag())) {
-        return Ok(Edited::Stale(item));
-    }
-    (item.label, item.metadata) = edit.apply(item.label, item.metadata);
-    if let Some(size) = edit.too_large(&item.metadata) {
-        return Ok(Edited::TooLarge(size));
-    }
+    let item = match edit.decide(summary_from_row(&row), if_match) {
+        Ok(item) => item,
+        Err(unapplied) => return Ok(*unapplied),
+    };
     tx.execute("UPDATE items SET label = $2, metadata = $3 WHERE id = $1", &[&id, &item.label, &item.metadata]).await?;
     tx.commit().await?;
     Ok(Edited::Done(item))

@@ -18,6 +18,9 @@ use crate::clock::now_millis;
 
 pub(crate) const STORE_FILE: &str = "gallery.sqlite3";
 
+/// The columns `summary_from_row` reads, in its order.
+pub(super) const SUMMARY_COLUMNS: &str = "id, label, metadata, media_type, width, height, content_hash, created_at";
+
 /// Cheap-clone handle. A std `Mutex` is right here: every call is short, runs
 /// on a blocking thread and never holds the lock across an `.await`.
 #[derive(Clone)]
@@ -131,9 +134,7 @@ impl GalleryStore for SqliteGallery {
     /// Summaries of the given ids that exist.
     async fn summaries(&self, ids: Vec<i64>) -> Result<HashMap<i64, ItemSummary>, GalleryError> {
         self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!("SELECT {SUMMARY_COLUMNS} FROM items WHERE id = ?1"))?;
             let mut out = HashMap::with_capacity(ids.len());
             for id in ids {
                 if let Some(item) = stmt.query_row([id], summary_from_row).optional()? {
@@ -148,10 +149,9 @@ impl GalleryStore for SqliteGallery {
     /// A page of items in id order, after `after` (a cursor), optionally of one label.
     async fn list(&self, label: Option<String>, after: i64, limit: usize) -> Result<Vec<ItemSummary>, GalleryError> {
         self.with_conn(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items
-                 WHERE id > ?1 AND (?2 IS NULL OR label = ?2) ORDER BY id LIMIT ?3",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {SUMMARY_COLUMNS} FROM items WHERE id > ?1 AND (?2 IS NULL OR label = ?2) ORDER BY id LIMIT ?3"
+            ))?;
             let rows = stmt.query_map(params![after, label, limit as i64], summary_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })

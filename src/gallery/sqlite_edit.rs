@@ -2,12 +2,9 @@
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::edit::{if_match_admits, Edited, ItemEdit};
-use super::sqlite::summary_from_row;
+use super::edit::{Edited, ItemEdit};
+use super::sqlite::{summary_from_row, SUMMARY_COLUMNS};
 use super::GalleryError;
-
-const SELECT_SUMMARY: &str =
-    "SELECT id, label, metadata, media_type, width, height, content_hash, created_at FROM items WHERE id = ?1";
 
 /// Applies `edit` to item `id` if `if_match` admits its current tag.
 pub(super) fn edit(
@@ -18,16 +15,12 @@ pub(super) fn edit(
 ) -> Result<Edited, GalleryError> {
     // IMMEDIATE: the read and the write see one state, whatever else writes.
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let Some(mut item) = tx.query_row(SELECT_SUMMARY, [id], summary_from_row).optional()? else {
-        return Ok(Edited::Missing);
+    let sql = format!("SELECT {SUMMARY_COLUMNS} FROM items WHERE id = ?1");
+    let Some(item) = tx.query_row(&sql, [id], summary_from_row).optional()? else { return Ok(Edited::Missing) };
+    let item = match edit.decide(item, if_match) {
+        Ok(item) => item,
+        Err(unapplied) => return Ok(*unapplied),
     };
-    if if_match.is_some_and(|tags| !if_match_admits(tags, &item.etag())) {
-        return Ok(Edited::Stale(item));
-    }
-    (item.label, item.metadata) = edit.apply(item.label, item.metadata);
-    if let Some(size) = edit.too_large(&item.metadata) {
-        return Ok(Edited::TooLarge(size));
-    }
     tx.execute(
         "UPDATE items SET label = ?2, metadata = ?3 WHERE id = ?1",
         params![id, item.label, item.metadata.to_string()],

@@ -16,7 +16,7 @@ impl VersionStore for MemoryReplica {
         &self,
         registry: &Registry,
         weights: &Path,
-        mut manifest: Manifest,
+        manifest: Manifest,
         fence: i64,
     ) -> PortResult<ModelVersion> {
         let _numbering = self.cluster.numbering.lock().await;
@@ -27,13 +27,9 @@ impl VersionStore for MemoryReplica {
             shared.versions.keys().copied().chain(deleted).max().unwrap_or(0)
         };
         let (registry, weights) = (registry.clone(), weights.to_path_buf());
-        let saved = tokio::task::spawn_blocking(move || {
-            let local: u64 = registry.next_version()?.parse().unwrap_or(1);
-            manifest.version = local.max(published + 1).to_string();
-            registry.save(&weights, &manifest)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let saved = tokio::task::spawn_blocking(move || registry.save_above(&weights, &manifest, published))
+            .await
+            .map_err(std::io::Error::other)??;
         if let Ok(number) = saved.version.parse() {
             self.shared().versions.insert(number, saved.dir.clone());
         }
