@@ -272,11 +272,11 @@ async function verify() {
     const r = await api(`/verify${explain ? "?explain=true" : ""}`, { method: "POST", body: form });
     const verdict = r.same === null ? "no calibrated threshold" : r.same ? "the same" : "different";
     $("verify-status").innerHTML = `<b>${verdict}</b> · similarity ${r.similarity.toFixed(3)} (threshold ${r.threshold?.toFixed(3) ?? "—"})`;
-    $("verify-maps").hidden = !r.explanation;
     if (r.explanation) {
       await drawHeat($("verify-map-a"), pair.a, r.explanation.a, r.explanation.resize);
       await drawHeat($("verify-map-b"), pair.b, r.explanation.b, r.explanation.resize);
     }
+    $("verify-maps").hidden = !r.explanation; // shown once drawn
   } catch (e) { show($("verify-status"), e.message, "error"); }
 }
 $("verify-explain").addEventListener("change", verify);
