@@ -294,11 +294,18 @@ def views(rgba: torch.Tensor, size: int, gen: torch.Generator, rng: random.Rando
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """z: (2n, d) unit vectors, rows i and i + n are two views of one image."""
+def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """z: (2n, d) unit vectors, rows i and i + n are two views of one image.
+    With `labels` (2n, -1 for none), views of other images of the same class
+    are left out of the negatives, so the term does not fight the supervised one."""
     n = z.shape[0] // 2
     sim = z @ z.T / temperature
     sim.fill_diagonal_(float("-inf"))
+    if labels is not None:
+        classmates = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
+        pair = torch.arange(2 * n)
+        classmates[pair, (pair + n) % (2 * n)] = False
+        sim = sim.masked_fill(classmates, float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
     return F.cross_entropy(sim, target)
 
@@ -337,9 +344,13 @@ class Projector(nn.Module):
 
 
 @torch.no_grad()
-def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, size: int, seed: int) -> dict:
+def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, size: int, seed: int,
+             copies: tuple[torch.Tensor, np.ndarray] | None = None) -> dict:
     """Class Recall@1 of validation clip art among training clip art, and view
-    retrieval: an augmented view of each validation image finds its clean self."""
+    retrieval: an augmented view of each validation image finds its clean self.
+    With `copies` (altered copies of the validation images, and distractor
+    indices): copy Recall@1, each copy finding its original among the
+    validation images and the distractors."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -360,8 +371,41 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
     aug = torch.cat([model(views(corpus["images"][val_idx[i:i + 256]].float() / 255, size, gen, rng))
                      for i in range(0, len(val_idx), 256)])
     view_r1 = float(((aug @ val_e.T).argmax(1) == torch.arange(len(val_idx))).float().mean())
+    out = {"class_recall_at_1": class_r1, "view_recall_at_1": view_r1}
+    if copies is not None:
+        queries, distractors = copies
+        gallery = torch.cat([val_e, clean(distractors)])
+        q = torch.cat([model(queries[i:i + 256]) for i in range(0, len(queries), 256)])
+        out["copy_recall_at_1"] = float(((q @ gallery.T).argmax(1) == torch.arange(len(val_idx))).float().mean())
     model.train()
-    return {"class_recall_at_1": class_r1, "view_recall_at_1": view_r1}
+    return out
+
+
+def copy_queries(corpus: dict, idx: np.ndarray, size: int, seed: int) -> torch.Tensor:
+    """An altered copy of each image, made as the evaluation's copies are
+    (models/corpus.py transformed_copy: crop 40-90%, rescale, colour, flip,
+    rotation, border, JPEG 30-90), stretched to `size` as the service does."""
+    from corpus import on_white, transformed_copy  # noqa: E402 (PIL-only helpers)
+    rng = random.Random(seed)
+    out = []
+    for i in idx:
+        im = Image.fromarray(corpus["images"][i].permute(1, 2, 0).numpy(), "RGBA")
+        copy = transformed_copy(on_white(im), rng)
+        buf = io.BytesIO()
+        copy.save(buf, format="JPEG", quality=rng.randint(30, 90))
+        copy = Image.open(buf).convert("RGB").resize((size, size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.array(copy)).permute(2, 0, 1).float() / 255)
+    return (torch.stack(out) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def selected(val: dict, state: dict) -> bool:
+    """The rule --select keeps best.pt by, written down before any run used it:
+    the best copy Recall@1, above the starting weights', of the checkpoints
+    whose class Recall@1 is at most 0.02 below the starting weights'. No
+    best.pt: nothing beat the starting weights."""
+    if val["class_recall_at_1"] < state["baseline"]["class_recall_at_1"] - 0.02:
+        return False
+    return val["copy_recall_at_1"] > state.get("best", state["baseline"])["copy_recall_at_1"]
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -406,6 +450,15 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     ap.add_argument("--supcon-temperature", type=float, default=0.1)
     ap.add_argument("--supcon-weight", type=float, default=0.5)
+    ap.add_argument("--embed-instance-weight", type=float, default=0.0,
+                    help="NT-Xent on the served embedding itself (no projection; classmates not negatives), "
+                         "as copy-detection training does (SSCD, Pizzi et al. 2022)")
+    ap.add_argument("--embed-instance-temperature", type=float, default=0.1)
+    ap.add_argument("--copy-distractors", type=int, default=2000,
+                    help="training images beside the validation images in the copy validation's gallery")
+    ap.add_argument("--select", action="store_true",
+                    help="keep best.pt: the best copy Recall@1 among checkpoints whose class Recall@1 is "
+                         "at most 0.02 below the starting weights' (needs --init or --init-checkpoint)")
     ap.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
@@ -482,16 +535,27 @@ def main() -> None:
     recipe = {k: getattr(args, k) for k in ("size", "steps", "p", "k", "instances", "clipart_share", "stamps_share",
                                             "sprites_share", "emoji_share", "photo_share", "fashion_share", "lr",
                                             "weight_decay", "temperature", "supcon_temperature", "supcon_weight",
-                                            "distill_weight", "distill_temperature", "val_fraction", "seed")}
+                                            "distill_weight", "distill_temperature", "embed_instance_weight",
+                                            "embed_instance_temperature", "val_fraction", "seed")}
     recipe.update(optimizer="AdamW", schedule="one-cycle", init=str(args.init or args.init_checkpoint or "") or None,
                   teacher=str(args.teacher) if args.teacher else None,
                   losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding"
+                         + (" + NT-Xent on the embedding itself (classmates not negatives)"
+                            if args.embed_instance_weight else "")
                          + (" + InfoNCE and cosine of each view against the teacher's embedding of the clean image"
                             if distill_head is not None else ""),
                   augmentation="random resized crop 35-100%, frames and larger canvases, flip, rotation, "
                                "white/black/colour background, another image pasted over, thumbnail upscaled, "
                                "colour jitter, greyscale, blur, text, JPEG 30-90")
     preprocess = {"size": args.size, "channels": 3, "mean": MEAN, "std": STD, "resize": "stretch", "filter": "bilinear"}
+    # The copy validation: fixed altered copies of the validation images, and fixed distractors.
+    distractors = np.random.default_rng(args.seed).permutation(np.flatnonzero(~val_mask))[:args.copy_distractors]
+    copies = (copy_queries(corpus, val_idx, args.size, args.seed), distractors)
+    if args.select and "baseline" not in state:
+        if not (args.init or args.init_checkpoint):
+            raise SystemExit("--select compares with the starting weights: give --init or --init-checkpoint")
+        state["baseline"] = validate(model, corpus, val_idx, train_idx, args.size, args.seed, copies)
+        print(f"validation of the starting weights: {json.dumps(state['baseline'])}", flush=True)
     gen = torch.Generator().manual_seed(args.seed + state["step"])
     rng = random.Random(args.seed + state["step"])
     model.train()
@@ -509,6 +573,8 @@ def main() -> None:
         labelled = y >= 0
         sup = supcon(e[labelled], y[labelled], args.supcon_temperature)
         loss = inst + args.supcon_weight * sup
+        if args.embed_instance_weight:
+            loss = loss + args.embed_instance_weight * nt_xent(e, args.embed_instance_temperature, y)
         dist = torch.zeros(())
         if distill_head is not None:
             targets, has = teacher_targets(train_corpus, refs)
@@ -530,7 +596,7 @@ def main() -> None:
             print(f"step {state['step']}/{args.steps}: nt-xent {li:.3f} supcon {ls:.3f} distill {ld:.3f} "
                   f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} views/s", flush=True)
         if state["step"] % args.checkpoint_every == 0 or state["step"] == args.steps:
-            val = validate(model, corpus, val_idx, train_idx, args.size, args.seed)
+            val = validate(model, corpus, val_idx, train_idx, args.size, args.seed, copies)
             li, ls, ld = np.mean(losses[-args.checkpoint_every:], axis=0)
             state["history"].append({"step": state["step"], "nt_xent": float(li), "supcon": float(ls),
                                      "distill": float(ld), **val,
@@ -546,6 +612,11 @@ def main() -> None:
                                  "val_images": int(len(val_idx)), "recipe": recipe, "history": state["history"],
                                  "train_seconds": round(state["seconds"]), "threads": torch.get_num_threads()}}
             extra = {"distill_head": distill_head.state_dict()} if distill_head is not None else {}
+            if args.select and selected(val, state):
+                state["best"] = {"step": state["step"], **val}
+                torch.save({**ckpt, "model": model.state_dict()}, args.out / "best.tmp")
+                (args.out / "best.tmp").replace(args.out / "best.pt")
+                print(f"best.pt is now step {state['step']}", flush=True)
             torch.save({**ckpt, **extra, "model": model.state_dict(), "projector": projector.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
                        args.out / "last.tmp")
