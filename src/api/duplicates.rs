@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::gallery::SCANS_KEPT;
 
 #[derive(Debug, Deserialize)]
 pub struct ScanParams {
@@ -33,22 +34,21 @@ pub async fn start(
             ApiError::invalid("invalid_distance", message)
         })?,
     };
-    match state.scans.start(state.catalog.clone(), distance) {
-        Ok(scan) => {
-            let location = format!("/gallery/duplicates/{}", scan.id);
-            Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(scan)).into_response())
-        }
-        Err(running) => Err(ApiError::Conflict {
-            code: "job_running",
-            message: format!("duplicate scan {} is running; follow it at /gallery/duplicates/{}", running, running),
-        }),
-    }
+    let scan = state.scans.start(state.catalog.clone(), distance).await?;
+    let location = format!("/gallery/duplicates/{}", scan.id);
+    Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(scan)).into_response())
 }
 
 /// `GET /gallery/duplicates/{id}`: a scan's progress, then its groups.
 pub async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let scan = state.scans.get(&id).ok_or_else(|| {
-        ApiError::NotFound(format!("no duplicate scan {id} (this process keeps its last 8; start another)"))
-    })?;
+    let missing = || {
+        let message = format!("no duplicate scan {id} (the last {SCANS_KEPT} are kept; start another)");
+        ApiError::NotFound(message)
+    };
+    // Scan ids are UUIDs: anything else (a NUL byte, say) never reaches the store.
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(missing());
+    }
+    let scan = state.scans.get(&state.catalog, &id).await?.ok_or_else(missing)?;
     Ok(Json(scan).into_response())
 }

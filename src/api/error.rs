@@ -10,6 +10,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::catalog::{CatalogError, ErrorKind, PreprocessError};
+use crate::curation::ScanError;
 use crate::finetune::JobError;
 use crate::lifecycle::LifecycleError;
 
@@ -194,6 +195,15 @@ impl From<CatalogError> for ApiError {
             _ => "duplicate",
         };
         Self::of_kind(e.kind(), conflict, e.to_string())
+    }
+}
+
+impl From<ScanError> for ApiError {
+    fn from(e: ScanError) -> Self {
+        match e {
+            ScanError::Running(_) => Self::Conflict { code: "job_running", message: e.to_string() },
+            ScanError::Store(e) => CatalogError::from(e).into(),
+        }
     }
 }
 

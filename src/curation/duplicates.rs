@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gallery::ItemSummary;
 
 /// Two stored items whose embeddings are within the scan's distance.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NearPair {
     pub a: i64,
     pub b: i64,
@@ -17,7 +17,7 @@ pub struct NearPair {
     pub distance: f32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DuplicateGroup {
     /// The suggested item to keep: the most pixels, then the oldest.
     pub keeper: i64,

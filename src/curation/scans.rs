@@ -1,20 +1,27 @@
-//! Duplicate scans as jobs: started, followed by id, kept in memory (the last
-//! few) by the process that ran them. One runs at a time per process.
+//! Duplicate scans as jobs: started, followed by id. Records live in the store
+//! (`gallery::scans`), so any replica answers for a scan another one runs and
+//! a restart keeps the last few. The process running a scan writes its record
+//! every `HEARTBEAT`; a running record left unwritten for `STALE` lost its
+//! process, and is shown failed. One scan runs at a time.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{group_pairs, DuplicateGroup};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogError};
 use crate::clock::now_millis;
+use crate::gallery::{GalleryError, StoredScan};
 
-/// Finished scans kept for reading back.
-const KEEP: usize = 8;
+/// How often a running scan writes its progress.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A running record unwritten this long lost the process that ran it.
+const STALE_MS: i64 = 30_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScanState {
     Running,
@@ -22,7 +29,7 @@ pub enum ScanState {
     Failed,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScanRecord {
     pub id: String,
     pub state: ScanState,
@@ -42,23 +49,42 @@ pub struct ScanRecord {
     pub error: Option<String>,
 }
 
+impl ScanRecord {
+    fn stored(&self) -> StoredScan {
+        let state = serde_json::to_value(self.state).expect("a state serialises");
+        StoredScan {
+            id: self.id.clone(),
+            state: state.as_str().unwrap_or_default().to_string(),
+            record: serde_json::to_string(self).expect("a scan record serialises"),
+            created_at: self.created_at as i64,
+            updated_at: now_millis() as i64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("duplicate scan {0} is running; follow it at /gallery/duplicates/{0}")]
+    Running(String),
+    #[error(transparent)]
+    Store(#[from] GalleryError),
+}
+
+/// Starts scans and reads their records back.
 #[derive(Default)]
 pub struct DuplicateScans {
-    /// Newest last.
-    records: Mutex<VecDeque<Arc<Mutex<ScanRecord>>>>,
+    /// Held while a scan starts, so that two starts in one process do not both run.
+    starting: tokio::sync::Mutex<()>,
 }
 
 impl DuplicateScans {
-    /// Starts a scan of `catalog` at `distance`; `Err` with the id of the scan already running.
-    pub fn start(self: &Arc<Self>, catalog: Catalog, distance: f32) -> Result<ScanRecord, String> {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        // Looked at under each record's lock, not cloned: a finished record holds its groups.
-        let running = records.iter().find_map(|r| {
-            let record = r.lock().unwrap_or_else(|e| e.into_inner());
-            (record.state == ScanState::Running).then(|| record.id.clone())
-        });
-        if let Some(id) = running {
-            return Err(id);
+    /// Starts a scan of `catalog` at `distance`, unless one is running (on any replica).
+    pub async fn start(&self, catalog: Catalog, distance: f32) -> Result<ScanRecord, ScanError> {
+        let _starting = self.starting.lock().await;
+        let fresh_since = now_millis() as i64 - STALE_MS;
+        if let Some(running) = catalog.store().running_scans().await?.into_iter().find(|s| s.updated_at >= fresh_since)
+        {
+            return Err(ScanError::Running(running.id));
         }
         let record = ScanRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -73,22 +99,32 @@ impl DuplicateScans {
             groups: None,
             error: None,
         };
-        let shared = Arc::new(Mutex::new(record.clone()));
-        records.push_back(shared.clone());
-        while records.len() > KEEP {
-            records.pop_front();
-        }
-        tokio::spawn(run(catalog, shared, distance));
+        catalog.store().put_scan(record.stored()).await?;
+        tokio::spawn(run(catalog, Arc::new(Mutex::new(record.clone())), distance));
         Ok(record)
     }
 
-    pub fn get(&self, id: &str) -> Option<ScanRecord> {
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        records.iter().map(|r| r.lock().unwrap_or_else(|e| e.into_inner())).find(|r| r.id == id).map(|r| r.clone())
+    /// A scan's record; `None` if the store keeps none by that id.
+    pub async fn get(&self, catalog: &Catalog, id: &str) -> Result<Option<ScanRecord>, ScanError> {
+        let Some(stored) = catalog.store().scan(id.to_string()).await? else {
+            return Ok(None);
+        };
+        let mut record: ScanRecord = serde_json::from_str(&stored.record)
+            .map_err(|e| GalleryError::Corrupt(format!("duplicate scan {id}'s record: {e}")))?;
+        if record.state == ScanState::Running && stored.updated_at < now_millis() as i64 - STALE_MS {
+            record.state = ScanState::Failed;
+            record.error = Some(format!(
+                "the process running this scan stopped before it finished (no progress for {} s); start another",
+                STALE_MS / 1000
+            ));
+        }
+        Ok(Some(record))
     }
 }
 
 async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let heartbeat = tokio::spawn(heartbeat(catalog.clone(), record.clone(), stopped));
     let progress = |scanned, total| {
         let mut record = record.lock().unwrap_or_else(|e| e.into_inner());
         (record.scanned, record.total) = (scanned, total);
@@ -97,14 +133,31 @@ async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
         let found = catalog.near_pairs(distance, progress, &AtomicBool::new(false)).await?;
         let ids: Vec<i64> = found.pairs.iter().flat_map(|p| [p.a, p.b]).collect::<HashSet<_>>().into_iter().collect();
         // In pages, so that the store serves other requests between them.
-        let mut items = std::collections::HashMap::new();
+        let mut items = HashMap::new();
         for page in ids.chunks(500) {
             items.extend(catalog.summaries(page.to_vec()).await?);
         }
-        Ok::<_, crate::catalog::CatalogError>((found.model, group_pairs(&found.pairs, &items)))
+        Ok::<_, CatalogError>((found.model, group_pairs(&found.pairs, &items)))
     }
     .await;
-    let mut record = record.lock().unwrap_or_else(|e| e.into_inner());
+    // The heartbeat ends before the final write, so none of its writes can land after it.
+    let _ = stop.send(true);
+    let _ = heartbeat.await;
+    let finished = {
+        let mut record = record.lock().unwrap_or_else(|e| e.into_inner());
+        finish(&mut record, outcome);
+        record.stored()
+    };
+    for attempt in 1..=3 {
+        match catalog.store().put_scan(finished.clone()).await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(%error, attempt, "could not write a finished duplicate scan"),
+        }
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+fn finish(record: &mut ScanRecord, outcome: Result<(String, Vec<DuplicateGroup>), CatalogError>) {
     record.finished_at = Some(now_millis());
     match outcome {
         Ok((model, groups)) => {
@@ -117,6 +170,20 @@ async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
             tracing::error!(%error, "duplicate scan failed");
             record.error = Some(error.to_string());
             record.state = ScanState::Failed;
+        }
+    }
+}
+
+/// Writes the running record's progress every `HEARTBEAT` until `stopped`.
+async fn heartbeat(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = stopped.changed() => return,
+        }
+        let progress = record.lock().unwrap_or_else(|e| e.into_inner()).stored();
+        if let Err(error) = catalog.store().put_scan(progress).await {
+            tracing::warn!(%error, "could not write a duplicate scan's progress");
         }
     }
 }

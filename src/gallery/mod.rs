@@ -11,6 +11,7 @@ mod pg_edit;
 mod pg_insert;
 mod pg_schema;
 mod postgres;
+mod scans;
 mod schema;
 mod sqlite;
 mod sqlite_claim;
@@ -19,12 +20,13 @@ mod sqlite_edit;
 use std::collections::HashMap;
 
 use crate::error_kind::ErrorKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use edit::{Edited, ItemEdit, MetadataEdit};
 pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
+pub use scans::{StoredScan, SCANS_KEPT};
 pub use sqlite::SqliteGallery;
 pub(crate) use sqlite::STORE_FILE;
 
@@ -118,7 +120,7 @@ pub fn content_hash(bytes: &[u8]) -> String {
 }
 
 /// An item without its image bytes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemSummary {
     pub id: i64,
     pub label: Option<String>,
@@ -249,6 +251,15 @@ pub trait GalleryStore: Send + Sync + 'static {
 
     /// Forgets idempotency keys past their day; returns how many.
     async fn forget_expired_keys(&self) -> Result<u64, GalleryError>;
+
+    /// Writes a duplicate scan's record (`curation::scans`); a new one forgets
+    /// all but the newest `SCANS_KEPT`.
+    async fn put_scan(&self, scan: StoredScan) -> Result<(), GalleryError>;
+
+    async fn scan(&self, id: String) -> Result<Option<StoredScan>, GalleryError>;
+
+    /// The scans recorded as running, newest first (some may have lost their process).
+    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError>;
 
     /// Brings the store to a tidy state at shutdown (SQLite folds its log in).
     async fn checkpoint(&self) -> Result<(), GalleryError>;

@@ -90,6 +90,14 @@ const MIGRATIONS: &[&str] = &[
     // deleted model version keeps its row (its number stays used), without its encoder.
     "ALTER TABLE cluster_state ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE model_versions ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT FALSE;",
+    // 5: duplicate scans' records (gallery/scans.rs), the newest few, for every replica to answer.
+    "CREATE TABLE duplicate_scans (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,             -- running, done or failed
+        record TEXT NOT NULL,            -- as the API shows it, JSON (not JSONB: read back as written)
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL       -- a running scan's heartbeat
+    );",
 ];
 
 /// Brings the database to this build's schema; refuses one migrated by a newer build.

@@ -12,6 +12,7 @@ use tokio_postgres::Row;
 use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::pg_connect::{with_causes, PgTarget};
 use super::pg_insert::{insert_row, ItemRow};
+use super::scans::{self, StoredScan};
 
 use super::pg_edit;
 use super::{
@@ -287,6 +288,18 @@ impl GalleryStore for PgGallery {
 
     async fn forget_expired_keys(&self) -> Result<u64, GalleryError> {
         idempotency::pg_forget_expired(&self.client().await?).await
+    }
+
+    async fn put_scan(&self, scan: StoredScan) -> Result<(), GalleryError> {
+        scans::pg_put(&mut self.client().await?, &scan).await
+    }
+
+    async fn scan(&self, id: String) -> Result<Option<StoredScan>, GalleryError> {
+        scans::pg_get(&self.client().await?, &id).await
+    }
+
+    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError> {
+        scans::pg_running(&self.client().await?).await
     }
 }
 

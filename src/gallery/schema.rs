@@ -27,7 +27,7 @@ const MIGRATIONS: &[&str] = &[
         vector BLOB NOT NULL,                 -- little-endian f32
         PRIMARY KEY (item_id, model)
     );",
-    // Writes made under a client's Idempotency-Key (gallery/idempotency.rs), kept a day.
+    // 2: writes made under a client's Idempotency-Key (gallery/idempotency.rs), kept a day.
     "CREATE TABLE idempotency_keys (
         key TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL,            -- a digest of the request
@@ -36,6 +36,14 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL           -- unix milliseconds
     );
     CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);",
+    // 3: duplicate scans' records (gallery/scans.rs), the newest few.
+    "CREATE TABLE duplicate_scans (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,                  -- running, done or failed
+        record TEXT NOT NULL,                 -- as the API shows it, JSON
+        created_at INTEGER NOT NULL,          -- unix milliseconds
+        updated_at INTEGER NOT NULL           -- a running scan's heartbeat
+    );",
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), GalleryError> {

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::idempotency::{self, IdempotencyKey, Remembered};
-use super::sqlite_claim::{Held, SqliteClaim};
+use super::scans::{self, StoredScan};
+use super::sqlite_claim::{self, Held, SqliteClaim};
 use super::sqlite_edit;
 use super::{
     schema, Edited, ExportedItem, GalleryError, GalleryStore, Inserted, ItemEdit, ItemSummary, MissingClaim, NewItem,
@@ -186,6 +187,18 @@ impl GalleryStore for SqliteGallery {
         self.with_conn(|conn| idempotency::sqlite_forget_expired(conn)).await
     }
 
+    async fn put_scan(&self, scan: StoredScan) -> Result<(), GalleryError> {
+        self.with_conn(move |conn| scans::sqlite_put(conn, &scan)).await
+    }
+
+    async fn scan(&self, id: String) -> Result<Option<StoredScan>, GalleryError> {
+        self.with_conn(move |conn| scans::sqlite_get(conn, &id)).await
+    }
+
+    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError> {
+        self.with_conn(|conn| scans::sqlite_running(conn)).await
+    }
+
     async fn edit(&self, id: i64, edit: ItemEdit, if_match: Option<String>) -> Result<Edited, GalleryError> {
         self.with_conn(move |conn| sqlite_edit::edit(conn, id, &edit, if_match.as_deref())).await
     }
@@ -266,7 +279,6 @@ impl GalleryStore for SqliteGallery {
         self.with_conn(|conn| Ok(conn.query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))?)).await
     }
 
-    /// Up to `limit` items that have no embedding under `model` yet, with their bytes.
     /// Claims up to `limit` items that lack an embedding under `model`, after
     /// those earlier claims of this process took (`Held`).
     async fn claim_missing(
@@ -276,26 +288,7 @@ impl GalleryStore for SqliteGallery {
         max_bytes: usize,
     ) -> Result<Option<Box<dyn MissingClaim>>, GalleryError> {
         let (key, after) = (model.clone(), self.held.after(&model));
-        let items = self
-            .with_conn(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT id, image FROM items
-                     WHERE id > ?2 AND id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
-                     ORDER BY id LIMIT ?3",
-                )?;
-                let mut rows = stmt.query(params![key, after, limit as i64])?;
-                let (mut out, mut bytes) = (Vec::new(), 0);
-                while let Some(row) = rows.next()? {
-                    let image: Vec<u8> = row.get(1)?;
-                    bytes += image.len();
-                    out.push((row.get(0)?, image));
-                    if bytes >= max_bytes {
-                        break;
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
+        let items = self.with_conn(move |conn| sqlite_claim::unembedded(conn, &key, after, limit, max_bytes)).await?;
         let ids = self.held.hold(&model, items.iter().map(|(id, _)| *id).collect());
         let items: Vec<(i64, Vec<u8>)> = items.into_iter().filter(|(id, _)| ids.contains(id)).collect();
         if items.is_empty() {

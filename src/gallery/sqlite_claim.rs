@@ -87,6 +87,33 @@ impl Drop for SqliteClaim {
     }
 }
 
+/// Up to `limit` items after `after` with no embedding under `model`, with
+/// their bytes, stopping once `max_bytes` are read.
+pub(super) fn unembedded(
+    conn: &rusqlite::Connection,
+    model: &str,
+    after: i64,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<(i64, Vec<u8>)>, GalleryError> {
+    let mut stmt = conn.prepare(
+        "SELECT id, image FROM items
+         WHERE id > ?2 AND id NOT IN (SELECT item_id FROM embeddings WHERE model = ?1)
+         ORDER BY id LIMIT ?3",
+    )?;
+    let mut rows = stmt.query(rusqlite::params![model, after, limit as i64])?;
+    let (mut out, mut bytes) = (Vec::new(), 0);
+    while let Some(row) = rows.next()? {
+        let image: Vec<u8> = row.get(1)?;
+        bytes += image.len();
+        out.push((row.get(0)?, image));
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{content_hash, NewItem};

@@ -34,7 +34,7 @@ async fn json(response: Response) -> Value {
 async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let pg = PgServer::start();
     let (replicas, _dirs) = replicas(&pg, 3).await;
-    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "4");
+    assert_eq!(pg.psql("SELECT version FROM lookalike_schema"), "5");
     let client = Client::new();
     let images = fixtures();
 
@@ -84,15 +84,16 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
     let after = json(client.get(format!("{}/gallery/{}", replicas[1].url, ids[2])).send().await.unwrap()).await;
     assert_eq!(after["label"], images[2].0.as_str());
 
-    // Curation over SQL: a scan (kept by the replica that ran it) groups a
-    // planted copy with its original; suggestions list the one unlabelled item.
+    // Curation over SQL: a scan groups a planted copy with its original, and
+    // another replica than the one running it answers for it; suggestions
+    // list the one unlabelled item.
     let copy = crate::duplicates::rescaled(&images[3].1, 200);
     let added = client
         .post(format!("{}/gallery", replicas[0].url))
         .multipart(Form::new().part("image", Part::bytes(copy).file_name("c.png")));
     let copy_id = json_status(added.send().await.unwrap(), 201).await["items"][0]["id"].as_i64().unwrap();
     let started = client.post(format!("{}/gallery/duplicates?distance=0.02", replicas[1].url)).send().await.unwrap();
-    let scan_url = format!("{}{}", replicas[1].url, started.headers()["location"].to_str().unwrap());
+    let scan_url = format!("{}{}", replicas[2].url, started.headers()["location"].to_str().unwrap());
     let scan = eventually(Duration::from_secs(30), "the scan to finish", || async {
         let scan: Value = client.get(&scan_url).send().await.unwrap().json().await.unwrap();
         if scan["state"] == "running" {
@@ -152,7 +153,7 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
     let status = refused.exited(Duration::from_secs(120)).await;
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("schema version 99, newer than this build's 4; upgrade lookalike"), "{stderr}");
+    assert!(stderr.contains("schema version 99, newer than this build's 5; upgrade lookalike"), "{stderr}");
 }
 
 /// What the uploader saw: acknowledged images by id, and answers other than 201 or 503.

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use lookalike::manifest::BUNDLED_MODEL_DIR;
 
@@ -110,6 +110,64 @@ async fn scans_answer_bad_distances_and_unknown_ids_clearly() {
     let empty = finished_scan(&app, "?distance=0.05").await;
     assert_eq!((empty["state"].clone(), empty["groups"].clone()), (Value::from("done"), Value::Array(vec![])));
     app.stop().await;
+}
+
+/// Scan records live in the store: a restart still answers for a finished
+/// scan; a record left running by a process that stopped reads as failed and
+/// does not block a new scan, while one that is still written to does.
+#[tokio::test]
+async fn scan_records_outlive_a_restart_and_a_stopped_processs_scan_reads_failed() {
+    let app = spawn_app().await;
+    let done = finished_scan(&app, "?distance=0.05").await;
+    assert_eq!(done["state"], "done", "{done}");
+    let data_dir = app.data_dir.clone();
+    let guard = app.stop().await;
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    record_running(&data_dir, ABANDONED, now, now - 60_000);
+    let app = crate::support::spawn_with(crate::support::config(&data_dir)).await;
+    let again: Value = app
+        .client
+        .get(app.url(&format!("/gallery/duplicates/{}", done["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, done, "the finished record, as it was");
+    let abandoned: Value = app
+        .client
+        .get(app.url(&format!("/gallery/duplicates/{ABANDONED}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(abandoned["state"], "failed", "{abandoned}");
+    assert!(abandoned["error"].as_str().unwrap().contains("stopped before it finished"), "{abandoned}");
+    assert_eq!(finished_scan(&app, "?distance=0.05").await["state"], "done", "an abandoned scan blocks nothing");
+
+    // A record still written to (as by another replica) is a running scan: a second start is refused.
+    record_running(&data_dir, ELSEWHERE, now, now + 600_000);
+    let refused = app.client.post(app.url("/gallery/duplicates?distance=0.05")).send().await.unwrap();
+    assert_error(refused, 409, "job_running").await;
+    app.stop().await;
+    drop(guard);
+}
+
+const ABANDONED: &str = "00000000-0000-4000-8000-00000000000a";
+const ELSEWHERE: &str = "00000000-0000-4000-8000-00000000000e";
+
+/// Writes a running scan's record straight into the store, last written at `written`.
+fn record_running(data_dir: &std::path::Path, id: &str, now: i64, written: i64) {
+    let record = json!({"id": id, "state": "running", "model": "m@1", "distance": 0.05, "scanned": 1, "total": 9,
+                        "created_at": now, "finished_at": null, "duplicates": null, "groups": null, "error": null});
+    let store = rusqlite::Connection::open(data_dir.join("gallery.sqlite3")).unwrap();
+    let sql =
+        "INSERT INTO duplicate_scans (id, state, record, created_at, updated_at) VALUES (?1, 'running', ?2, ?3, ?4)";
+    store.execute(sql, rusqlite::params![id, record.to_string(), now, written]).unwrap();
 }
 
 #[tokio::test]
