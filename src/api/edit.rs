@@ -54,10 +54,15 @@ pub async fn patch(
                 state.limits.form.max_text_part_bytes
             ),
         }),
-        Edited::Stale(item) => Err(ApiError::PreconditionFailed(format!(
-            "item {id} changed since the ETag you sent (now {}); read it again and reapply your edit",
-            item.etag()
-        ))),
+        Edited::Stale(item) => {
+            // The current tag comes with the refusal, so a client can reread and retry at once.
+            let tag = item.etag();
+            let message = format!(
+                "item {id} changed since the ETag you sent (now {tag}, sent in this answer's ETag); reapply your edit to what it is now"
+            );
+            let etag = HeaderValue::from_str(&tag).expect("an ETag is ASCII");
+            Ok(([(header::ETAG, etag)], ApiError::PreconditionFailed(message)).into_response())
+        }
     }
 }
 

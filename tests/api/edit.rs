@@ -68,6 +68,7 @@ async fn an_edit_changes_label_and_metadata_and_searches_votes_and_a_restart_fol
 
     // An editor holding the old tag is refused, and nothing changes.
     let late = patch(&app, id, MERGE, &json!({"label": "purse"}), Some(&first_tag)).await;
+    assert_eq!(late.headers()["etag"], tag.as_str(), "a refusal carries the current tag");
     assert_error(late, 412, "precondition_failed").await;
     assert_eq!(get_item(&app, id).await.0["label"], "handbag");
 
