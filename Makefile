@@ -124,7 +124,7 @@ $(CORPUS): models/corpus.py | setup dataset
 
 # Distil the ImageNet-trained teacher into the general encoder: the teacher's
 # targets once (models/teacher_targets.py, about 10 minutes), then
-# models/train_general.py from scratch (resumable from $(GENERAL_RUN)/last.pt), then a second stage,
+# models/train_general.py from scratch (resumable from $(GENERAL_RUN)/last.pt), then a second and a third stage,
 # GENERAL_STEPS steps on GENERAL_THREADS threads (the time is in models/README.md),
 # then evaluated through the Rust code and exported with its figures as models/default.
 GENERAL_RUN := runs/general
@@ -133,6 +133,10 @@ GENERAL_STEPS ?= 4500
 # The second stage: the first stage's weights and loss heads, a fresh one-cycle schedule.
 GENERAL_STAGE2_RUN := runs/general-stage2
 GENERAL_STAGE2_STEPS ?= 4500
+# The third stage: the second's weights and heads, plus an instance term on the served
+# embedding; it keeps best.pt by training-side copy validation (none: the second stage ships).
+GENERAL_STAGE3_RUN := runs/general-stage3
+GENERAL_STAGE3_STEPS ?= 3000
 GENERAL_THREADS ?= 1
 TEACHER_TARGETS := corpus/teacher-160.npy
 
@@ -145,11 +149,16 @@ train-general: setup corpus $(TEACHER_TARGETS)
 	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
 		--init-checkpoint $(GENERAL_RUN)/last.pt --lr 1e-3 --seed 1 \
 		--steps $(GENERAL_STAGE2_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_STAGE2_RUN)
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE2_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
-		--out $(GENERAL_STAGE2_RUN)/model
-	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_STAGE2_RUN)/model EVAL_JSON=$(GENERAL_STAGE2_RUN)/eval.json
-	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE2_RUN)/last.pt --name $(GENERAL_NAME) --version 1 \
-		--evaluation $(GENERAL_STAGE2_RUN)/eval.json --out models/default
+	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
+		--init-checkpoint $(GENERAL_STAGE2_RUN)/last.pt --lr 1e-3 --seed 2 --embed-instance-weight 1 --select \
+		--steps $(GENERAL_STAGE3_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_STAGE3_RUN)
+	if [ -f $(GENERAL_STAGE3_RUN)/best.pt ]; then cp $(GENERAL_STAGE3_RUN)/best.pt $(GENERAL_STAGE3_RUN)/chosen.pt; \
+		else cp $(GENERAL_STAGE2_RUN)/last.pt $(GENERAL_STAGE3_RUN)/chosen.pt; fi
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE3_RUN)/chosen.pt --name $(GENERAL_NAME) --version 1 \
+		--out $(GENERAL_STAGE3_RUN)/model
+	$(MAKE) --no-print-directory eval-model MODEL=$(GENERAL_STAGE3_RUN)/model EVAL_JSON=$(GENERAL_STAGE3_RUN)/eval.json
+	$(VENV)/bin/python models/export.py --checkpoint $(GENERAL_STAGE3_RUN)/chosen.pt --name $(GENERAL_NAME) --version 1 \
+		--evaluation $(GENERAL_STAGE3_RUN)/eval.json --out models/default
 
 # Train the Fashion-MNIST encoder (resumes from $(RUN)/last.pt), evaluate it
 # through the Rust preprocessing path, and export it as models/fashion-mnist.
