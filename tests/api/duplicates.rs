@@ -39,8 +39,9 @@ async fn finished_scan(app: &TestApp, query: &str) -> Value {
     let started = app.client.post(app.url(&format!("/gallery/duplicates{query}"))).send().await.unwrap();
     assert_eq!(started.status(), 202);
     let location = started.headers()["location"].to_str().unwrap().to_string();
+    let id = location.trim_start_matches("/gallery/duplicates/").to_string();
     eventually(Duration::from_secs(60), "the scan to finish", || async {
-        let scan: Value = app.client.get(app.url(&location)).send().await.unwrap().json().await.unwrap();
+        let scan = scan_record(app, &id).await;
         if scan["state"] == "running" {
             Err(scan.to_string())
         } else {
@@ -126,25 +127,9 @@ async fn scan_records_outlive_a_restart_and_a_stopped_processs_scan_reads_failed
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     record_running(&data_dir, ABANDONED, now, now - 60_000);
     let app = crate::support::spawn_with(crate::support::config(&data_dir)).await;
-    let again: Value = app
-        .client
-        .get(app.url(&format!("/gallery/duplicates/{}", done["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = scan_record(&app, done["id"].as_str().unwrap()).await;
     assert_eq!(again, done, "the finished record, as it was");
-    let abandoned: Value = app
-        .client
-        .get(app.url(&format!("/gallery/duplicates/{ABANDONED}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let abandoned = scan_record(&app, ABANDONED).await;
     assert_eq!(abandoned["state"], "failed", "{abandoned}");
     assert!(abandoned["error"].as_str().unwrap().contains("stopped before it finished"), "{abandoned}");
     assert_eq!(finished_scan(&app, "?distance=0.05").await["state"], "done", "an abandoned scan blocks nothing");
@@ -155,6 +140,11 @@ async fn scan_records_outlive_a_restart_and_a_stopped_processs_scan_reads_failed
     assert_error(refused, 409, "job_running").await;
     app.stop().await;
     drop(guard);
+}
+
+async fn scan_record(app: &TestApp, id: &str) -> Value {
+    let response = app.client.get(app.url(&format!("/gallery/duplicates/{id}"))).send().await.unwrap();
+    response.json().await.unwrap()
 }
 
 const ABANDONED: &str = "00000000-0000-4000-8000-00000000000a";
