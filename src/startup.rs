@@ -289,10 +289,10 @@ async fn open_gallery(config: &ServeConfig, registry: &Registry) -> anyhow::Resu
         tracing::info!(replica = %ports.membership.replica(), "cluster mode: the gallery, its indexes and the model lifecycle are in PostgreSQL");
         return Ok((Arc::new(store), Arc::new(indexes), ports));
     }
-    let store: Arc<dyn GalleryStore> = Arc::new(
-        SqliteGallery::open(&config.data_dir)
-            .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?,
-    );
+    let sqlite = SqliteGallery::open(&config.data_dir)
+        .with_context(|| format!("opening the gallery in {}", config.data_dir.display()))?;
+    sqlite.abandon_running_scans().await.context("marking the last run's duplicate scans as stopped")?;
+    let store: Arc<dyn GalleryStore> = Arc::new(sqlite);
     let indexes = LocalIndexes { dir: config.data_dir.join(INDEX_DIR), compact_fraction: config.compact_fraction };
     let active = registry.active()?;
     let cluster = MemoryCluster::new((!active.bundled).then_some(active.version), store.clone());

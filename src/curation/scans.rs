@@ -1,8 +1,11 @@
 //! Duplicate scans as jobs: started, followed by id. Records live in the store
 //! (`gallery::scans`), so any replica answers for a scan another one runs and
 //! a restart keeps the last few. The process running a scan writes its record
-//! every `HEARTBEAT`; a running record left unwritten for `STALE` lost its
-//! process, and is shown failed. One scan runs at a time.
+//! every `HEARTBEAT`; a running record left unwritten for `STALE_MS` (by the
+//! store's clock) lost its process, and is shown failed. One scan runs at a
+//! time, across replicas. A store that refuses writes for `STALE_MS` makes a
+//! live scan read failed too (and another may start); its final write, once
+//! the store is back, still records what it found.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -14,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{group_pairs, DuplicateGroup};
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::now_millis;
-use crate::gallery::{GalleryError, StoredScan};
+use crate::gallery::{GalleryError, ScanStart, StoredScan};
 
 /// How often a running scan writes its progress.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -37,7 +40,9 @@ pub struct ScanRecord {
     pub model: String,
     /// Cosine distance under which two items count as copies.
     pub distance: f32,
+    #[serde(default)]
     pub scanned: usize,
+    #[serde(default)]
     pub total: usize,
     /// Unix milliseconds.
     pub created_at: u64,
@@ -57,7 +62,7 @@ impl ScanRecord {
             state: state.as_str().unwrap_or_default().to_string(),
             record: serde_json::to_string(self).expect("a scan record serialises"),
             created_at: self.created_at as i64,
-            updated_at: now_millis() as i64,
+            idle_ms: 0,
         }
     }
 }
@@ -72,20 +77,11 @@ pub enum ScanError {
 
 /// Starts scans and reads their records back.
 #[derive(Default)]
-pub struct DuplicateScans {
-    /// Held while a scan starts, so that two starts in one process do not both run.
-    starting: tokio::sync::Mutex<()>,
-}
+pub struct DuplicateScans;
 
 impl DuplicateScans {
     /// Starts a scan of `catalog` at `distance`, unless one is running (on any replica).
     pub async fn start(&self, catalog: Catalog, distance: f32) -> Result<ScanRecord, ScanError> {
-        let _starting = self.starting.lock().await;
-        let fresh_since = now_millis() as i64 - STALE_MS;
-        if let Some(running) = catalog.store().running_scans().await?.into_iter().find(|s| s.updated_at >= fresh_since)
-        {
-            return Err(ScanError::Running(running.id));
-        }
         let record = ScanRecord {
             id: uuid::Uuid::new_v4().to_string(),
             state: ScanState::Running,
@@ -99,7 +95,9 @@ impl DuplicateScans {
             groups: None,
             error: None,
         };
-        catalog.store().put_scan(record.stored()).await?;
+        if let ScanStart::Running(id) = catalog.store().start_scan(record.stored(), STALE_MS).await? {
+            return Err(ScanError::Running(id));
+        }
         tokio::spawn(run(catalog, Arc::new(Mutex::new(record.clone())), distance));
         Ok(record)
     }
@@ -111,7 +109,7 @@ impl DuplicateScans {
         };
         let mut record: ScanRecord = serde_json::from_str(&stored.record)
             .map_err(|e| GalleryError::Corrupt(format!("duplicate scan {id}'s record: {e}")))?;
-        if record.state == ScanState::Running && stored.updated_at < now_millis() as i64 - STALE_MS {
+        if record.state == ScanState::Running && stored.idle_ms > STALE_MS {
             record.state = ScanState::Failed;
             record.error = Some(format!(
                 "the process running this scan stopped before it finished (no progress for {} s); start another",

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 pub use edit::{Edited, ItemEdit, MetadataEdit};
 pub use idempotency::{IdempotencyKey, Remembered};
 pub use postgres::PgGallery;
-pub use scans::{StoredScan, SCANS_KEPT};
+pub use scans::{ScanStart, StoredScan, SCANS_KEPT};
 pub use sqlite::SqliteGallery;
 pub(crate) use sqlite::STORE_FILE;
 
@@ -252,14 +252,15 @@ pub trait GalleryStore: Send + Sync + 'static {
     /// Forgets idempotency keys past their day; returns how many.
     async fn forget_expired_keys(&self) -> Result<u64, GalleryError>;
 
-    /// Writes a duplicate scan's record (`curation::scans`); a new one forgets
-    /// all but the newest `SCANS_KEPT`.
+    /// Writes a duplicate scan's record (`curation::scans`), and forgets all
+    /// but the newest `SCANS_KEPT`.
     async fn put_scan(&self, scan: StoredScan) -> Result<(), GalleryError>;
 
-    async fn scan(&self, id: String) -> Result<Option<StoredScan>, GalleryError>;
+    /// Writes a new scan's record, unless a scan written to within `fresh_ms`
+    /// (by the store's clock) is running: one scan at a time, across replicas.
+    async fn start_scan(&self, scan: StoredScan, fresh_ms: i64) -> Result<ScanStart, GalleryError>;
 
-    /// The scans recorded as running, newest first (some may have lost their process).
-    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError>;
+    async fn scan(&self, id: String) -> Result<Option<StoredScan>, GalleryError>;
 
     /// Brings the store to a tidy state at shutdown (SQLite folds its log in).
     async fn checkpoint(&self) -> Result<(), GalleryError>;

@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 use super::idempotency::{self, IdempotencyKey, Remembered};
 use super::pg_connect::{with_causes, PgTarget};
 use super::pg_insert::{insert_row, ItemRow};
-use super::scans::{self, StoredScan};
+use super::scans::{self, ScanStart, StoredScan};
 
 use super::pg_edit;
 use super::{
@@ -298,8 +298,8 @@ impl GalleryStore for PgGallery {
         scans::pg_get(&self.client().await?, &id).await
     }
 
-    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError> {
-        scans::pg_running(&self.client().await?).await
+    async fn start_scan(&self, scan: StoredScan, fresh_ms: i64) -> Result<ScanStart, GalleryError> {
+        scans::pg_start(&mut self.client().await?, &scan, fresh_ms).await
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::idempotency::{self, IdempotencyKey, Remembered};
-use super::scans::{self, StoredScan};
+use super::scans::{self, ScanStart, StoredScan};
 use super::sqlite_claim::{self, Held, SqliteClaim};
 use super::sqlite_edit;
 use super::{
@@ -43,6 +43,12 @@ impl SqliteGallery {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         schema::migrate(&mut conn)?;
         Ok(Self { conn: Arc::new(Mutex::new(conn)), held: Arc::default() })
+    }
+
+    /// At the serving process's start: duplicate scans its predecessor left
+    /// running read failed at once (one process serves an embedded store).
+    pub async fn abandon_running_scans(&self) -> Result<usize, GalleryError> {
+        self.with_conn(|conn| scans::sqlite_abandon_running(conn)).await
     }
 
     /// Opens the store in `data_dir`, which must exist already.
@@ -195,8 +201,8 @@ impl GalleryStore for SqliteGallery {
         self.with_conn(move |conn| scans::sqlite_get(conn, &id)).await
     }
 
-    async fn running_scans(&self) -> Result<Vec<StoredScan>, GalleryError> {
-        self.with_conn(|conn| scans::sqlite_running(conn)).await
+    async fn start_scan(&self, scan: StoredScan, fresh_ms: i64) -> Result<ScanStart, GalleryError> {
+        self.with_conn(move |conn| scans::sqlite_start(conn, &scan, fresh_ms)).await
     }
 
     async fn edit(&self, id: i64, edit: ItemEdit, if_match: Option<String>) -> Result<Edited, GalleryError> {

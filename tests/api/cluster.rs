@@ -92,7 +92,14 @@ async fn replicas_over_one_database_share_the_gallery_and_filter_in_sql() {
         .post(format!("{}/gallery", replicas[0].url))
         .multipart(Form::new().part("image", Part::bytes(copy).file_name("c.png")));
     let copy_id = json_status(added.send().await.unwrap(), 201).await["items"][0]["id"].as_i64().unwrap();
+    // Ten older finished scans: the start keeps the newest 8, itself included.
+    pg.psql(
+        "INSERT INTO duplicate_scans (id, state, record, created_at, updated_at)
+         SELECT 'old-' || n, 'done', '{}', n, n FROM generate_series(1, 10) AS n",
+    );
     let started = client.post(format!("{}/gallery/duplicates?distance=0.02", replicas[1].url)).send().await.unwrap();
+    assert_eq!(pg.psql("SELECT count(*) FROM duplicate_scans WHERE id NOT LIKE 'old-%'"), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM duplicate_scans"), "8");
     let scan_url = format!("{}{}", replicas[2].url, started.headers()["location"].to_str().unwrap());
     let scan = eventually(Duration::from_secs(30), "the scan to finish", || async {
         let scan: Value = client.get(&scan_url).send().await.unwrap().json().await.unwrap();

@@ -114,7 +114,7 @@ async fn scans_answer_bad_distances_and_unknown_ids_clearly() {
 }
 
 /// Scan records live in the store: a restart still answers for a finished
-/// scan; a record left running by a process that stopped reads as failed and
+/// scan; a record left running by the process before reads as failed and
 /// does not block a new scan, while one that is still written to does.
 #[tokio::test]
 async fn scan_records_outlive_a_restart_and_a_stopped_processs_scan_reads_failed() {
@@ -125,7 +125,8 @@ async fn scan_records_outlive_a_restart_and_a_stopped_processs_scan_reads_failed
     let guard = app.stop().await;
 
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    record_running(&data_dir, ABANDONED, now, now - 60_000);
+    // Written just now, as by a process that stopped mid-scan: the next start gives it up at once.
+    record_running(&data_dir, ABANDONED, now, now);
     let app = crate::support::spawn_with(crate::support::config(&data_dir)).await;
     let again = scan_record(&app, done["id"].as_str().unwrap()).await;
     assert_eq!(again, done, "the finished record, as it was");
