@@ -136,7 +136,6 @@ impl Application {
             admin: admin.map(Arc::new),
             api_keys: Arc::new(api_keys),
             jobs,
-            scans: Arc::default(),
             cors_origins: config.cors_origins.clone().into(),
             allowed_hosts: config.allowed_hosts.clone().into(),
             draining: Arc::default(),

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::curation::scans;
 use crate::gallery::SCANS_KEPT;
 
 #[derive(Debug, Deserialize)]
@@ -34,7 +35,7 @@ pub async fn start(
             ApiError::invalid("invalid_distance", message)
         })?,
     };
-    let scan = state.scans.start(state.catalog.clone(), distance).await?;
+    let scan = scans::start(state.catalog.clone(), distance).await?;
     let location = format!("/gallery/duplicates/{}", scan.id);
     Ok((StatusCode::ACCEPTED, [(LOCATION, location)], Json(scan)).into_response())
 }
@@ -49,6 +50,6 @@ pub async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Re
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(missing());
     }
-    let scan = state.scans.get(&state.catalog, &id).await?.ok_or_else(missing)?;
+    let scan = scans::get(&state.catalog, &id).await?.ok_or_else(missing)?;
     Ok(Json(scan).into_response())
 }

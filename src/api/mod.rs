@@ -71,8 +71,6 @@ pub struct AppState {
     /// Keys the other routes need; none configured: they are open.
     pub api_keys: Arc<ApiKeys>,
     pub jobs: Jobs,
-    /// Starts duplicate scans and reads their records (kept in the store).
-    pub scans: Arc<crate::curation::DuplicateScans>,
     /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
     pub cors_origins: Arc<[String]>,
     /// Host names requests may use besides addresses and `localhost` (see `origin`).

@@ -5,4 +5,4 @@ pub mod duplicates;
 pub mod scans;
 
 pub use duplicates::{group_pairs, DuplicateGroup, NearPair};
-pub use scans::{DuplicateScans, ScanError, ScanRecord, ScanState};
+pub use scans::{ScanError, ScanRecord, ScanState};

@@ -54,12 +54,22 @@ pub struct ScanRecord {
     pub error: Option<String>,
 }
 
+impl ScanState {
+    /// As the API and the store's `state` column name it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 impl ScanRecord {
     fn stored(&self) -> StoredScan {
-        let state = serde_json::to_value(self.state).expect("a state serialises");
         StoredScan {
             id: self.id.clone(),
-            state: state.as_str().unwrap_or_default().to_string(),
+            state: self.state.as_str().to_string(),
             record: serde_json::to_string(self).expect("a scan record serialises"),
             created_at: self.created_at as i64,
             idle_ms: 0,
@@ -75,49 +85,43 @@ pub enum ScanError {
     Store(#[from] GalleryError),
 }
 
-/// Starts scans and reads their records back.
-#[derive(Default)]
-pub struct DuplicateScans;
-
-impl DuplicateScans {
-    /// Starts a scan of `catalog` at `distance`, unless one is running (on any replica).
-    pub async fn start(&self, catalog: Catalog, distance: f32) -> Result<ScanRecord, ScanError> {
-        let record = ScanRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            state: ScanState::Running,
-            model: catalog.serving().model,
-            distance,
-            scanned: 0,
-            total: 0,
-            created_at: now_millis(),
-            finished_at: None,
-            duplicates: None,
-            groups: None,
-            error: None,
-        };
-        if let ScanStart::Running(id) = catalog.store().start_scan(record.stored(), STALE_MS).await? {
-            return Err(ScanError::Running(id));
-        }
-        tokio::spawn(run(catalog, Arc::new(Mutex::new(record.clone())), distance));
-        Ok(record)
+/// Starts a scan of `catalog` at `distance`, unless one is running (on any replica).
+pub async fn start(catalog: Catalog, distance: f32) -> Result<ScanRecord, ScanError> {
+    let record = ScanRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        state: ScanState::Running,
+        model: catalog.serving().model,
+        distance,
+        scanned: 0,
+        total: 0,
+        created_at: now_millis(),
+        finished_at: None,
+        duplicates: None,
+        groups: None,
+        error: None,
+    };
+    if let ScanStart::Running(id) = catalog.store().start_scan(record.stored(), STALE_MS).await? {
+        return Err(ScanError::Running(id));
     }
+    tokio::spawn(run(catalog, Arc::new(Mutex::new(record.clone())), distance));
+    Ok(record)
+}
 
-    /// A scan's record; `None` if the store keeps none by that id.
-    pub async fn get(&self, catalog: &Catalog, id: &str) -> Result<Option<ScanRecord>, ScanError> {
-        let Some(stored) = catalog.store().scan(id.to_string()).await? else {
-            return Ok(None);
-        };
-        let mut record: ScanRecord = serde_json::from_str(&stored.record)
-            .map_err(|e| GalleryError::Corrupt(format!("duplicate scan {id}'s record: {e}")))?;
-        if record.state == ScanState::Running && stored.idle_ms > STALE_MS {
-            record.state = ScanState::Failed;
-            record.error = Some(format!(
-                "the process running this scan stopped before it finished (no progress for {} s); start another",
-                STALE_MS / 1000
-            ));
-        }
-        Ok(Some(record))
+/// A scan's record; `None` if the store keeps none by that id.
+pub async fn get(catalog: &Catalog, id: &str) -> Result<Option<ScanRecord>, ScanError> {
+    let Some(stored) = catalog.store().scan(id.to_string()).await? else {
+        return Ok(None);
+    };
+    let mut record: ScanRecord = serde_json::from_str(&stored.record)
+        .map_err(|e| GalleryError::Corrupt(format!("duplicate scan {id}'s record: {e}")))?;
+    if record.state == ScanState::Running && stored.idle_ms > STALE_MS {
+        record.state = ScanState::Failed;
+        record.error = Some(format!(
+            "the process running this scan stopped before it finished (no progress for {} s); start another",
+            STALE_MS / 1000
+        ));
     }
+    Ok(Some(record))
 }
 
 async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
@@ -147,11 +151,13 @@ async fn run(catalog: Catalog, record: Arc<Mutex<ScanRecord>>, distance: f32) {
         record.stored()
     };
     for attempt in 1..=3 {
+        if attempt > 1 {
+            tokio::time::sleep(HEARTBEAT).await;
+        }
         match catalog.store().put_scan(finished.clone()).await {
             Ok(()) => return,
             Err(error) => tracing::warn!(%error, attempt, "could not write a finished duplicate scan"),
         }
-        tokio::time::sleep(HEARTBEAT).await;
     }
 }
 

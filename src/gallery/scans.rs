@@ -59,10 +59,15 @@ const SQLITE_SELECT: &str = "SELECT id, state, record, created_at, updated_at FR
 /// Writes a scan's record, and forgets scans beyond the newest `SCANS_KEPT`.
 pub(super) fn sqlite_put(conn: &mut rusqlite::Connection, scan: &StoredScan) -> Result<(), GalleryError> {
     let tx = conn.transaction()?;
+    sqlite_upsert(&tx, scan)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn sqlite_upsert(tx: &rusqlite::Transaction<'_>, scan: &StoredScan) -> Result<(), GalleryError> {
     let params = rusqlite::params![scan.id, scan.state, scan.record, scan.created_at, now_millis() as i64];
     tx.execute(SQLITE_PUT, params)?;
     tx.execute(SQLITE_TRIM, [SCANS_KEPT])?;
-    tx.commit()?;
     Ok(())
 }
 
@@ -79,9 +84,7 @@ pub(super) fn sqlite_start(
     if let Some(id) = tx.query_row(sql, [now_millis() as i64 - fresh_ms], |r| r.get(0)).optional()? {
         return Ok(ScanStart::Running(id));
     }
-    let params = rusqlite::params![scan.id, scan.state, scan.record, scan.created_at, now_millis() as i64];
-    tx.execute(SQLITE_PUT, params)?;
-    tx.execute(SQLITE_TRIM, [SCANS_KEPT])?;
+    sqlite_upsert(&tx, scan)?;
     tx.commit()?;
     Ok(ScanStart::Started)
 }
