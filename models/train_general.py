@@ -66,6 +66,10 @@ FASHION_SEEN = tuple(range(7))
 VAL_FRACTION = 0.05
 
 
+def normalised(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
 def load_corpus(folder: Path, fashion: bool, teacher: Path | None = None) -> dict:
     data = np.load(folder / "train.npz")
     images, labels = data["images"], data["labels"]
@@ -291,7 +295,7 @@ def views(rgba: torch.Tensor, size: int, gen: torch.Generator, rng: random.Rando
     x = warped[:, :3] * alpha + backgrounds(n, gen) * (1 - alpha)  # straight alpha, as cached
     x = thumbnail(overlay(x, rgba, gen), gen)
     x = jpeg(caption(blur(colour_jitter(x, gen), gen), rng), rng)
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return normalised(x)
 
 
 def nt_xent(z: torch.Tensor, temperature: float, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -361,7 +365,7 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
             rgba = corpus["images"][idx[i:i + 256]].float() / 255
             x = rgba[:, :3] * rgba[:, 3:] + (1 - rgba[:, 3:])
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out.append(model((x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)))
+            out.append(model(normalised(x)))
         return torch.cat(out)
 
     val_e, train_e = clean(val_idx), clean(train_idx)
@@ -376,26 +380,43 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
         queries, distractors = copies
         gallery = torch.cat([val_e, clean(distractors)])
         q = torch.cat([model(queries[i:i + 256]) for i in range(0, len(queries), 256)])
-        out["copy_recall_at_1"] = float(((q @ gallery.T).argmax(1) == torch.arange(len(val_idx))).float().mean())
+        truth = torch.arange(len(queries)) % len(val_idx)  # copy_queries' order: the images, once per repeat
+        out["copy_recall_at_1"] = float(((q @ gallery.T).argmax(1) == truth).float().mean())
     model.train()
     return out
 
 
-def copy_queries(corpus: dict, idx: np.ndarray, size: int, seed: int) -> torch.Tensor:
-    """An altered copy of each image, made as the evaluation's copies are
-    (models/corpus.py transformed_copy: crop 40-90%, rescale, colour, flip,
-    rotation, border, JPEG 30-90), stretched to `size` as the service does."""
+def altered_copy(rgba: np.ndarray, size: int, rng: random.Random) -> torch.Tensor:
+    """An altered copy of one cached image (H x W x 4, uint8), made by the
+    evaluation's own edits (the evaluation applies them to larger originals) (models/corpus.py transformed_copy: crop 40-90%,
+    rescale, colour, flip, rotation, border, JPEG 30-90), stretched to `size`
+    as the service does; RGB in [0, 1]."""
     from corpus import on_white, transformed_copy  # noqa: E402 (PIL-only helpers)
+    copy = transformed_copy(on_white(Image.fromarray(rgba, "RGBA")), rng)
+    buf = io.BytesIO()
+    copy.save(buf, format="JPEG", quality=rng.randint(30, 90))
+    copy = Image.open(buf).convert("RGB").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.array(copy)).permute(2, 0, 1).float() / 255
+
+
+def copy_queries(corpus: dict, idx: np.ndarray, size: int, seed: int, repeats: int = 1) -> torch.Tensor:
+    """`repeats` altered copies of each image (all first copies, then all second ...)."""
     rng = random.Random(seed)
-    out = []
-    for i in idx:
-        im = Image.fromarray(corpus["images"][i].permute(1, 2, 0).numpy(), "RGBA")
-        copy = transformed_copy(on_white(im), rng)
-        buf = io.BytesIO()
-        copy.save(buf, format="JPEG", quality=rng.randint(30, 90))
-        copy = Image.open(buf).convert("RGB").resize((size, size), Image.BILINEAR)
-        out.append(torch.from_numpy(np.array(copy)).permute(2, 0, 1).float() / 255)
-    return (torch.stack(out) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    out = [altered_copy(corpus["images"][i].permute(1, 2, 0).numpy(), size, rng) for _ in range(repeats) for i in idx]
+    return normalised(torch.stack(out))
+
+
+def hard_copies(x: torch.Tensor, rgba: torch.Tensor, share: float, rng: random.Random) -> torch.Tensor:
+    """Replaces `share` of the views `x` (normalised) with altered copies made
+    by the evaluation's edits (`altered_copy`): every one cropped, bordered and
+    JPEG-compressed at once, where the other views apply each edit only sometimes."""
+    if share <= 0:  # the random stream of runs without them stays as it was
+        return x
+    for i in range(x.shape[0]):
+        if rng.random() < share:
+            cached = (rgba[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            x[i] = normalised(altered_copy(cached, x.shape[-1], rng)[None])[0]
+    return x
 
 
 def selected(val: dict, state: dict) -> bool:
@@ -456,6 +477,10 @@ def main() -> None:
     ap.add_argument("--embed-instance-temperature", type=float, default=0.1)
     ap.add_argument("--copy-distractors", type=int, default=2000,
                     help="training images beside the validation images in the copy validation's gallery")
+    ap.add_argument("--copy-repeats", type=int, default=1,
+                    help="altered copies of each validation image in the copy validation (more: less noise)")
+    ap.add_argument("--hard-copy-share", type=float, default=0.0,
+                    help="share of the second views replaced by copies made as the evaluation's (every edit at once)")
     ap.add_argument("--select", action="store_true",
                     help="keep best.pt: the best copy Recall@1 among checkpoints whose class Recall@1 is "
                          "at most 0.02 below the starting weights' (needs --init or --init-checkpoint)")
@@ -464,6 +489,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = ap.parse_args()
+    if args.copy_repeats < 1:
+        ap.error("--copy-repeats must be at least 1")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -536,7 +563,8 @@ def main() -> None:
                                             "sprites_share", "emoji_share", "photo_share", "fashion_share", "lr",
                                             "weight_decay", "temperature", "supcon_temperature", "supcon_weight",
                                             "distill_weight", "distill_temperature", "embed_instance_weight",
-                                            "embed_instance_temperature", "val_fraction", "seed")}
+                                            "embed_instance_temperature", "hard_copy_share", "copy_repeats",
+                                            "val_fraction", "seed")}
     recipe.update(optimizer="AdamW", schedule="one-cycle", init=str(args.init or args.init_checkpoint or "") or None,
                   teacher=str(args.teacher) if args.teacher else None,
                   losses="NT-Xent on two augmented views (projection MLP) + supervised contrastive on the embedding"
@@ -550,7 +578,7 @@ def main() -> None:
     preprocess = {"size": args.size, "channels": 3, "mean": MEAN, "std": STD, "resize": "stretch", "filter": "bilinear"}
     # The copy validation: fixed altered copies of the validation images, and fixed distractors.
     distractors = np.random.default_rng(args.seed).permutation(np.flatnonzero(~val_mask))[:args.copy_distractors]
-    copies = (copy_queries(corpus, val_idx, args.size, args.seed), distractors)
+    copies = (copy_queries(corpus, val_idx, args.size, args.seed, args.copy_repeats), distractors)
     if args.select and "baseline" not in state:
         if not (args.init or args.init_checkpoint):
             raise SystemExit("--select compares with the starting weights: give --init or --init-checkpoint")
@@ -565,7 +593,8 @@ def main() -> None:
         started = time.time()
         refs, batch_labels = sampler.batch()
         rgba = gather(train_corpus, refs)
-        x = torch.cat([views(rgba, args.size, gen, rng), views(rgba, args.size, gen, rng)])
+        first = views(rgba, args.size, gen, rng)
+        x = torch.cat([first, hard_copies(views(rgba, args.size, gen, rng), rgba, args.hard_copy_share, rng)])
         raw = model.head(model.features(x))
         e = F.normalize(raw, dim=1)
         inst = nt_xent(projector(raw), args.temperature)
