@@ -10,7 +10,8 @@ use crate::curation::NearPair;
 
 /// Items whose stored vectors are read at once.
 const PAGE: usize = 256;
-/// Neighbours asked of the index per item; larger groups still join through chains.
+/// Neighbours asked of the index per item: a group, every two of whose items are a close
+/// pair, holds at most about this many plus one.
 const NEIGHBOURS: usize = 10;
 /// Close pairs a scan keeps at most: beyond, the distance is too loose to mean copies.
 pub const MAX_PAIRS: usize = 100_000;
