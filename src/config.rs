@@ -104,7 +104,7 @@ pub struct ServeConfig {
 
     /// Memory a fine-tune's prepared images may take, in MiB: a job trains on
     /// at most this many bytes of images at the model's input size, whatever
-    /// its `max_images` (4 bytes per value: 110 KiB per image at 96 px, 588 KiB at 224 px).
+    /// its `max_images` (4 bytes per value: 192 KiB per image at 128 px, 588 KiB at 224 px).
     #[arg(long, env = "LOOKALIKE_FINETUNE_MEMORY_MIB", default_value_t = 2048)]
     pub finetune_memory_mib: usize,
 
