@@ -11,7 +11,7 @@ use crate::curation::NearPair;
 /// Items whose stored vectors are read at once.
 const PAGE: usize = 256;
 /// Neighbours asked of the index per item: a group, every two of whose items are a close
-/// pair, holds at most about this many plus one.
+/// pair, holds at most 2 x this + 1 (n items need n(n-1)/2 pairs, each item brings at most this many).
 const NEIGHBOURS: usize = 10;
 /// Close pairs a scan keeps at most: beyond, the distance is too loose to mean copies.
 pub const MAX_PAIRS: usize = 100_000;

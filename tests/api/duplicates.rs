@@ -84,10 +84,16 @@ async fn planted_copies_are_grouped_with_the_largest_suggested_as_keeper() {
         .unwrap()
         .iter()
         .map(|g| {
-            let ids = g["items"].as_array().unwrap().iter().map(|i| i["id"].as_i64().unwrap()).collect();
-            for pair in g["pairs"].as_array().unwrap() {
+            let ids: BTreeSet<i64> = g["items"].as_array().unwrap().iter().map(|i| i["id"].as_i64().unwrap()).collect();
+            let pairs = g["pairs"].as_array().unwrap();
+            for pair in pairs {
                 assert!(pair["distance"].as_f64().unwrap() <= calibrated, "{pair}");
             }
+            assert_eq!(
+                pairs.len(),
+                ids.len() * (ids.len() - 1) / 2,
+                "every two items of a group are a close pair: {g}"
+            );
             (g["keeper"].as_i64().unwrap(), ids)
         })
         .collect();
