@@ -387,10 +387,11 @@ def validate(model, corpus: dict, val_idx: np.ndarray, train_idx: np.ndarray, si
 
 
 def altered_copy(rgba: np.ndarray, size: int, rng: random.Random) -> torch.Tensor:
-    """An altered copy of one cached image (H x W x 4, uint8), made by the
-    evaluation's own edits (the evaluation applies them to larger originals) (models/corpus.py transformed_copy: crop 40-90%,
-    rescale, colour, flip, rotation, border, JPEG 30-90), stretched to `size`
-    as the service does; RGB in [0, 1]."""
+    """An altered copy of one cached image (H x W x 4, uint8) by the
+    evaluation's own edits (models/corpus.py transformed_copy: crop 40-90%,
+    rescale, colour, flip, rotation, border; then JPEG 30-90), stretched to
+    `size` as the service does; RGB in [0, 1]. The evaluation applies the same
+    edits to larger originals."""
     from corpus import on_white, transformed_copy  # noqa: E402 (PIL-only helpers)
     copy = transformed_copy(on_white(Image.fromarray(rgba, "RGBA")), rng)
     buf = io.BytesIO()
@@ -593,7 +594,7 @@ def main() -> None:
         started = time.time()
         refs, batch_labels = sampler.batch()
         rgba = gather(train_corpus, refs)
-        first = views(rgba, args.size, gen, rng)
+        first = views(rgba, args.size, gen, rng)  # drawn before the second, as the random stream always was
         x = torch.cat([first, hard_copies(views(rgba, args.size, gen, rng), rgba, args.hard_copy_share, rng)])
         raw = model.head(model.features(x))
         e = F.normalize(raw, dim=1)

@@ -36,13 +36,35 @@ pub fn group_pairs(pairs: &[NearPair], items: &HashMap<i64, ItemSummary>) -> Vec
     let mut live: Vec<NearPair> =
         pairs.iter().filter(|p| items.contains_key(&p.a) && items.contains_key(&p.b)).copied().collect();
     live.sort_by(|x, y| x.distance.total_cmp(&y.distance).then(x.a.cmp(&y.a)).then(x.b.cmp(&y.b)));
-    let close: HashSet<(i64, i64)> = live.iter().map(|p| (p.a.min(p.b), p.a.max(p.b))).collect();
-    let linked = |x: i64, y: i64| close.contains(&(x.min(y), x.max(y)));
+    let (group_of, members) = complete_linkage(&live);
 
-    // Every id starts alone; `group_of` names the group each id is in.
+    let mut pairs_of: HashMap<usize, Vec<NearPair>> = HashMap::new();
+    for pair in live {
+        let g = group_of[&pair.a];
+        if g == group_of[&pair.b] {
+            pairs_of.entry(g).or_default().push(pair);
+        }
+    }
+    let mut groups: Vec<DuplicateGroup> = members
+        .into_iter()
+        .enumerate()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(g, ids)| one_group(ids, pairs_of.remove(&g).unwrap_or_default(), items))
+        .collect();
+    groups.sort_by(|x, y| y.items.len().cmp(&x.items.len()).then(x.keeper.cmp(&y.keeper)));
+    groups
+}
+
+/// Merges groups along `pairs` (closest first) only when every item of one is
+/// paired with every item of the other: which group each id is in, and the
+/// groups (merged-away ones left empty).
+fn complete_linkage(pairs: &[NearPair]) -> (HashMap<i64, usize>, Vec<Vec<i64>>) {
+    let close: HashSet<(i64, i64)> = pairs.iter().map(|p| (p.a.min(p.b), p.a.max(p.b))).collect();
+    let linked = |x: i64, y: i64| close.contains(&(x.min(y), x.max(y)));
+    // Every id starts alone.
     let mut group_of: HashMap<i64, usize> = HashMap::new();
     let mut members: Vec<Vec<i64>> = Vec::new();
-    for pair in &live {
+    for pair in pairs {
         for id in [pair.a, pair.b] {
             group_of.entry(id).or_insert_with(|| {
                 members.push(vec![id]);
@@ -60,22 +82,7 @@ pub fn group_pairs(pairs: &[NearPair], items: &HashMap<i64, ItemSummary>) -> Vec
         }
         members[keep].extend(moved);
     }
-
-    let mut pairs_of: HashMap<usize, Vec<NearPair>> = HashMap::new();
-    for pair in live {
-        let g = group_of[&pair.a];
-        if g == group_of[&pair.b] {
-            pairs_of.entry(g).or_default().push(pair);
-        }
-    }
-    let mut groups: Vec<DuplicateGroup> = members
-        .into_iter()
-        .enumerate()
-        .filter(|(_, ids)| ids.len() > 1)
-        .map(|(g, ids)| one_group(ids, pairs_of.remove(&g).unwrap_or_default(), items))
-        .collect();
-    groups.sort_by(|x, y| y.items.len().cmp(&x.items.len()).then(x.keeper.cmp(&y.keeper)));
-    groups
+    (group_of, members)
 }
 
 fn one_group(mut ids: Vec<i64>, pairs: Vec<NearPair>, items: &HashMap<i64, ItemSummary>) -> DuplicateGroup {

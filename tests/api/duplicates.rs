@@ -1,5 +1,6 @@
 //! Curation: `POST /gallery/duplicates` (near-copies across the whole gallery, grouped so
-//! that every two items of a group are close, the largest then oldest suggested as keeper) and `GET /gallery/suggestions`.
+//! that every two items of a group are close, the largest then oldest suggested as keeper)
+//! and `GET /gallery/suggestions`.
 
 use std::collections::BTreeSet;
 use std::io::Cursor;
